@@ -1,0 +1,70 @@
+"""The exceptions this package raises: one base class, one subclass per kind of fault.
+
+Every message names what is wrong (the table, the field, the value) so a user can
+fix the call without reading our source.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+
+class StorageError(Exception):
+    """Base class of every error raised by better_agent_peewee."""
+
+
+class UnsupportedTableError(StorageError, LookupError):
+    """A table name outside the five logical tables.
+
+    Better Agent reads this kind as "this storage area is not configured".
+    """
+
+    def __init__(self, table: object) -> None:
+        self.table = table
+        super().__init__(f"Storage table {table!r} is not supported")
+
+
+class QueryError(StorageError, ValueError):
+    """A `list` query that names an unknown field, a bad direction or a bad `take`."""
+
+    def __init__(self, table: str, message: str, allowed: Optional[Iterable[str]] = None) -> None:
+        self.table = table
+        self.allowed = tuple(allowed) if allowed is not None else ()
+        text = f"{table}: {message}"
+        if allowed is not None:
+            text += f" (allowed fields: {', '.join(sorted(self.allowed))})"
+        super().__init__(text)
+
+
+class RecordError(StorageError, ValueError):
+    """A record that cannot be stored: missing field, wrong type, unstorable value."""
+
+    def __init__(self, table: str, field: Optional[str], message: str) -> None:
+        self.table = table
+        self.field = field
+        where = f"{table}.{field}" if field else table
+        super().__init__(f"{where}: {message}")
+
+
+class NotFoundError(StorageError, LookupError):
+    """The record an operation needs does not exist (a stream, a run, a thread)."""
+
+    def __init__(self, table: str, key: object, message: Optional[str] = None) -> None:
+        self.table = table
+        self.key = key
+        super().__init__(message or f"{table}: no record with id {key!r}")
+
+
+class ConflictError(StorageError):
+    """The operation would break a constraint (e.g. deleting a thread that still has messages)."""
+
+
+class DialectError(StorageError, ValueError):
+    """The database is not one we support, or contradicts the dialect the caller named."""
+
+
+class SchemaError(StorageError):
+    """The tables in the database do not match the schema this package needs."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("schema does not match: " + "; ".join(self.problems))

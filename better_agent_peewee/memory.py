@@ -1,0 +1,7 @@
+"""Placeholder until issue 3 lands."""
+from typing import Any
+
+
+class Memory:
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage

@@ -1,0 +1,489 @@
+"""Row <-> record mappers: one pair of pure functions per logical table.
+
+A record is the dict Better Agent uses (camelCase keys, epoch-ms timestamps); a row is
+the tuple of column values in the order of `TableSpec.columns`. `to_row` validates the
+record completely before anything reaches the database, so bad input raises
+`RecordError` and writes nothing. The value codecs (timestamps, JSON) come from the
+dialect; nothing here knows which database it is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+
+from .dialects import MAX_TIMESTAMP_MS, Dialect
+from .errors import RecordError
+
+__all__ = ["TableSpec", "Column", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper"]
+
+RUN_STATUSES = ("running", "completed", "failed", "interrupted", "aborted")
+STREAM_STATUSES = ("open", "closed")
+FINAL_EVENT_TYPES = ("RUN_FINISHED", "RUN_ERROR")
+
+#: Longest id or indexed string: the VARCHAR(255) of MySQL, enforced on every dialect alike.
+MAX_KEY_LENGTH = 255
+MAX_SEQ = 2**31 - 1
+
+Row = Tuple[Any, ...]
+Record = Dict[str, Any]
+
+
+class Column(NamedTuple):
+    """A record field stored in its own column, so `list` may filter and order on it."""
+
+    field: str
+    column: str
+    kind: str  # "text", "int" or "ts"
+
+
+class Mapper(NamedTuple):
+    """The pair of pure functions between a record and a row, bound to one dialect's codecs."""
+
+    to_row: Callable[[str, Any], Row]
+    from_row: Callable[[Row], Record]
+
+
+class TableSpec(NamedTuple):
+    """One logical table: names, key, columns, the fields `list` accepts, and its mapper."""
+
+    name: str
+    table: str
+    key_field: str
+    key_column: str
+    columns: Tuple[str, ...]
+    json_columns: Tuple[str, ...]
+    queryable: Mapping[str, Column]
+    make_mapper: Callable[[Dialect], Mapper]
+
+
+# -- validation helpers (each raises RecordError naming table and field) --------------------
+
+def _fail(table: str, field: Optional[str], message: str) -> RecordError:
+    return RecordError(table, field, message)
+
+
+def check_text(table: str, field: str, value: Any, limit: Optional[int] = MAX_KEY_LENGTH,
+               allow_empty: bool = True) -> str:
+    """`value` if it is a string every dialect can store, else RecordError."""
+    if type(value) is not str:
+        if isinstance(value, str):
+            value = str(value)
+        else:
+            raise _fail(table, field, f"must be a string, got {type(value).__name__}: {value!r:.80}")
+    if limit is not None and len(value) > limit:
+        raise _fail(table, field, f"is {len(value)} characters long; at most {limit} can be stored")
+    if not value and not allow_empty:
+        raise _fail(table, field, "must not be empty")
+    if "\x00" in value:
+        raise _fail(table, field, "contains a NUL character (U+0000), which PostgreSQL cannot store")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(table, field, "contains a lone surrogate, which is not valid Unicode") from None
+    return value
+
+
+def check_key(table: str, field: str, value: Any) -> str:
+    """A record id: a non-empty string of at most 255 characters."""
+    return check_text(table, field, value, allow_empty=False)
+
+
+def check_ts(table: str, field: str, value: Any) -> int:
+    """An epoch-ms timestamp: an int (not bool) that every dialect can hold."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(table, field,
+                        f"must be an integer timestamp (epoch milliseconds), got {type(value).__name__}: {value!r:.80}")
+        value = int(value)
+    if not 0 <= value <= MAX_TIMESTAMP_MS:
+        raise _fail(table, field, f"timestamp {value} is outside 0..{MAX_TIMESTAMP_MS} (1970 to 9999)")
+    return value
+
+
+def check_choice(table: str, field: str, value: Any, choices: Tuple[str, ...]) -> str:
+    """One of `choices`."""
+    if value not in choices or type(value) is not str:
+        raise _fail(table, field, f"must be one of {', '.join(choices)}, got {value!r:.80}")
+    return value
+
+
+def _find_bad_json(value: Any, depth: int = 0) -> Optional[str]:
+    """Why `value` cannot be stored as JSON, or None. Only called once encoding has failed."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "contains a NUL character (U+0000), which PostgreSQL cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate, which is not valid Unicode"
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"contains {value!r}; JSON (and PostgreSQL) have no NaN or Infinity"
+    if value is None or isinstance(value, (bool, int, float)):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"has a non-string object key {key!r}; JSON object keys are strings"
+            problem = _find_bad_json(key, depth) or _find_bad_json(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            problem = _find_bad_json(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"contains a {type(value).__name__}, which is not JSON-serialisable"
+
+
+def make_json_check(dialect: Dialect) -> Callable[[str, str, Any], str]:
+    """A function encoding a JSON value for `dialect`, raising RecordError when it cannot be stored."""
+    dump = dialect.dump_json
+
+    def check_json(table: str, field: str, value: Any) -> str:
+        try:
+            text = dump(value)
+        except RecursionError:
+            raise _fail(table, field, "is nested too deeply to encode as JSON") from None
+        except (ValueError, TypeError) as exc:
+            raise _fail(table, field, _find_bad_json(value) or f"cannot be encoded as JSON: {exc}") from None
+        # The encoder escapes U+0000 as \u0000; look closer only when that text appears.
+        if "\\u0000" in text:
+            problem = _find_bad_json(value)
+            if problem:
+                raise _fail(table, field, problem)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _fail(table, field, _find_bad_json(value) or "is not valid Unicode") from None
+        return text
+
+    return check_json
+
+
+def _no_unknown(table: str, record: Mapping[str, Any], allowed: frozenset) -> None:
+    extra = [k for k in record if k not in allowed]
+    if extra:
+        raise _fail(table, repr(extra[0]).strip("'"),
+                    f"unknown field; the fields of {table} are {', '.join(sorted(allowed))}")
+
+
+def _need(table: str, record: Mapping[str, Any], field: str) -> Any:
+    try:
+        value = record[field]
+    except KeyError:
+        raise _fail(table, field, "is required") from None
+    if value is None:
+        raise _fail(table, field, "is required and must not be None")
+    return value
+
+
+def _record(table: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(table, None, f"a record must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _same_key(table: str, field: str, given: Any, key: str) -> None:
+    if given != key:
+        raise _fail(table, field, f"is {given!r:.80} but the record is being stored under id {key!r:.80}")
+
+
+# -- the five mappers ------------------------------------------------------------------------
+
+_THREAD_FIELDS = frozenset(("id", "agentName", "scope", "title", "state", "metadata", "createdAt", "updatedAt"))
+
+
+def thread_mapper(dialect: Dialect) -> Mapper:
+    """memoryThreads <-> threads(id, agent_name, scope, title, state, metadata, created_at, updated_at)."""
+    T = "memoryThreads"
+    ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
+    check_json = make_json_check(dialect)
+
+    def to_row(key: str, value: Any) -> Row:
+        r = _record(T, value)
+        _no_unknown(T, r, _THREAD_FIELDS)
+        key = check_key(T, "id", key)
+        if "id" in r:
+            _same_key(T, "id", r["id"], key)
+        agent = check_text(T, "agentName", _need(T, r, "agentName"))
+        scope = r.get("scope")
+        title = r.get("title")
+        metadata = r.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise _fail(T, "metadata", f"must be a JSON object (dict), got {type(metadata).__name__}")
+        return (
+            key,
+            agent,
+            None if scope is None else check_text(T, "scope", scope),
+            None if title is None else check_text(T, "title", title, limit=None),
+            # An explicit None is JSON null (it reads back as None); an absent key is SQL NULL.
+            check_json(T, "state", r["state"]) if "state" in r else None,
+            None if metadata is None else check_json(T, "metadata", metadata),
+            ts_in(check_ts(T, "createdAt", _need(T, r, "createdAt"))),
+            ts_in(check_ts(T, "updatedAt", _need(T, r, "updatedAt"))),
+        )
+
+    def from_row(row: Row) -> Record:
+        id_, agent, scope, title, state, metadata, created, updated = row
+        rec: Record = {"id": id_}
+        if agent is not None:
+            rec["agentName"] = agent
+        if scope is not None:
+            rec["scope"] = scope
+        if title is not None:
+            rec["title"] = title
+        if state is not None:
+            rec["state"] = load(state)
+        if metadata is not None:
+            rec["metadata"] = load(metadata)
+        rec["createdAt"] = ts_out(created)
+        rec["updatedAt"] = ts_out(updated)
+        return rec
+
+    return Mapper(to_row, from_row)
+
+
+_MESSAGE_COLUMNS = ("threadId", "runId", "createdAt")
+
+
+def message_id(thread_id: str, created_at: int, message_id: str) -> str:
+    """Better Agent's storage id of a message: ``f"{threadId}:{createdAt}:{message['id']}"``."""
+    return f"{thread_id}:{created_at}:{message_id}"
+
+
+def message_mapper(dialect: Dialect) -> Mapper:
+    """memoryMessages <-> messages(id, thread_id, run_id, message, created_at).
+
+    The row keeps threadId, runId and createdAt in columns and every other key of the
+    record (the AG-UI message: id, role, content, toolCalls, ...) in the `message` JSON.
+    """
+    T = "memoryMessages"
+    ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
+    check_json = make_json_check(dialect)
+
+    def to_row(key: str, value: Any) -> Row:
+        r = _record(T, value)
+        key = check_key(T, "id", key)
+        thread_id = check_key(T, "threadId", _need(T, r, "threadId"))
+        created = check_ts(T, "createdAt", _need(T, r, "createdAt"))
+        msg_id = check_text(T, "id", _need(T, r, "id"), allow_empty=False)
+        check_text(T, "role", _need(T, r, "role"))
+        expected = message_id(thread_id, created, msg_id)
+        if key != expected:
+            raise _fail(T, "id", f"storage id {key!r:.120} does not match threadId:createdAt:id = {expected!r:.120}")
+        run_id = r.get("runId")
+        body = {k: v for k, v in r.items() if k not in _MESSAGE_COLUMNS}
+        return (
+            key,
+            thread_id,
+            None if run_id is None else check_text(T, "runId", run_id),
+            check_json(T, "message", body),
+            ts_in(created),
+        )
+
+    def from_row(row: Row) -> Record:
+        id_, thread_id, run_id, message, created = row
+        rec: Record = load(message)
+        if not isinstance(rec, dict):
+            rec = {"content": rec}  # a row someone wrote by hand; keep what is there
+        rec["threadId"] = thread_id
+        if run_id is not None:
+            rec["runId"] = run_id
+        rec["createdAt"] = ts_out(created)
+        return rec
+
+    return Mapper(to_row, from_row)
+
+
+_RUN_FIELDS = frozenset(("runId", "agentName", "threadId", "scope", "status", "abortRequestedAt",
+                         "finalEvent", "config", "startedAt", "updatedAt", "finishedAt"))
+
+
+def run_mapper(dialect: Dialect) -> Mapper:
+    """runs <-> agent_runs(run_id, agent_name, thread_id, scope, status, abort_requested_at,
+    final_event, config, started_at, updated_at, finished_at)."""
+    T = "runs"
+    ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
+    check_json = make_json_check(dialect)
+
+    def opt_ts(r: Mapping[str, Any], field: str) -> Any:
+        v = r.get(field)
+        return None if v is None else ts_in(check_ts(T, field, v))
+
+    def to_row(key: str, value: Any) -> Row:
+        r = _record(T, value)
+        _no_unknown(T, r, _RUN_FIELDS)
+        key = check_key(T, "runId", key)
+        if "runId" in r:
+            _same_key(T, "runId", r["runId"], key)
+        thread_id = r.get("threadId")
+        scope = r.get("scope")
+        final = r.get("finalEvent")
+        if final is not None:
+            if not isinstance(final, dict) or final.get("type") not in FINAL_EVENT_TYPES:
+                raise _fail(T, "finalEvent", f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final!r:.80}")
+            final = check_json(T, "finalEvent", final)
+        config = r.get("config")
+        return (
+            key,
+            check_text(T, "agentName", _need(T, r, "agentName")),
+            None if thread_id is None else check_text(T, "threadId", thread_id),
+            None if scope is None else check_text(T, "scope", scope),
+            check_choice(T, "status", _need(T, r, "status"), RUN_STATUSES),
+            opt_ts(r, "abortRequestedAt"),
+            final,
+            None if config is None else check_json(T, "config", config),
+            ts_in(check_ts(T, "startedAt", _need(T, r, "startedAt"))),
+            ts_in(check_ts(T, "updatedAt", _need(T, r, "updatedAt"))),
+            opt_ts(r, "finishedAt"),
+        )
+
+    def from_row(row: Row) -> Record:
+        (run_id, agent, thread_id, scope, status, abort_at, final, config,
+         started, updated, finished) = row
+        rec: Record = {"runId": run_id, "agentName": agent}
+        if thread_id is not None:
+            rec["threadId"] = thread_id
+        if scope is not None:
+            rec["scope"] = scope
+        rec["status"] = status
+        if abort_at is not None:
+            rec["abortRequestedAt"] = ts_out(abort_at)
+        if final is not None:
+            rec["finalEvent"] = load(final)
+        rec["config"] = None if config is None else load(config)  # always present (CONTRACT 2)
+        rec["startedAt"] = ts_out(started)
+        rec["updatedAt"] = ts_out(updated)
+        if finished is not None:
+            rec["finishedAt"] = ts_out(finished)
+        return rec
+
+    return Mapper(to_row, from_row)
+
+
+_STREAM_FIELDS = frozenset(("id", "runId", "status", "createdAt", "updatedAt", "closedAt"))
+
+
+def stream_mapper(dialect: Dialect) -> Mapper:
+    """streams <-> streams(id, run_id, status, created_at, updated_at, closed_at); id = runId."""
+    T = "streams"
+    ts_in, ts_out = dialect.encode_ts, dialect.decode_ts
+
+    def to_row(key: str, value: Any) -> Row:
+        r = _record(T, value)
+        _no_unknown(T, r, _STREAM_FIELDS)
+        key = check_key(T, "id", key)
+        if "id" in r:
+            _same_key(T, "id", r["id"], key)
+        if "runId" in r:
+            _same_key(T, "runId", r["runId"], key)
+        closed = r.get("closedAt")
+        return (
+            key,
+            key,
+            check_choice(T, "status", _need(T, r, "status"), STREAM_STATUSES),
+            ts_in(check_ts(T, "createdAt", _need(T, r, "createdAt"))),
+            ts_in(check_ts(T, "updatedAt", _need(T, r, "updatedAt"))),
+            None if closed is None else ts_in(check_ts(T, "closedAt", closed)),
+        )
+
+    def from_row(row: Row) -> Record:
+        _id, run_id, status, created, updated, closed = row
+        rec: Record = {"runId": run_id, "status": status,
+                       "createdAt": ts_out(created), "updatedAt": ts_out(updated)}
+        if closed is not None:
+            rec["closedAt"] = ts_out(closed)
+        return rec
+
+    return Mapper(to_row, from_row)
+
+
+_EVENT_FIELDS = frozenset(("id", "runId", "seq", "timestamp", "event"))
+
+
+def check_seq(table: str, value: Any) -> int:
+    """A stream event's sequence number: an int from 1 up."""
+    if type(value) is not int or not 1 <= value <= MAX_SEQ:
+        raise _fail(table, "seq", f"must be an integer from 1 to {MAX_SEQ}, got {value!r:.80}")
+    return value
+
+
+def stream_event_mapper(dialect: Dialect) -> Mapper:
+    """streamEvents <-> stream_events(id, run_id, seq, timestamp, event); id = f"{runId}:{seq}"."""
+    T = "streamEvents"
+    ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
+    check_json = make_json_check(dialect)
+
+    def to_row(key: str, value: Any) -> Row:
+        r = _record(T, value)
+        _no_unknown(T, r, _EVENT_FIELDS)
+        key = check_key(T, "id", key)
+        if "id" in r:
+            _same_key(T, "id", r["id"], key)
+        run_id = check_key(T, "runId", _need(T, r, "runId"))
+        seq = check_seq(T, _need(T, r, "seq"))
+        if key != f"{run_id}:{seq}":
+            raise _fail(T, "id", f"{key!r:.120} must be runId:seq = {run_id}:{seq}")
+        event = _need(T, r, "event")
+        if not isinstance(event, dict):
+            raise _fail(T, "event", f"must be an event object (dict), got {type(event).__name__}")
+        return (key, run_id, seq, ts_in(check_ts(T, "timestamp", _need(T, r, "timestamp"))),
+                check_json(T, "event", event))
+
+    def from_row(row: Row) -> Record:
+        id_, run_id, seq, stamp, event = row
+        return {"id": id_, "runId": run_id, "seq": seq, "timestamp": ts_out(stamp), "event": load(event)}
+
+    return Mapper(to_row, from_row)
+
+
+def _cols(*items: Tuple[str, str, str]) -> Mapping[str, Column]:
+    return {f: Column(f, c, k) for f, c, k in items}
+
+
+TABLES: Mapping[str, TableSpec] = {
+    "memoryThreads": TableSpec(
+        "memoryThreads", "threads", "id", "id",
+        ("id", "agent_name", "scope", "title", "state", "metadata", "created_at", "updated_at"),
+        ("state", "metadata"),
+        _cols(("id", "id", "text"), ("agentName", "agent_name", "text"), ("scope", "scope", "text"),
+              ("title", "title", "text"), ("createdAt", "created_at", "ts"), ("updatedAt", "updated_at", "ts")),
+        thread_mapper),
+    "memoryMessages": TableSpec(
+        "memoryMessages", "messages", "id", "id",
+        ("id", "thread_id", "run_id", "message", "created_at"),
+        ("message",),
+        _cols(("threadId", "thread_id", "text"), ("runId", "run_id", "text"),
+              ("createdAt", "created_at", "ts")),
+        message_mapper),
+    "runs": TableSpec(
+        "runs", "agent_runs", "runId", "run_id",
+        ("run_id", "agent_name", "thread_id", "scope", "status", "abort_requested_at", "final_event",
+         "config", "started_at", "updated_at", "finished_at"),
+        ("final_event", "config"),
+        _cols(("runId", "run_id", "text"), ("agentName", "agent_name", "text"),
+              ("threadId", "thread_id", "text"), ("scope", "scope", "text"), ("status", "status", "text"),
+              ("abortRequestedAt", "abort_requested_at", "ts"), ("startedAt", "started_at", "ts"),
+              ("updatedAt", "updated_at", "ts"), ("finishedAt", "finished_at", "ts")),
+        run_mapper),
+    "streams": TableSpec(
+        "streams", "streams", "id", "id",
+        ("id", "run_id", "status", "created_at", "updated_at", "closed_at"),
+        (),
+        _cols(("id", "id", "text"), ("runId", "run_id", "text"), ("status", "status", "text"),
+              ("createdAt", "created_at", "ts"), ("updatedAt", "updated_at", "ts"),
+              ("closedAt", "closed_at", "ts")),
+        stream_mapper),
+    "streamEvents": TableSpec(
+        "streamEvents", "stream_events", "id", "id",
+        ("id", "run_id", "seq", "timestamp", "event"),
+        ("event",),
+        _cols(("id", "id", "text"), ("runId", "run_id", "text"), ("seq", "seq", "int"),
+              ("timestamp", "timestamp", "ts")),
+        stream_event_mapper),
+}

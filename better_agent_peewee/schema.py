@@ -1,0 +1,113 @@
+"""create_tables / drop_tables / check_schema for the five tables of CONTRACT section 3."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import peewee
+from playhouse.schema_diff import diff_models
+
+from .dialects import detect_dialect, unwrap
+from .models import Models, build_models
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_tables", "drop_tables", "check_schema", "EXPECTED_INDEXES"]
+
+#: (table, index name, columns, unique) as CONTRACT 3 names them. The UNIQUE column
+#: constraints on run_id are listed with name None: any unique index on the column serves.
+EXPECTED_INDEXES: Tuple[Tuple[str, Optional[str], Tuple[str, ...], bool], ...] = (
+    ("threads", "threads_agent_name_scope_idx", ("agent_name", "scope"), False),
+    ("messages", "messages_thread_id_idx", ("thread_id",), False),
+    ("agent_runs", None, ("run_id",), True),
+    ("agent_runs", "agent_runs_run_id_scope_idx", ("run_id", "scope"), False),
+    ("streams", None, ("run_id",), True),
+    ("stream_events", "stream_events_run_id_idx", ("run_id",), False),
+    ("stream_events", "stream_events_run_id_seq_unique", ("run_id", "seq"), True),
+)
+
+_PRIMARY_KEYS = {"threads": ["id"], "messages": ["id"], "agent_runs": [], "streams": ["id"],
+                 "stream_events": ["id"]}
+
+
+def _models(database: Any, dialect: Optional[str]) -> Tuple[peewee.Database, Models]:
+    real = unwrap(database)
+    return real, build_models(real, detect_dialect(real, dialect))
+
+
+def create_tables(database: Any, dialect: Optional[str] = None) -> None:
+    """Create the five tables and their indexes where missing. Safe to call again."""
+    real, models = _models(database, dialect)
+    with real.atomic():
+        for model in models.in_dependency_order():
+            if not model.table_exists():
+                logger.debug("create table %s", model._meta.table_name)
+                model.create_table(safe=True)
+
+
+def drop_tables(database: Any, dialect: Optional[str] = None) -> None:
+    """Drop the five tables (and their rows) where present."""
+    real, models = _models(database, dialect)
+    with real.atomic():
+        for model in reversed(models.in_dependency_order()):
+            if model.table_exists():
+                logger.debug("drop table %s", model._meta.table_name)
+                model.drop_table(safe=True)
+
+
+def check_schema(database: Any, dialect: Optional[str] = None) -> List[str]:
+    """What is missing or different in the database, in words; an empty list when it matches.
+
+    Checks tables, columns, nullability, primary keys, the messages -> threads foreign key
+    and the named indexes. Extra nullable columns are fine (a user's migration may add them);
+    an extra NOT NULL column without a default is reported, since inserts would fail.
+    """
+    real, models = _models(database, dialect)
+    diff = diff_models(real, models.in_dependency_order())
+    problems: List[str] = [f"missing table {m._meta.table_name}" for m in diff.create_tables]
+    problems += [f"missing column {f.model._meta.table_name}.{f.column_name}" for f in diff.add_columns]
+    missing_tables = {m._meta.table_name for m in diff.create_tables}
+
+    for model in models.in_dependency_order():
+        table = model._meta.table_name
+        if table in missing_tables:
+            continue
+        expected = {f.column_name: f for f in model._meta.sorted_fields}
+        for column in real.get_columns(table):
+            field = expected.get(column.name)
+            if field is None:
+                if not column.null and column.default is None:
+                    problems.append(f"extra column {table}.{column.name} is NOT NULL without a default")
+            elif field.null != column.null:
+                want = "nullable" if field.null else "NOT NULL"
+                problems.append(f"column {table}.{column.name} should be {want}")
+        primary = sorted(real.get_primary_keys(table))
+        if primary != _PRIMARY_KEYS[table]:
+            want = ", ".join(_PRIMARY_KEYS[table]) or "none"
+            problems.append(f"table {table} primary key is ({', '.join(primary) or 'none'}), expected ({want})")
+
+    problems += _index_problems(real, missing_tables)
+    if "messages" not in missing_tables and "threads" not in missing_tables:
+        fks = [(fk.column, fk.dest_table, fk.dest_column) for fk in real.get_foreign_keys("messages")]
+        if ("thread_id", "threads", "id") not in fks:
+            problems.append("missing foreign key messages.thread_id -> threads.id")
+    return problems
+
+
+def _index_problems(database: peewee.Database, missing_tables: set) -> List[str]:
+    found: Dict[str, List[Any]] = {}
+    problems = []
+    for table, name, columns, unique in EXPECTED_INDEXES:
+        if table in missing_tables:
+            continue
+        if table not in found:
+            found[table] = database.get_indexes(table)
+        matches = [ix for ix in found[table]
+                   if tuple(ix.columns) == columns and (bool(ix.unique) or not unique)]
+        described = f"{'unique ' if unique else ''}index {name or ''} on {table} ({', '.join(columns)})"
+        if not matches:
+            problems.append("missing " + " ".join(described.split()))
+        elif name is not None and name not in {ix.name for ix in matches}:
+            problems.append(f"{' '.join(described.split())} exists under another name "
+                            f"({', '.join(ix.name for ix in matches)})")
+    return problems
