@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the test suite against SQLite, PostgreSQL and MariaDB.
+#
+# Installs what is missing (PostgreSQL and MariaDB server packages via apt when
+# run as root, the package with its test extras via pip), then runs pytest;
+# arguments are passed to pytest (default: -q -ra tests).  The database servers
+# are throwaway instances started and stopped by the tests themselves
+# (tests/servers.py); see tests/conftest.py for BAP_TEST_DIALECTS and
+# BAP_TEST_POSTGRES_URL / BAP_TEST_MYSQL_URL.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+dialects=",${BAP_TEST_DIALECTS:-sqlite,postgres,mysql},"
+missing=()
+if [[ $dialects == *,mysql,* && -z ${BAP_TEST_MYSQL_URL:-} ]] &&
+   ! command -v mariadbd >/dev/null && [[ ! -x /usr/sbin/mariadbd ]]; then
+    missing+=(mariadb-server)
+fi
+if [[ $dialects == *,postgres,* && -z ${BAP_TEST_POSTGRES_URL:-} ]] &&
+   ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+    missing+=(postgresql-15)
+fi
+if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+        echo "scripts/test.sh: missing database servers; install them first:" >&2
+        echo "    sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "scripts/test.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${missing[@]}"
+fi
+
+python -m pip install -q -e ".[test]"
+
+if (($# == 0)); then
+    set -- -q -ra tests
+fi
+exec python -m pytest "$@"

@@ -1,0 +1,230 @@
+"""Test fixtures: one empty database per test on SQLite, PostgreSQL and MariaDB.
+
+Environment:
+
+* ``BAP_TEST_DIALECTS`` -- comma list of dialects to run (default
+  ``sqlite,postgres,mysql``).  Tests of the other dialects are skipped; this is
+  the ONLY way a dialect gets skipped.  A server that cannot be started makes
+  its tests error, never skip.
+* ``BAP_TEST_POSTGRES_URL`` / ``BAP_TEST_MYSQL_URL`` -- use an existing server
+  (``postgresql://user:pw@host:port/db``, ``mysql://...``) instead of starting
+  a throwaway one.  Its database is wiped before every test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import peewee
+import pytest
+
+from tests.servers import Server, server_from_url, start_mariadb, start_postgres
+
+DIALECTS = ("sqlite", "postgres", "mysql")
+
+_started: list[Server] = []  # managed servers, for the terminal summary
+
+
+def selected_dialects() -> set[str]:
+    """Dialects named in ``BAP_TEST_DIALECTS`` (all of them by default)."""
+    raw = os.environ.get("BAP_TEST_DIALECTS", ",".join(DIALECTS))
+    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    unknown = names - set(DIALECTS)
+    if unknown:
+        raise pytest.UsageError(
+            f"BAP_TEST_DIALECTS: unknown dialect(s) {sorted(unknown)}; "
+            f"choose from {', '.join(DIALECTS)}"
+        )
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in DIALECTS:
+        config.addinivalue_line("markers", f"{name}: test runs against {name}")
+    config.addinivalue_line("markers", "slow: slow test")
+    selected_dialects()  # fail early on a typo
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip tests of the dialects excluded by BAP_TEST_DIALECTS."""
+    selected = selected_dialects()
+    for name in DIALECTS:
+        if name not in selected and item.get_closest_marker(name):
+            pytest.skip(f"{name} excluded by BAP_TEST_DIALECTS")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    for srv in _started:
+        terminalreporter.write_line(
+            f"test server {srv.dialect}: started in {srv.startup_seconds:.2f}s"
+            f" (last launch {srv.last_launch_seconds:.2f}s)"
+        )
+
+
+# -- servers ------------------------------------------------------------------
+
+
+def _session_server(dialect: str, start: Callable[[], Server]) -> Iterator[Server]:
+    if dialect not in selected_dialects():
+        pytest.skip(f"{dialect} excluded by BAP_TEST_DIALECTS")
+    url = os.environ.get(f"BAP_TEST_{dialect.upper()}_URL")
+    if url:
+        yield server_from_url(url)
+        return
+    srv = start()  # raises (-> test errors) if the server cannot start
+    atexit.register(srv.stop)  # safety net; stop() is idempotent
+    _started.append(srv)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """The session's PostgreSQL server (started on first use)."""
+    yield from _session_server("postgres", start_postgres)
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[Server]:
+    """The session's MariaDB server (started on first use)."""
+    yield from _session_server("mysql", start_mariadb)
+
+
+@pytest.fixture(
+    params=[pytest.param(d, marks=getattr(pytest.mark, d), id=d) for d in DIALECTS]
+)
+def dialect(request: pytest.FixtureRequest) -> str:
+    """``"sqlite"``, ``"postgres"`` or ``"mysql"``; tests using it run once per dialect."""
+    return request.param
+
+
+@pytest.fixture
+def server(dialect: str, request: pytest.FixtureRequest) -> Server | None:
+    """The Server for the current dialect (None for sqlite)."""
+    if dialect == "sqlite":
+        return None
+    return request.getfixturevalue(f"{dialect}_server")
+
+
+# -- empty databases ----------------------------------------------------------
+
+
+def reset_database(srv: Server) -> None:
+    """Drop everything in the server's test database and kill its other sessions."""
+    conn = srv.connect(admin=True)
+    try:
+        cur = conn.cursor()
+        if srv.dialect == "postgres":
+            cur.execute("SET lock_timeout = '10s'")
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            cur.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname = 'public'"
+                " OR nspowner = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+                (srv.user,),
+            )
+            for (schema,) in cur.fetchall():
+                cur.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            cur.execute(f'CREATE SCHEMA public AUTHORIZATION "{srv.user}"')
+            cur.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+        else:
+            cur.execute("SET SESSION lock_wait_timeout = 10")
+            cur.execute(
+                "SELECT id FROM information_schema.processlist"
+                " WHERE db = %s AND id <> CONNECTION_ID()",
+                (srv.database,),
+            )
+            for (thread_id,) in cur.fetchall():
+                with contextlib.suppress(Exception):  # may have just gone
+                    cur.execute(f"KILL {int(thread_id)}")
+            cur.execute("SET FOREIGN_KEY_CHECKS = 0")
+            cur.execute(
+                "SELECT table_name, table_type FROM information_schema.tables"
+                " WHERE table_schema = %s",
+                (srv.database,),
+            )
+            for name, kind in cur.fetchall():
+                what = "VIEW" if kind == "VIEW" else "TABLE"
+                cur.execute(f"DROP {what} IF EXISTS `{srv.database}`.`{name}`")
+    finally:
+        conn.close()
+
+
+def close_database(db: peewee.Database) -> None:
+    """Close ``db``'s connection(s), even mid-transaction or after a restart."""
+    try:
+        db.close_all() if hasattr(db, "close_all") else db.close()  # pools: all
+        return
+    except peewee.PeeweeException:  # e.g. "transaction is open"
+        pass
+    if not db.is_closed():  # close() refuses while a transaction is open
+        conn = db.connection()
+        db.dispose()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@pytest.fixture
+def _empty_database(
+    dialect: str, tmp_path: Path, server: Server | None
+) -> Server | None:
+    """Wipe the dialect's test database once per test (sqlite: fresh tmp file)."""
+    if server is not None:
+        reset_database(server)
+    return server
+
+
+@pytest.fixture
+def make_database(
+    dialect: str, tmp_path: Path, _empty_database: Server | None
+) -> Iterator[Callable[..., peewee.Database]]:
+    """Factory: ``make_database(cls=None, **kwargs)`` -> a new Peewee database
+    object on this test's (empty) database.  ``cls`` defaults to
+    SqliteDatabase / PostgresqlDatabase / MySQLDatabase; kwargs go to it.
+    All objects made are closed after the test.
+    """
+    made: list[peewee.Database] = []
+
+    def make(cls: type | None = None, **kwargs) -> peewee.Database:  # type: ignore[no-untyped-def]
+        srv = _empty_database
+        if srv is None:
+            db = (cls or peewee.SqliteDatabase)(str(tmp_path / "test.db"), **kwargs)
+        else:
+            default = (
+                peewee.PostgresqlDatabase
+                if dialect == "postgres"
+                else peewee.MySQLDatabase
+            )
+            params = srv.connect_kwargs()
+            params.update(kwargs)
+            db = (cls or default)(params.pop("database"), **params)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        close_database(db)
+
+
+@pytest.fixture
+def database(make_database: Callable[..., peewee.Database]) -> peewee.Database:
+    """An unconnected Peewee database for the current dialect, empty at test start."""
+    return make_database()
+
+
+@pytest.fixture
+def database_url(dialect: str, tmp_path: Path, _empty_database: Server | None) -> str:
+    """playhouse.db_url URL of the same empty database (for subprocesses)."""
+    if _empty_database is None:
+        return f"sqlite:///{(tmp_path / 'test.db').resolve()}"  # sqlite:////abs/...
+    if dialect == "mysql":
+        return _empty_database.url + "?charset=utf8mb4"
+    return _empty_database.url
