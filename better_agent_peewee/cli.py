@@ -1,0 +1,410 @@
+"""The ``better-agent-peewee`` command line: init, check, prune, stats, tail, export.
+
+Each command is a thin shell over one library call a Python program can make too
+(`create_tables`, `check_schema`, `prune_runs` / `reap_stale`, `stats`,
+`storage.streams.resume`, `storage.memory`). The database comes from ``--database URL``
+or the ``DATABASE_URL`` environment variable, in ``playhouse.db_url`` form::
+
+    sqlite:///agent.db   sqlite:////var/lib/app/agent.db
+    postgresql://user:password@host:5432/dbname
+    mysql://user:password@host:3306/dbname
+
+Exit codes: 0 success; 1 failure (unreachable server, missing tables, schema differences,
+unknown run or thread, a database error); 2 usage (unknown command or option, bad
+duration, bad or missing URL); 130 when ``tail`` is stopped with Ctrl-C. Expected failures
+print one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import peewee
+from playhouse import db_url
+
+from . import __version__
+from .errors import StorageError
+from .prune import FINISHED_STATUSES, PruneReport, prune_runs, reap_stale, stats
+from .schema import check_schema, create_tables
+
+__all__ = ["main", "open_database", "parse_duration", "DatabaseURLError"]
+
+PROG = "better-agent-peewee"
+
+#: The physical tables, as `create_tables` builds them.
+TABLES = ("threads", "messages", "agent_runs", "streams", "stream_events")
+
+#: SQLite pragmas `open_database` sets: WAL so followers read while a writer appends,
+#: foreign keys so messages need their thread, a busy timeout so writers wait, not fail.
+SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000}
+
+
+class DatabaseURLError(ValueError):
+    """A database URL that names no supported database."""
+
+
+class _Failure(Exception):
+    """An expected failure: one line on stderr and an exit code, no traceback."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- reusable pieces ------------------------------------------------------------------------
+
+def open_database(url: str, **options: Any) -> peewee.Database:
+    """A Peewee database (not yet connected) for a ``playhouse.db_url`` URL.
+
+    SQLite files are opened in WAL mode with foreign keys on and a busy timeout; MySQL uses
+    ``utf8mb4`` unless the URL says otherwise. User name and password may be percent-encoded.
+
+    :param url: e.g. ``sqlite:///agent.db``, ``postgresql://u:p@host/db``, ``mysql://u:p@host/db``.
+    :param options: extra keyword arguments for the database class (they win over the URL's).
+    :raises DatabaseURLError: when the URL names no supported database.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise DatabaseURLError("empty database URL")
+    url = url.strip()
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not parts.scheme or scheme not in db_url.schemes:
+        known = "sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB, mysql://USER:PASSWORD@HOST/DB"
+        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise DatabaseURLError(f"unsupported database URL {redact(url)!r} ({shown}); expected {known}")
+    if scheme.startswith("sqlite"):
+        if parts.netloc:
+            # sqlite://agent.db reads "agent.db" as a host name and opens an in-memory database.
+            raise DatabaseURLError(f"bad SQLite URL {url!r}: a file takes three slashes "
+                                   f"({parts.scheme}:///relative/path.db or {parts.scheme}:////absolute/path.db)")
+        pragmas = dict(SQLITE_PRAGMAS)
+        pragmas.update(options.pop("pragmas", None) or {})
+        options["pragmas"] = pragmas
+    elif scheme.startswith("mysql"):
+        options.setdefault("charset", "utf8mb4")
+    try:
+        return db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise DatabaseURLError(f"bad database URL {redact(url)!r}: {exc}") from None
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    except ValueError:
+        return "<unparseable URL>"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> _dt.timedelta:
+    """A `timedelta` from ``30s``, ``15m``, ``12h``, ``7d``, ``2w`` or combinations (``1h30m``).
+
+    :raises ValueError: for anything else (a bare number is refused: say which unit).
+    """
+    compact = str(text).strip().replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 30s, 15m, 12h, 7d, 1h30m)")
+    total = _dt.timedelta()
+    for number, unit in parts:
+        total += _dt.timedelta(**{_UNITS[unit.lower()]: float(number)})
+    return total
+
+
+# -- command implementations ---------------------------------------------------------------
+
+def _connect(args: argparse.Namespace, create: bool = False) -> peewee.Database:
+    url = args.database or os.environ.get("DATABASE_URL")
+    if not url:
+        raise _Failure("no database: pass --database URL or set DATABASE_URL", 2)
+    try:
+        db = open_database(url)
+    except DatabaseURLError as exc:
+        raise _Failure(str(exc), 2) from None
+    if isinstance(db, peewee.SqliteDatabase) and not create:
+        path = db.database
+        # Connecting would create an empty file and then report missing tables; say what it is.
+        if path != ":memory:" and not path.startswith("file:") and not os.path.exists(path):
+            raise _Failure(f"no SQLite database at {path!r} (run `{PROG} init` to create one)")
+    try:
+        db.connect(reuse_if_open=True)
+    except peewee.DatabaseError as exc:  # OperationalError, InterfaceError, ...
+        raise _Failure(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+    except TypeError as exc:  # a query-string option the driver does not know
+        raise _Failure(f"bad database URL {redact(url)!r}: {_first_line(exc)}", 2) from None
+    return db
+
+
+def _require_tables(db: peewee.Database, needed: Iterable[str]) -> None:
+    present = set(db.get_tables())
+    missing = [t for t in needed if t not in present]
+    if missing:
+        raise _Failure(f"missing table{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                       f"in {redact(db_description(db))} (run `{PROG} init` first)")
+
+
+def db_description(db: peewee.Database) -> str:
+    """A short name for `db` in messages: its file or database name."""
+    return str(db.database)
+
+
+def _storage(db: peewee.Database) -> Any:
+    from .storage import peewee_storage
+    return peewee_storage(db)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    db = _connect(args, create=True)
+    before = set(db.get_tables())
+    create_tables(db)
+    created = [t for t in TABLES if t not in before]
+    if created:
+        print(f"created {', '.join(created)}" + (f"; {len(TABLES) - len(created)} already present"
+                                                  if len(created) < len(TABLES) else ""))
+    else:
+        print("all tables already present")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    problems = check_schema(db)
+    if not problems:
+        print("schema ok")
+        return 0
+    for problem in problems:
+        print(problem)
+    raise _Failure(f"schema does not match ({len(problems)} difference{'s' if len(problems) > 1 else ''}, "
+                   f"listed on stdout)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    _require_tables(db, ("agent_runs", "streams", "stream_events"))
+    if "interrupted" in (args.statuses or ()) and not args.include_interrupted:
+        raise _Failure("interrupted runs wait for a human to resume them: add --include-interrupted "
+                       "to prune them", 2)
+    storage = _storage(db)
+    prefix = ""
+    if args.reap_stale is not None:
+        reaped = reap_stale(storage, args.reap_stale)
+        prefix = f"reaped {reaped} stale run{'' if reaped == 1 else 's'}; "
+    progress: Optional[Callable[[PruneReport], None]] = None
+    if sys.stderr.isatty():
+        def progress(report: PruneReport) -> None:
+            sys.stderr.write(f"\rbatch {report.batches}: {report.runs} runs, {report.streams} streams, "
+                             f"{report.events} events ({report.seconds:.1f}s)")
+            sys.stderr.flush()
+    report = prune_runs(storage, args.older_than, statuses=args.statuses or ("completed", "failed", "aborted"),
+                        batch_size=args.batch_size, dry_run=args.dry_run,
+                        include_interrupted=args.include_interrupted, progress=progress)
+    if progress is not None and report.batches:
+        sys.stderr.write("\n")
+    print(prefix + report.summary())
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    _require_tables(db, TABLES)
+    numbers = stats(_storage(db))
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+        return 0
+    width = max(len(t) for t in numbers["tables"])
+    for table, count in numbers["tables"].items():
+        print(f"{table:<{width}}  {count:>10}")
+    runs = numbers["runs"]
+    print("runs by status: " + (", ".join(f"{s} {n}" for s, n in runs.items()) if runs else "none"))
+    print(f"oldest run:     {_iso_or_none(numbers['oldestRun'])}")
+    print(f"newest run:     {_iso_or_none(numbers['newestRun'])}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    _require_tables(db, ("streams", "stream_events"))
+    storage = _storage(db)
+    write, flush = sys.stdout.write, sys.stdout.flush
+    for event in storage.streams.resume(args.run_id, args.from_seq, poll_interval=args.poll_interval):
+        write(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n")
+        flush()  # a follower (or `| jq`) sees each event as it arrives
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    _require_tables(db, ("threads", "messages"))
+    storage = _storage(db)
+    thread = storage.memory.threads.get(args.thread_id)
+    if thread is None:
+        raise _Failure(f"thread {args.thread_id!r} not found")
+    messages = storage.memory.messages.list(args.thread_id)
+    json.dump({"thread": thread, "messages": messages}, sys.stdout, ensure_ascii=False, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+# -- argument parsing ----------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _duration(text: str) -> _dt.timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation tools and tests)."""
+    parser = _Parser(prog=PROG, description="Operate a Better Agent database: create and check the "
+                     "schema, prune finished runs, show stats, follow a stream, export a thread.",
+                     epilog="Exit codes: 0 ok, 1 failure, 2 usage, 130 tail stopped by Ctrl-C.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--database", "-d", metavar="URL",
+                        help="database URL (default: $DATABASE_URL), e.g. sqlite:///agent.db, "
+                             "postgresql://user:pw@host/db, mysql://user:pw@host/db")
+    common.add_argument("--verbose", "-v", action="store_true", help="log what the library does on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    p = commands.add_parser("init", parents=[common], help="create the five tables (safe to repeat)")
+    p.set_defaults(func=cmd_init)
+
+    p = commands.add_parser("check", parents=[common],
+                            help="compare the schema with what the adapter needs; exit 1 on differences")
+    p.set_defaults(func=cmd_check)
+
+    p = commands.add_parser("prune", parents=[common],
+                            help="delete finished runs (and their streams and events) older than a duration")
+    p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                   help="keep runs that finished more recently than this (30s, 15m, 12h, 7d)")
+    p.add_argument("--statuses", nargs="+", metavar="STATUS", choices=FINISHED_STATUSES,
+                   help="finished statuses to prune (default: completed failed aborted)")
+    p.add_argument("--include-interrupted", action="store_true",
+                   help="prune interrupted runs too (by default they wait for a human)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, metavar="N",
+                   help="runs per transaction (default 1000)")
+    p.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    p.add_argument("--reap-stale", type=_duration, metavar="DURATION",
+                   help="first mark runs still running but not updated for this long as failed")
+    p.set_defaults(func=cmd_prune)
+
+    p = commands.add_parser("stats", parents=[common],
+                            help="rows per table, runs per status, oldest and newest run")
+    p.add_argument("--json", action="store_true", help="print JSON (timestamps as epoch ms)")
+    p.set_defaults(func=cmd_stats)
+
+    p = commands.add_parser("tail", parents=[common],
+                            help="follow a run's stream like tail -f: one JSON event per line")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--from-seq", type=_non_negative_int, default=0, metavar="N",
+                   help="start after event N (default 0: from the beginning)")
+    p.add_argument("--poll-interval", type=_seconds, default=0.25, metavar="SECONDS",
+                   help="seconds between polls while the stream is idle (default 0.25)")
+    p.set_defaults(func=cmd_tail)
+
+    p = commands.add_parser("export", parents=[common], help="print a thread and its messages as JSON")
+    p.add_argument("thread_id", metavar="THREAD_ID")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except _Failure as exc:
+        _fail(args, str(exc))
+        return exc.code
+    except KeyboardInterrupt:
+        # Ctrl-C is how one stops `tail`: no traceback, the shell's code for SIGINT.
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`tail RUN | head`); silence the interpreter's final flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except StorageError as exc:
+        _fail(args, _first_line(exc))
+        return 1
+    except peewee.DatabaseError as exc:
+        _fail(args, f"database error: {_first_line(exc)}")
+        return 1
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _iso_or_none(ms: Optional[int]) -> str:
+    if ms is None:
+        return "-"
+    return (_dt.datetime(1970, 1, 1) + _dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Housekeeping for the runs and streams tables: prune finished runs, reap stale ones, count rows.
+
+These are the operational jobs a cron job runs (``better-agent-peewee prune``), written as
+plain functions over a storage object so Python code can call them directly::
+
+    from datetime import timedelta
+    report = prune_runs(storage, timedelta(days=7))
+    log.info(report.summary())
+
+Pruning works in batches, each batch one transaction that deletes a set of runs together
+with their stream and stream events, so a process killed part-way leaves every remaining
+run whole and the next run finishes the job. Memory (threads and messages) is never touched.
+Batches are chosen by keyset (``run_id > last ORDER BY run_id LIMIT n``) and deleted by an
+explicit id list, which keeps memory bounded and suits MySQL, which allows neither LIMIT in
+an ``IN (subquery)`` nor deleting from a table the same statement selects from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import peewee
+
+from .dialects import MAX_TIMESTAMP_MS
+from .errors import QueryError
+from .records import RUN_STATUSES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PruneReport", "prune_runs", "reap_stale", "stats", "FINISHED_STATUSES", "STALE_RUN_CODE"]
+
+#: Statuses a run can end in. `running` is never pruned (see `reap_stale`).
+FINISHED_STATUSES = ("completed", "failed", "aborted", "interrupted")
+#: The `code` of the RUN_ERROR final event `reap_stale` writes.
+STALE_RUN_CODE = "STALE_RUN"
+
+# IN lists are sent in chunks of this many parameters: SQLite builds before 3.32 allow
+# only 999 parameters per statement, and very long lists plan badly everywhere.
+_IN_CHUNK = 500
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What `prune_runs` deleted (or, with ``dry_run``, would delete)."""
+
+    #: Runs deleted (finished, older than the cutoff).
+    runs: int = 0
+    #: Streams deleted: those of the pruned runs plus orphans (whose run no longer exists).
+    streams: int = 0
+    #: Stream events deleted: those of the deleted streams plus orphans.
+    events: int = 0
+    #: True when nothing was deleted and the numbers say what would have been.
+    dry_run: bool = False
+    #: Transactions (batches) it took.
+    batches: int = 0
+    #: Wall-clock seconds.
+    seconds: float = 0.0
+    #: The cutoff, epoch ms: runs that finished before it were pruned.
+    cutoff_ms: int = 0
+
+    def summary(self) -> str:
+        """One line for a log or a terminal, e.g. ``pruned 120 runs, 118 streams, ...``."""
+        verb = "would prune" if self.dry_run else "pruned"
+        return (f"{verb} {self.runs} runs, {self.streams} streams, {self.events} events "
+                f"older than {_iso(self.cutoff_ms)} in {self.batches} batches "
+                f"({self.seconds:.2f}s){' [dry run]' if self.dry_run else ''}")
+
+
+def prune_runs(
+    storage: Any,
+    older_than: _dt.timedelta,
+    *,
+    statuses: Iterable[str] = ("completed", "failed", "aborted"),
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    include_interrupted: bool = False,
+    now_ms: Optional[int] = None,
+    progress: Optional[Callable[[PruneReport], None]] = None,
+) -> PruneReport:
+    """Delete finished runs older than `older_than`, with their streams and stream events.
+
+    A run is pruned when its status is one of `statuses` and its ``finishedAt`` is earlier
+    than now - `older_than`; a run without ``finishedAt`` never is. Interrupted runs wait for
+    a human to resume them, so they are kept unless `include_interrupted` is true. Orphans go
+    too: streams whose run no longer exists, with all their events, and events with neither
+    run nor stream, once created (stream ``createdAt``, event ``timestamp``) before the cutoff.
+    Threads and messages are never touched.
+
+    :param storage: the storage object (`peewee_storage`).
+    :param older_than: how long a finished run is kept, a non-negative `timedelta`.
+    :param statuses: the finished statuses to prune (``running`` is never pruned).
+    :param batch_size: runs (or orphan streams) per transaction; memory use is bounded by it.
+    :param dry_run: count what would be deleted, delete nothing.
+    :param include_interrupted: prune interrupted runs too.
+    :param now_ms: "now" in epoch ms (default: the clock), for reproducible jobs and tests.
+    :param progress: called with the running totals after every batch.
+    :returns: a `PruneReport` with the counts.
+    """
+    chosen = _check_statuses(statuses, include_interrupted)
+    cutoff = _cutoff(older_than, now_ms, "older_than")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+    started = time.monotonic()
+    report = PruneReport(dry_run=dry_run, cutoff_ms=cutoff)
+    m = storage.models
+    Run, Stream, Event = m.run, m.stream, m.stream_event
+
+    def no_run(run_id: peewee.Field) -> Any:
+        return ~fn_exists(Run.select(peewee.SQL("1")).where(Run.run_id == run_id))
+
+    def no_stream(run_id: peewee.Field) -> Any:
+        return ~fn_exists(Stream.select(peewee.SQL("1")).where(Stream.run_id == run_id))
+
+    # Each phase: a keyset-paged SELECT of ids (first column = the page key) and what to do
+    # with one page. Every DELETE re-checks its condition, so a row that changed since the
+    # SELECT (a run resumed, a run written for an orphan stream) is kept, and only what was
+    # really deleted has its dependants deleted (on MySQL the SELECT reads a snapshot, and
+    # on PostgreSQL the SELECT and the DELETE see different moments).
+    finished = [Run.status.in_(chosen), Run.finished_at.is_null(False), Run.finished_at < cutoff]
+
+    def finished_runs(after: Optional[str]) -> peewee.Query:
+        return _page(Run.select(Run.run_id).where(*finished), Run.run_id, after, batch_size)
+
+    def prune_finished(rows: List[Tuple[Any, ...]]) -> None:
+        ids = [r for (r,) in rows]
+        if dry_run:
+            report.runs += len(ids)
+            gone = ids
+        else:
+            report.runs += _delete(Run, Run.run_id, ids, finished)
+            kept = set(_select_in(Run.run_id, Run.run_id, ids))
+            gone = [r for r in ids if r not in kept]
+        report.events += _delete_or_count(Event, Event.run_id, gone, dry_run)
+        report.streams += _delete_or_count(Stream, Stream.run_id, gone, dry_run)
+
+    orphan = [Stream.created_at < cutoff, no_run(Stream.run_id)]
+
+    def orphan_streams(after: Optional[str]) -> peewee.Query:
+        return _page(Stream.select(Stream.id, Stream.run_id).where(*orphan), Stream.id, after, batch_size)
+
+    def prune_orphan_streams(rows: List[Tuple[Any, ...]]) -> None:
+        ids = [stream_id for stream_id, _ in rows]
+        if dry_run:
+            report.streams += len(ids)
+            gone = [run_id for _, run_id in rows]
+        else:
+            report.streams += _delete(Stream, Stream.id, ids, orphan)
+            kept = set(_select_in(Stream.id, Stream.id, ids))
+            gone = [run_id for stream_id, run_id in rows if stream_id not in kept]
+        report.events += _delete_or_count(Event, Event.run_id, gone, dry_run)
+
+    stray = [Event.timestamp < cutoff, no_run(Event.run_id), no_stream(Event.run_id)]
+
+    def orphan_events(after: Optional[str]) -> peewee.Query:
+        return _page(Event.select(Event.run_id).distinct().where(*stray), Event.run_id, after, batch_size)
+
+    def prune_orphan_events(rows: List[Tuple[Any, ...]]) -> None:
+        report.events += _delete_or_count(Event, Event.run_id, [r for (r,) in rows], dry_run, stray)
+
+    for name, select, prune in (("finished runs", finished_runs, prune_finished),
+                                ("orphan streams", orphan_streams, prune_orphan_streams),
+                                ("orphan events", orphan_events, prune_orphan_events)):
+        last: Optional[str] = None
+        while True:
+            # One transaction per page: a kill part-way loses (rolls back) at most this page,
+            # never half of a run's data. On SQLite it holds the write lock from the start.
+            with storage.transaction():
+                rows = list(select(last).tuples())
+                if not rows:
+                    break
+                prune(rows)
+            last = rows[-1][0]
+            report.batches += 1
+            report.seconds = time.monotonic() - started
+            logger.debug("prune %s: batch of %d, totals %s", name, len(rows), report)
+            if progress is not None:
+                progress(report)
+            if len(rows) < batch_size:
+                break
+
+    report.seconds = time.monotonic() - started
+    logger.info("%s", report.summary())
+    return report
+
+
+def reap_stale(storage: Any, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
+               *, batch_size: int = 1000) -> int:
+    """Mark runs still ``running`` but silent for longer than `stale_after` as failed.
+
+    The trace a crashed worker leaves is a run that says running forever. Each such run
+    (``updatedAt`` before now - `stale_after`) becomes ``failed`` with ``finishedAt`` and
+    ``updatedAt`` = now and a final event ``{"type": "RUN_ERROR", "code": "STALE_RUN",
+    "message": ...}``, and its open stream is closed, so followers stop waiting. The UPDATEs
+    are conditional (still running, still stale), so a run that finishes meanwhile is kept.
+
+    :param storage: the storage object.
+    :param stale_after: how long a running run may go without an update, a `timedelta`.
+    :param now_ms: "now" in epoch ms (default: the clock).
+    :param batch_size: runs per transaction.
+    :returns: how many runs were marked failed.
+    """
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    cutoff = _cutoff(stale_after, now_ms, "stale_after")
+    now = now_ms
+    m = storage.models
+    Run, Stream = m.run, m.stream
+    final_event = {
+        "type": "RUN_ERROR",
+        "message": (f"run marked failed by reap_stale: still running but not updated for more than "
+                    f"{_describe(stale_after)} (since {_iso(cutoff)}); its worker is presumed dead"),
+        "code": STALE_RUN_CODE,
+    }
+    stale = [Run.status == "running", Run.updated_at < cutoff]
+    reaped = 0
+    last: Optional[str] = None
+    while True:
+        with storage.transaction():
+            ids = [r for (r,) in _page(Run.select(Run.run_id).where(*stale), Run.run_id, last, batch_size).tuples()]
+            if not ids:
+                break
+            for chunk in _chunks(ids):
+                reaped += (Run.update(status="failed", final_event=final_event, finished_at=now, updated_at=now)
+                           .where(Run.run_id.in_(chunk), *stale).execute())
+                # Only the streams of runs this call just failed (a finished run closes its own).
+                ours = (Run.select(peewee.SQL("1"))
+                        .where(Run.run_id == Stream.run_id, Run.status == "failed", Run.finished_at == now))
+                (Stream.update(status="closed", closed_at=now, updated_at=now)
+                 .where(Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)).execute())
+        last = ids[-1]
+        if len(ids) < batch_size:
+            break
+    if reaped:
+        logger.warning("reaped %d stale runs (running, no update since %s)", reaped, _iso(cutoff))
+    return reaped
+
+
+def stats(storage: Any) -> Dict[str, Any]:
+    """Rows per table, runs per status, and the oldest and newest run (by ``startedAt``).
+
+    :returns: ``{"tables": {table: rows}, "runs": {status: count}, "oldestRun": ms | None,
+        "newestRun": ms | None}``, timestamps in epoch ms.
+    """
+    m = storage.models
+    tables = {model._meta.table_name: model.select().count() for model in m.in_dependency_order()}
+    Run = m.run
+    by_status = {status: count for status, count in
+                 Run.select(Run.status, peewee.fn.COUNT(peewee.SQL("*"))).group_by(Run.status)
+                 .order_by(Run.status).tuples()}
+    oldest, newest = Run.select(peewee.fn.MIN(Run.started_at), peewee.fn.MAX(Run.started_at)).scalar(
+        as_tuple=True)
+    return {
+        "tables": tables,
+        "runs": by_status,
+        # MIN/MAX come back through the column's converter: epoch ms already.
+        "oldestRun": _as_ms(storage, oldest),
+        "newestRun": _as_ms(storage, newest),
+    }
+
+
+def _as_ms(storage: Any, value: Any) -> Optional[int]:
+    if value is None or isinstance(value, int):
+        return value
+    return storage.dialect.decode_ts(value)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def fn_exists(query: peewee.Query) -> Any:
+    """``EXISTS (query)``."""
+    return peewee.fn.EXISTS(query)
+
+
+def _page(query: peewee.Query, key: peewee.Field, after: Optional[str], size: int) -> peewee.Query:
+    """The next `size` rows after key `after`, in key order (keyset pagination)."""
+    if after is not None:
+        query = query.where(key > after)
+    return query.order_by(key).limit(size)
+
+
+def _chunks(ids: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(ids), _IN_CHUNK):
+        yield ids[start:start + _IN_CHUNK]
+
+
+def _select_in(column: peewee.Field, key: peewee.Field, ids: Sequence[Any]) -> List[Any]:
+    """`column` of the rows whose `key` is in `ids`."""
+    found: List[Any] = []
+    for chunk in _chunks(ids):
+        found += [value for (value,) in column.model.select(column).where(key.in_(chunk)).tuples()]
+    return found
+
+
+def _delete(model: Any, key: peewee.Field, ids: Sequence[Any], extra: Sequence[Any] = ()) -> int:
+    """DELETE the rows of `model` whose `key` is in `ids` and that match `extra`; how many."""
+    return sum(model.delete().where(key.in_(chunk), *extra).execute() for chunk in _chunks(ids))
+
+
+def _delete_or_count(model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
+                     extra: Sequence[Any] = ()) -> int:
+    """`_delete`, or with `dry_run` COUNT what it would delete."""
+    if not dry_run:
+        return _delete(model, key, ids, extra)
+    return sum(model.select().where(key.in_(chunk), *extra).count() for chunk in _chunks(ids))
+
+
+def _check_statuses(statuses: Iterable[str], include_interrupted: bool) -> Tuple[str, ...]:
+    if isinstance(statuses, str):
+        statuses = (statuses,)
+    chosen = list(dict.fromkeys(statuses))
+    for status in chosen:
+        if status == "running":
+            raise QueryError("runs", "running runs are never pruned (reap_stale marks dead ones failed)")
+        if status not in FINISHED_STATUSES:
+            allowed = ", ".join(s for s in RUN_STATUSES if s != "running")
+            raise QueryError("runs", f"unknown run status {status!r} to prune (expected one of {allowed})")
+    if "interrupted" in chosen and not include_interrupted:
+        raise QueryError("runs", "interrupted runs wait for a human to resume them: "
+                                 "pass include_interrupted=True to prune them")
+    if include_interrupted and "interrupted" not in chosen:
+        chosen.append("interrupted")
+    if not chosen:
+        raise QueryError("runs", "no status to prune")
+    return tuple(chosen)
+
+
+def _ms(delta: _dt.timedelta) -> int:
+    return delta // _dt.timedelta(milliseconds=1)
+
+
+def _cutoff(delta: Any, now_ms: Optional[int], name: str) -> int:
+    if not isinstance(delta, _dt.timedelta):
+        raise TypeError(f"{name} must be a datetime.timedelta, got {type(delta).__name__}")
+    if delta < _dt.timedelta(0):
+        raise ValueError(f"{name} must not be negative, got {delta}")
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    # Stored timestamps lie in 0..MAX_TIMESTAMP_MS (1970..9999); a cutoff outside would not encode.
+    return min(max(now_ms - _ms(delta), 0), MAX_TIMESTAMP_MS)
+
+
+def _iso(ms: int) -> str:
+    try:
+        stamp = _dt.datetime(1970, 1, 1) + _dt.timedelta(milliseconds=ms)
+    except OverflowError:  # a cutoff before year 1 (older_than of millennia)
+        return f"{ms} ms since the epoch"
+    return stamp.isoformat(timespec="milliseconds") + "Z"
+
+
+def _describe(delta: _dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{delta.total_seconds():g}s"
