@@ -1,0 +1,375 @@
+"""Server faults (issue 6, item 2): PostgreSQL and MariaDB restarted under a running workload.
+
+What is proved, on a plain and on a pooled database:
+
+* the operation in flight when the server goes away either succeeds or raises
+  `ConnectionLostError` (a StorageError, and a peewee.OperationalError); nothing else;
+* every operation *started* once the server is back succeeds: the storage drops the
+  dead connection and reconnects by itself (no caller rebuilds anything);
+* nothing is half-written: message batches, event batches (`append_many`) and thread
+  deletes are all-or-nothing, stream seqs stay exactly 1..N, no event is stored twice;
+* every acknowledged write is readable afterwards;
+* inside a transaction nothing is retried: the whole transaction is gone.
+
+Faults: fast shutdown + start (`Server.restart()`) and kill + crash recovery
+(`restart(crash=True)`: PostgreSQL immediate shutdown, MariaDB SIGKILL). The server is
+restarted from the test's main thread only (the test servers die with the thread that
+started them).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import peewee
+import pytest
+from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
+
+from better_agent_peewee import ConnectionLostError, StorageError, create_tables, peewee_storage
+from tests.samples import thread
+
+NETWORK_DIALECTS = [pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+                    pytest.param("mysql", marks=pytest.mark.mysql, id="mysql")]
+
+
+@pytest.fixture(params=NETWORK_DIALECTS)
+def dialect(request: pytest.FixtureRequest) -> str:
+    """Only the dialects with a server to restart (overrides conftest's `dialect`)."""
+    return request.param
+
+
+def make_storage(make_database: Callable[..., peewee.Database], dialect: str, pooled: bool) -> Any:
+    if pooled:
+        cls = PooledPostgresqlDatabase if dialect == "postgres" else PooledMySQLDatabase
+        db = make_database(cls, max_connections=12, timeout=10)
+    else:
+        db = make_database()
+    create_tables(db)
+    return peewee_storage(db)
+
+
+# -- the workload -------------------------------------------------------------------------------
+
+
+class Op:
+    """One call of the workload: what, when, how it ended."""
+
+    __slots__ = ("name", "start", "end", "error")
+
+    def __init__(self, name: str, start: float, end: float, error: Optional[BaseException]) -> None:
+        self.name, self.start, self.end, self.error = name, start, end, error
+
+
+class Worker(threading.Thread):
+    """Runs the mixed workload on the shared storage until `stop`, recording every call."""
+
+    def __init__(self, storage: Any, n: int, stop: threading.Event) -> None:
+        super().__init__(name=f"worker-{n}", daemon=True)
+        self.s, self.n, self.stop = storage, n, stop
+        self.ops: List[Op] = []
+        self.tid = f"w{n}-thread"
+        self.sid = f"w{n}-stream"
+        # Ledgers: what was attempted and what was acknowledged.
+        self.message_batches: Dict[str, bool] = {}  # batch id -> acknowledged
+        self.event_batches: Dict[str, Tuple[int, bool]] = {}  # batch id -> (size, acknowledged)
+        self.acked_seqs: List[Tuple[str, List[int]]] = []  # (batch id, seqs) in ack order
+        self.deletes: Dict[str, bool] = {}  # thread id -> delete acknowledged
+        self.finished_runs: List[str] = []
+        self.crash: Optional[BaseException] = None
+
+    def call(self, name: str, fn: Callable[[], Any]) -> Tuple[bool, Any]:
+        start = time.monotonic()
+        try:
+            result = fn()
+        except ConnectionLostError as exc:
+            self.ops.append(Op(name, start, time.monotonic(), exc))
+            return False, None
+        except BaseException as exc:  # anything else is a failure of the test; keep it for the report
+            self.ops.append(Op(name, start, time.monotonic(), exc))
+            raise
+        self.ops.append(Op(name, start, time.monotonic(), None))
+        return True, result
+
+    def setup(self) -> None:
+        s = self.s
+        s.memory.threads.set(self.tid, thread(self.tid, agentName=f"agent-{self.n}"))
+        s.streams.open(self.sid)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.crash = exc
+
+    def _loop(self) -> None:
+        s, n = self.s, self.n
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            self.call("threads.set", lambda: s.memory.threads.set(
+                self.tid, thread(self.tid, agentName=f"agent-{n}", title=f"round {i}")))
+            self.call("get", lambda: s.get("memoryThreads", self.tid))
+            batch = f"m{n}-{i}"
+            self.message_batches[batch] = False
+            ok, _ = self.call("messages.append", lambda: s.memory.messages.append(
+                self.tid, [{"id": f"{batch}-{k}", "role": "user", "content": batch, "k": k} for k in range(10)]))
+            self.message_batches[batch] = ok
+            ebatch = f"e{n}-{i}"
+            self.event_batches[ebatch] = (20, False)
+            ok, seqs = self.call("streams.append_many", lambda: s.streams.append_many(
+                self.sid, [{"type": "CUSTOM", "batch": ebatch, "k": k} for k in range(20)]))
+            self.event_batches[ebatch] = (20, ok)
+            if ok:
+                self.acked_seqs.append((ebatch, seqs))
+            single = f"x{n}-{i}"
+            self.event_batches[single] = (1, False)
+            ok, seq = self.call("streams.append", lambda: s.streams.append(
+                self.sid, {"type": "CUSTOM", "batch": single, "k": 0}))
+            self.event_batches[single] = (1, ok)
+            if ok:
+                self.acked_seqs.append((single, [seq]))
+            rid = f"w{n}-run-{i}"
+            ok, _ = self.call("runs.start", lambda: s.runs.start(rid, f"agent-{n}", thread_id=self.tid))
+            if ok:
+                self.call("runs.request_abort", lambda: s.runs.request_abort(rid))
+                ok, _ = self.call("runs.finish", lambda: s.runs.finish(
+                    rid, "aborted", {"type": "RUN_ERROR", "message": "stopped"}))
+                if ok:
+                    self.finished_runs.append(rid)
+            self.call("list", lambda: s.list("runs", {"where": {"agentName": f"agent-{n}"},
+                                                      "orderBy": {"startedAt": "desc"}, "take": 3}))
+            self.call("messages.list", lambda: s.memory.messages.list(self.tid, limit=5))
+            if i % 3 == 0:
+                dtid = f"w{n}-doomed-{i}"
+                ok, _ = self.call("doomed.set", lambda: s.memory.threads.set(dtid, thread(dtid)))
+                if ok:
+                    ok, _ = self.call("doomed.append", lambda: s.memory.messages.append(
+                        dtid, [{"role": "user", "content": str(k)} for k in range(30)]))
+                if ok:
+                    self.deletes[dtid] = False
+                    ok, _ = self.call("threads.delete", lambda: s.memory.threads.delete(dtid))
+                    self.deletes[dtid] = ok
+
+
+def run_with_faults(storage: Any, server: Any, faults: List[bool], workers: int = 4,
+                    pause: float = 0.35) -> Tuple[List[Worker], List[Tuple[float, float]]]:
+    """Run the workload while restarting the server once per entry of `faults` (True: crash)."""
+    stop = threading.Event()
+    crew = [Worker(storage, n, stop) for n in range(workers)]
+    for w in crew:
+        w.setup()
+    for w in crew:
+        w.start()
+    windows: List[Tuple[float, float]] = []  # (went down, back up)
+    try:
+        for crash in faults:
+            time.sleep(pause)
+            down = time.monotonic()
+            server.restart(crash=crash)
+            windows.append((down, time.monotonic()))
+        time.sleep(pause)
+    finally:
+        stop.set()
+        for w in crew:
+            w.join(30)
+    for w in crew:
+        assert not w.is_alive(), f"{w.name} hangs"
+        if w.crash is not None:
+            raise AssertionError(f"{w.name} got an error that is not ConnectionLostError") from w.crash
+    return crew, windows
+
+
+def overlaps(op: Op, windows: List[Tuple[float, float]]) -> bool:
+    """True when the call was running at some point while the server was down or restarting."""
+    return any(op.start <= up and op.end >= down for down, up in windows)
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def check_invariants(storage: Any, crew: List[Worker]) -> Dict[str, int]:
+    """Everything acknowledged is there; nothing is half-written or written twice."""
+    s = storage
+    counts: Counter = Counter()
+    for w in crew:
+        # Messages: each batch all or nothing, acknowledged ones present, in batch order.
+        msgs = s.memory.messages.list(w.tid)
+        by_batch: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+        for m in msgs:
+            by_batch[m["content"]].append(m)
+        for batch, acked in w.message_batches.items():
+            got = by_batch.pop(batch, [])
+            assert len(got) in (0, 10), f"message batch {batch} half-written: {len(got)} of 10"
+            if acked:
+                assert len(got) == 10, f"acknowledged message batch {batch} is missing"
+            assert [m["k"] for m in got] == list(range(len(got))), f"batch {batch} out of order"
+            counts["messages"] += len(got)
+        assert not by_batch, f"messages nobody wrote: {list(by_batch)[:3]}"
+
+        # Events: seq exactly 1..N, batches all or nothing and consecutive, no event twice.
+        events = [{**e["event"], "seq": e["seq"]} for e in s.list(
+            "streamEvents", {"where": {"runId": w.sid}, "orderBy": {"seq": "asc"}})["items"]]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), f"{w.sid}: seqs not 1..N"
+        seen: Dict[str, List[Tuple[int, int]]] = defaultdict(list)
+        for e in events:
+            seen[e["batch"]].append((e["k"], e["seq"]))
+        for batch, (size, acked) in w.event_batches.items():
+            stored = seen.pop(batch, [])
+            assert len(stored) in (0, size), f"event batch {batch} half-written ({len(stored)} of {size}) or doubled"
+            if acked:
+                assert stored, f"acknowledged event batch {batch} is missing"
+            if stored:
+                ks, seqs = zip(*stored)
+                assert list(ks) == list(range(size)), f"event batch {batch} out of order"
+                assert list(seqs) == list(range(seqs[0], seqs[0] + size)), f"event batch {batch} not consecutive"
+            counts["events"] += len(stored)
+        assert not seen, f"events nobody wrote: {list(seen)[:3]}"
+        by_seq = {e["seq"]: e["batch"] for e in events}
+        for batch, seqs in w.acked_seqs:
+            assert all(by_seq.get(q) == batch for q in seqs), f"acknowledged seqs of {batch} hold other events"
+
+        # Thread deletes: the thread and its 30 messages, both or neither.
+        for dtid, acked in w.deletes.items():
+            present = s.memory.threads.get(dtid) is not None
+            n = len(s.memory.messages.list(dtid))
+            assert (present, n) in ((True, 30), (False, 0)), f"delete of {dtid} half done: thread {present}, {n} msgs"
+            if acked:
+                assert not present, f"acknowledged delete of {dtid} did not happen"
+            counts["deletes"] += not present
+
+        for rid in w.finished_runs:
+            rec = s.runs.get(rid)
+            assert rec is not None and rec["status"] == "aborted" and "finishedAt" in rec, rid
+    return dict(counts)
+
+
+def summarise(crew: List[Worker], windows: List[Tuple[float, float]]) -> Dict[str, int]:
+    ops = [op for w in crew for op in w.ops]
+    hit = [op for op in ops if op.error is not None]
+    return {"operations": len(ops), "ok": len(ops) - len(hit), "connection_lost": len(hit),
+            "during_faults": sum(overlaps(op, windows) for op in ops)}
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pooled"])
+def test_restarts_under_load(dialect: str, server: Any, make_database: Callable[..., peewee.Database],
+                             pooled: bool) -> None:
+    storage = make_storage(make_database, dialect, pooled)
+    faults = [False, True, False]  # fast restart, crash restart, fast restart
+    crew, windows = run_with_faults(storage, server, faults)
+
+    ops = [op for w in crew for op in w.ops]
+    for op in ops:
+        if op.error is not None:
+            assert isinstance(op.error, StorageError) and isinstance(op.error, peewee.OperationalError)
+            # Only a call that was running while the server went away may fail.
+            assert overlaps(op, windows), f"{op.name} started after the restart and failed: {op.error}"
+    for w in crew:  # the storage recovered by itself on every worker's thread
+        after = [op for op in w.ops if op.start > windows[-1][1]]
+        assert after and all(op.error is None for op in after), f"{w.name} did not recover"
+
+    counts = check_invariants(storage, crew)
+    summary = summarise(crew, windows)
+    assert counts["events"] > 0 and counts["messages"] > 0
+    print(f"\nfaults {dialect} {'pooled' if pooled else 'plain'}: {len(faults)} restarts survived; {summary}; "
+          f"data checked {counts}")
+
+
+def test_transaction_is_never_retried(dialect: str, server: Any, database: peewee.Database) -> None:
+    """A connection lost inside a transaction: ConnectionLostError, and none of it is applied."""
+    create_tables(database)
+    s = peewee_storage(database)
+    s.set("memoryThreads", "before", thread("before"))
+    with pytest.raises(ConnectionLostError) as caught:
+        with s.transaction():
+            s.set("memoryThreads", "a", thread("a"))
+            server.restart()
+            s.set("memoryThreads", "b", thread("b"))  # must not be retried on a new connection
+    assert isinstance(caught.value, StorageError) and isinstance(caught.value, peewee.OperationalError)
+    assert s.get("memoryThreads", "a") is None  # the next call works, and shows nothing of the transaction
+    assert s.get("memoryThreads", "b") is None
+    assert s.get("memoryThreads", "before") is not None
+
+    # The same through the helpers' own transactions: a batch append and a thread delete.
+    s.memory.messages.append("before", [{"role": "user", "content": str(k)} for k in range(50)])
+    server.restart()
+    s.memory.threads.delete("before")  # BEGIN on the dead connection: reconnects, then runs
+    assert s.memory.threads.get("before") is None and s.memory.messages.list("before") == []
+
+
+def test_server_down_then_back(dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """While the server is down every call raises ConnectionLostError (no hang, no other error);
+    once it is back, the very next call of every kind works."""
+    storage = make_storage(make_database, dialect, pooled=False)
+    storage.memory.threads.set("t", thread("t"))
+    storage.streams.open("r")
+    calls: List[Tuple[str, Callable[[], Any]]] = [
+        ("get", lambda: storage.get("memoryThreads", "t")),
+        ("set", lambda: storage.set("memoryThreads", "t", thread("t", title="x"))),
+        ("list", lambda: storage.list("memoryThreads")),
+        ("append", lambda: storage.streams.append("r", {"type": "A"})),
+        ("append_many", lambda: storage.streams.append_many("r", [{"type": "B"}] * 3)),
+        ("messages.append", lambda: storage.memory.messages.append("t", [{"role": "user", "content": "c"}])),
+        ("threads.delete", lambda: storage.memory.threads.delete("nope")),
+        ("request_abort", lambda: storage.runs.request_abort("nope")),
+    ]
+    server._shutdown()  # the test servers' own stop-without-removing (tests/servers.py)
+    try:
+        for name, call in calls:
+            with pytest.raises(ConnectionLostError):
+                call()
+    finally:
+        server._launch(server)
+    for name, call in calls:
+        if name == "request_abort":
+            with pytest.raises(StorageError):  # NotFoundError: the call itself worked
+                call()
+        else:
+            call()
+    assert [e["seq"] for e in storage.streams.resume("r", timeout=0)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pooled"])
+def test_resume_follows_through_a_restart(dialect: str, server: Any,
+                                          make_database: Callable[..., peewee.Database], pooled: bool) -> None:
+    """A reader following a stream keeps following across a restart and gets every event once."""
+    storage = make_storage(make_database, dialect, pooled)
+    storage.streams.open("r")
+    got: List[int] = []
+    errors: List[BaseException] = []
+    lost: List[ConnectionLostError] = []
+
+    def follow() -> None:
+        # The documented pattern: a poll that falls in the down time raises ConnectionLostError;
+        # follow again from the last seq seen.
+        last = 0
+        while True:
+            try:
+                for event in storage.streams.resume("r", last, poll_interval=0.01, timeout=30):
+                    got.append(event["seq"])
+                    last = event["seq"]
+                return
+            except ConnectionLostError as exc:
+                lost.append(exc)
+                time.sleep(0.05)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    for k in range(1, 61):
+        storage.streams.append("r", {"type": "CUSTOM", "k": k})
+        if k in (20, 40):
+            server.restart(crash=k == 40)
+        time.sleep(0.005)
+    storage.streams.close("r")
+    reader.join(30)
+    assert not reader.is_alive()
+    assert errors == [], errors
+    assert got == list(range(1, 61))  # every event once, in order, across both restarts
+    assert len(lost) <= 10
