@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import re
-from typing import Any, Callable, ContextManager, Optional, Type
+import select
+from typing import Any, Callable, ContextManager, List, Optional, Tuple, Type
 
 import peewee
 
@@ -35,17 +37,199 @@ MAX_TIMESTAMP_MS = 253402300799999
 
 # Compact JSON, as JSON.stringify writes it; NaN/Infinity are refused (PostgreSQL cannot store them).
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-dumps: Callable[[Any], str] = _encoder.encode
+_encode: Callable[[Any], str] = _encoder.encode
 _loads = json.loads
+# The C scanner behind json.loads, called directly on the hot path (row decoding): it skips
+# json.loads' per-call Python layers (type checks, BOM test, two whitespace regexes).
+_scan_once = json.JSONDecoder().scan_once
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text of `value`, at any nesting depth."""
+    try:
+        return _encode(value)
+    except RecursionError:
+        # The C encoder recurses once per level: deep values (about 1,000 levels, fewer on a
+        # deep call stack) take the iterative path, which writes the very same text.
+        return _dumps_iterative(value, _encode)
 
 
 def _load_text(value: Any) -> Any:
-    """Decode JSON that the driver hands back as text (SQLite, MySQL, MariaDB)."""
+    """Decode JSON that the driver hands back as text (SQLite, MySQL, MariaDB; PostgreSQL as text)."""
+    if type(value) is str:
+        # Fast path for the text we and the TypeScript adapters write: one JSON document with
+        # no surrounding whitespace. Anything else (whitespace, errors, deep nesting) takes
+        # the general path below, which decides exactly as json.loads does.
+        try:
+            obj, end = _scan_once(value, 0)
+        except (StopIteration, ValueError, RecursionError):
+            pass
+        else:
+            if end == len(value):
+                return obj
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8")
     if isinstance(value, str):
-        return _loads(value)
+        try:
+            return _loads(value)
+        except RecursionError:
+            # Nested deeper than the decoder's recursion allows (possibly written by another
+            # client): decode without recursion rather than make the row unreadable.
+            return _loads_iterative(value)
     return value  # a driver (or a user's adapter) that already decoded it
+
+
+# -- JSON without recursion (slow paths, only taken when the C codecs hit the recursion limit)
+
+def _json_key(key: Any, scalar: Callable[[Any], str]) -> str:
+    # The C encoder's rules for object keys (JSON.stringify would have had strings only).
+    if isinstance(key, str):
+        return key
+    if key is True or key is False or key is None:
+        return scalar(key)
+    if isinstance(key, (int, float)):
+        return scalar(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _dumps_iterative(value: Any, scalar: Callable[[Any], str]) -> str:
+    """The text `dumps` writes, built with an explicit stack; `scalar` encodes the leaves."""
+    parts: List[str] = []
+    stack: List[Any] = []  # [iterator, closing bracket, is_object, first, id]
+    open_ids: set = set()
+    item = value
+    while True:
+        if isinstance(item, dict) or isinstance(item, (list, tuple)):
+            marker = id(item)
+            if marker in open_ids:
+                raise ValueError("Circular reference detected")
+            open_ids.add(marker)
+            is_object = isinstance(item, dict)
+            parts.append("{" if is_object else "[")
+            stack.append([iter(item.items()) if is_object else iter(item), "}" if is_object else "]",
+                          is_object, True, marker])
+        else:
+            parts.append(scalar(item))
+        while stack:
+            top = stack[-1]
+            try:
+                nxt = next(top[0])
+            except StopIteration:
+                parts.append(top[1])
+                open_ids.discard(top[4])
+                stack.pop()
+                continue
+            if not top[3]:
+                parts.append(",")
+            top[3] = False
+            if top[2]:
+                key, nxt = nxt
+                parts.append(_encode(_json_key(key, scalar)))
+                parts.append(":")
+            item = nxt
+            break
+        else:
+            return "".join(parts)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
+_CONSTANTS = (("true", True), ("false", False), ("null", None))
+
+
+def _loads_iterative(text: str) -> Any:
+    """`json.loads(text)` for standard JSON, with an explicit stack instead of recursion."""
+    from json.decoder import scanstring
+
+    def fail(pos: int) -> ValueError:
+        return ValueError(f"invalid JSON at character {pos}: {text[pos:pos + 20]!r}")
+
+    def read_key(pos: int) -> Tuple[str, int]:
+        if text[pos:pos + 1] != '"':
+            raise fail(pos)
+        key, pos = scanstring(text, pos + 1)
+        pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+        if text[pos:pos + 1] != ":":
+            raise fail(pos)
+        return key, _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+
+    stack: List[List[Any]] = []  # [container, key (None in an array)]
+    pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
+    while True:
+        char = text[pos:pos + 1]
+        if char == "{" or char == "[":
+            pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if text[pos:pos + 1] == ("}" if char == "{" else "]"):
+                value: Any = {} if char == "{" else []
+                pos += 1
+            elif char == "{":
+                key, pos = read_key(pos)
+                stack.append([{}, key])
+                continue
+            else:
+                stack.append([[], None])
+                continue
+        elif char == '"':
+            value, pos = scanstring(text, pos + 1)
+        else:
+            match = _NUMBER.match(text, pos)
+            if match is not None:
+                whole, fraction, exponent = match.groups()
+                value = float(whole + (fraction or "") + (exponent or "")) if fraction or exponent else int(whole)
+                pos = match.end()
+            else:
+                for word, constant in _CONSTANTS:
+                    if text.startswith(word, pos):
+                        value, pos = constant, pos + len(word)
+                        break
+                else:
+                    raise fail(pos)
+        while True:  # hand `value` to its container; close the containers that end here
+            if not stack:
+                pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+                if pos != len(text):
+                    raise fail(pos)
+                return value
+            top = stack[-1]
+            container = top[0]
+            if top[1] is None:
+                container.append(value)
+            else:
+                container[top[1]] = value
+            pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+            char = text[pos:pos + 1]
+            if char == ",":
+                pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+                if top[1] is not None:
+                    top[1], pos = read_key(pos)
+                break
+            if char != ("]" if top[1] is None else "}"):
+                raise fail(pos)
+            pos += 1
+            stack.pop()
+            value = container
+
+
+# PostgreSQL's jsonb keeps numbers as `numeric` and prints them without an exponent: the
+# float 1e+23 comes back as the integer 100000000000000000000000 (a different value for
+# Python). Floats that Python writes with a positive exponent are therefore written as
+# their exact integral value plus ".0", which jsonb keeps as it is.
+_POSITIVE_EXPONENT = re.compile(r"[0-9]e\+[0-9]")
+
+
+def _exact_float_scalar(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        text = float.__repr__(value)
+        return f"{int(value)}.0" if "e+" in text else text
+    return _encode(value)
+
+
+def _dumps_for_jsonb(value: Any) -> str:
+    """`dumps`, except that large floats are written so that jsonb keeps them floats."""
+    text = dumps(value)
+    if "e+" in text and _POSITIVE_EXPONENT.search(text):  # cheap test first; rare
+        return _dumps_iterative(value, _exact_float_scalar)
+    return text
 
 
 def _load_native(value: Any) -> Any:
@@ -58,6 +242,9 @@ def _load_native(value: Any) -> Any:
 _ISO_RE = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|z|[+-]\d{2}:?\d{2}(?::?\d{2})?)?$"
 )
+
+
+_fromisoformat = _dt.datetime.fromisoformat
 
 
 def parse_iso_ms(text: str) -> int:
@@ -86,6 +273,9 @@ def _sqlite_encode_ts(ms: int) -> str:
 
 
 def _sqlite_decode_ts(value: Any) -> int:
+    if type(value) is str and len(value) == 24 and value[23] == "Z" and value[10] == "T":
+        # parse_iso_ms's fast path inlined: every timestamp of every row read comes here.
+        return (_fromisoformat(value[:23]) - _EPOCH) // _MS
     if isinstance(value, str):
         return parse_iso_ms(value)
     if isinstance(value, int):
@@ -151,6 +341,50 @@ class _JSONColumn(_Column):
         return None if value is None else self.load(value)
 
 
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's exception behind a peewee one (peewee passes it as the first argument)."""
+    first = exc.args[0] if exc.args else None
+    if isinstance(first, BaseException):
+        return first
+    return exc.__cause__ or exc.__context__ or exc
+
+
+def _pg_code(exc: BaseException) -> Optional[str]:
+    err = _driver_error(exc)
+    return getattr(err, "pgcode", None) or getattr(err, "sqlstate", None)
+
+
+def _mysql_errno(exc: BaseException) -> Optional[int]:
+    args = getattr(_driver_error(exc), "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _readable(fd: int) -> bool:
+    # An idle client connection has nothing to read unless the server said something on its
+    # own: a termination notice / end-of-file (or, rarely, a NOTIFY; a false alarm costs a probe).
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _pg_gone_code(code: Optional[str]) -> bool:
+    # Class 08 (connection exception); 57P01-57P03: admin shutdown, crash shutdown, cannot connect now.
+    return code is not None and (code.startswith("08") or code in ("57P01", "57P02", "57P03"))
+
+
+_PG_UNREACHABLE = re.compile(
+    r"connection refused|could not connect|server closed the connection|terminating connection|"
+    r"the database system is (?:starting up|shutting down|not yet accepting|in recovery)|"
+    r"could not (?:send|receive) data|timeout expired|no connection to the server|"
+    r"could not translate host name|no route to host|network is unreachable|"
+    r"SSL (?:connection has been closed|SYSCALL error)", re.IGNORECASE)
+
+#: MySQL/MariaDB client and server errors meaning the connection is gone: server has gone
+#: away, lost connection during query / at handshake, server shutdown in progress, connection
+#: killed (MariaDB), disconnected for inactivity (MySQL 8).
+_MYSQL_GONE = frozenset((2006, 2013, 2055, 1053, 1927, 4031))
+#: ... and that the server cannot be reached: can't connect (socket / TCP), plus the above.
+_MYSQL_UNREACHABLE = _MYSQL_GONE | {2002, 2003}
+
+
 # -- the dialects -------------------------------------------------------------------------
 
 class Dialect:
@@ -165,6 +399,9 @@ class Dialect:
     json_type = "TEXT"
     timestamp_type = "TEXT"
     now_default = ""
+    #: One writer at a time for the whole database (SQLite): callers may queue their own
+    #: threads for it rather than leave them to the busy timeout, which grants no turn order.
+    single_writer = False
 
     encode_ts: Callable[[int], Any] = staticmethod(_postgres_encode_ts)
     decode_ts: Callable[[Any], int] = staticmethod(_naive_to_ms)
@@ -228,6 +465,14 @@ class Dialect:
         """How our statements select a JSON column so that `load_json` can decode it."""
         return column
 
+    def text_equals(self, column: peewee.Node, value: peewee.Node) -> peewee.Node:
+        """`column = value` for a text column, exact: code point by code point, spaces included."""
+        return column == value
+
+    def text_order(self, column: peewee.Node) -> peewee.Node:
+        """What to ORDER BY so that a text column sorts by code point (as Python sorts str)."""
+        return column
+
     def upsert(self, insert: Any, key: peewee.Field, others: list) -> Any:
         """`insert` turned into a single-statement upsert on `key`, replacing `others`."""
         return insert.on_conflict(conflict_target=[key], preserve=others).returning()
@@ -245,8 +490,70 @@ class Dialect:
         """True when `exc` is a FOREIGN KEY violation."""
         return False
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """True when `exc` is a deadlock or serialization failure: the server rolled the
+        transaction back and running it again may succeed."""
+        return False
+
+    def json_param(self, node: peewee.Node) -> peewee.Node:
+        """A JSON parameter where the server cannot infer its type (the SELECT list of an
+        INSERT ... SELECT)."""
+        return node
+
+    def skip_duplicates(self, insert: Any) -> Any:
+        """`insert` made to skip rows that would duplicate a unique key; the cursor's rowcount
+        tells how many were stored. Where a dialect cannot skip only those, duplicates raise
+        IntegrityError instead (callers handle both)."""
+        return insert.on_conflict(action="nothing")
+
+    def rejected_json_column(self, exc: BaseException) -> Optional[str]:
+        """The JSON column whose value the server refused (too deep for it), or None."""
+        return None
+
+    def foreign_keys(self, table: str) -> List[Tuple[str, str, str]]:
+        """(column, referenced table, referenced column) of each foreign key of `table`."""
+        return [(fk.column, fk.dest_table, fk.dest_column) for fk in self.database.get_foreign_keys(table)]
+
     def prepare(self) -> None:
         """Per-database settings the storage relies on (SQLite pragmas); nothing elsewhere."""
+
+    # Lost connections (the storage's reconnect layer asks these; only after a statement failed).
+    def is_connection_lost(self, exc: BaseException) -> bool:
+        """True when `exc`, just raised on the calling thread, means its connection is gone
+        (server restarted or killed, network cut) or the server cannot be reached now.
+
+        Only errors that come from the driver count: peewee's own ("database not
+        initialised", "connection not opened") are the caller's business.
+        """
+        if not isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
+            return False
+        err = getattr(exc, "orig", None)
+        if err is None:
+            return False
+        db = self.database
+        if db.is_closed():  # the error came from opening a connection
+            return self._unreachable(err)
+        return self._dead(db._state.conn, err)  # type: ignore[attr-defined]
+
+    def was_not_sent(self, exc: BaseException) -> bool:
+        """True when the statement that raised `exc` certainly never reached the server
+        (the connection was already known dead, or could not be opened), so running it
+        again cannot apply it twice."""
+        return isinstance(exc, peewee.InterfaceError) or self.database.is_closed()
+
+    def hung_up(self, conn: Any) -> bool:
+        """True when the server may have closed the idle connection `conn` (its socket has
+        unread input: a termination notice or end-of-file). One non-blocking `select`, no
+        round trip; asked before statements that must not run twice."""
+        return False
+
+    def _dead(self, conn: Any, err: BaseException) -> bool:
+        """True when the driver connection `conn` is unusable after `err`."""
+        return False
+
+    def _unreachable(self, err: BaseException) -> bool:
+        """True when opening a connection failed because the server cannot be reached."""
+        return False
 
 
 class SqliteDialect(Dialect):
@@ -254,6 +561,7 @@ class SqliteDialect(Dialect):
 
     name = "sqlite"
     now_default = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+    single_writer = True
     encode_ts = staticmethod(_sqlite_encode_ts)
     decode_ts = staticmethod(_sqlite_decode_ts)
 
@@ -267,6 +575,16 @@ class SqliteDialect(Dialect):
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         return "FOREIGN KEY" in str(exc)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # SQLITE_BUSY once the busy timeout ran out: the writer lock is not granted in any
+        # fair order, so a writer among many can miss it for the whole timeout. Nothing was
+        # written; a single statement (or a transaction that could not begin) can run again.
+        err = _driver_error(exc)
+        code = getattr(err, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF == 5
+        return "database is locked" in str(err)
 
     def prepare(self) -> None:
         # `permanent=True` records the pragma so every connection the database opens later
@@ -288,11 +606,55 @@ class PostgresDialect(Dialect):
     encode_ts = staticmethod(_postgres_encode_ts)
     decode_ts = staticmethod(_naive_to_ms)
     field_load_json = staticmethod(_load_native)
+    dump_json = staticmethod(_dumps_for_jsonb)
 
     def select_json(self, column: peewee.Field) -> peewee.Node:
         # As text, so SQL NULL (absent) and JSON null (None) stay apart: the driver's
         # own jsonb decoding turns both into None.
         return peewee.Cast(column, "text")
+
+    def foreign_keys(self, table: str) -> List[Tuple[str, str, str]]:
+        # Not information_schema (peewee's way): it shows only constraints of tables the current
+        # role owns, so a least-privilege runtime role would see no foreign key at all.
+        cursor = self.database.execute_sql(
+            "SELECT a.attname, r.relname, ra.attname FROM pg_constraint c"
+            " JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace"
+            " JOIN pg_class r ON r.oid = c.confrelid"
+            " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]"
+            " JOIN pg_attribute ra ON ra.attrelid = c.confrelid AND ra.attnum = c.confkey[1]"
+            " WHERE c.contype = 'f' AND t.relname = %s AND n.nspname = current_schema()", (table,))
+        return [tuple(row) for row in cursor.fetchall()]  # type: ignore[misc]
+
+    def json_param(self, node: peewee.Node) -> peewee.Node:
+        # An untyped parameter in a SELECT list resolves to text, which jsonb refuses.
+        return peewee.Cast(node, "jsonb")
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # serialization_failure, deadlock_detected
+        return _pg_code(exc) in ("40001", "40P01")
+
+    def hung_up(self, conn: Any) -> bool:
+        try:
+            return _readable(conn.fileno())
+        except Exception:  # closed: let the statement find out
+            return False
+
+    def _dead(self, conn: Any, err: BaseException) -> bool:
+        # psycopg2 marks a broken connection closed (2); psycopg 3 sets `closed`/`broken`.
+        if getattr(conn, "closed", 0) or getattr(conn, "broken", False):
+            return True
+        return _pg_gone_code(getattr(err, "pgcode", None) or getattr(err, "sqlstate", None))
+
+    def _unreachable(self, err: BaseException) -> bool:
+        # libpq reports connection failures without a SQLSTATE: recognise them by their text
+        # (a wrong password or database name is not "unreachable").
+        return (_pg_gone_code(getattr(err, "pgcode", None) or getattr(err, "sqlstate", None))
+                or _PG_UNREACHABLE.search(str(err)) is not None)
+
+    def rejected_json_column(self, exc: BaseException) -> Optional[str]:
+        # 54001 "stack depth limit exceeded": jsonb parses recursively, and a value nested some
+        # tens of thousands of levels deep exhausts max_stack_depth. The message names no column.
+        return "" if _pg_code(exc) == "54001" else None
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "pgcode", None)
@@ -326,15 +688,65 @@ class MySQLDialect(Dialect):
             self._mariadb = "mariadb" in str(version).lower()
         return self._mariadb
 
+    def text_equals(self, column: peewee.Node, value: peewee.Node) -> peewee.Node:
+        # utf8mb4_bin is a PAD SPACE collation: `agent_name = 'agent'` also matches 'agent '.
+        # The plain comparison keeps the index usable; the binary one makes the match exact.
+        return (column == value) & (peewee.Cast(column, "BINARY") == peewee.Cast(value, "BINARY"))
+
+    def text_order(self, column: peewee.Node) -> peewee.Node:
+        # PAD SPACE again: 'a' and 'a ' tie, and 'a\t' sorts before 'a'. UTF-8 bytes sort by code point.
+        return peewee.Cast(column, "BINARY")
+
     def upsert(self, insert: Any, key: peewee.Field, others: list) -> Any:
         # ON DUPLICATE KEY UPDATE names no target: every unique key of the table is one.
         return insert.on_conflict(preserve=others)
+
+    def skip_duplicates(self, insert: Any) -> Any:
+        # INSERT IGNORE would also turn other errors (truncation, bad values) into warnings:
+        # leave the insert plain and let a duplicate raise IntegrityError.
+        return insert
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT: InnoDB rolled the transaction back.
+        return _mysql_errno(exc) in (1213, 1205)
+
+    def was_not_sent(self, exc: BaseException) -> bool:
+        # 2006 "server has gone away" is raised when writing the statement failed.
+        return super().was_not_sent(exc) or _mysql_errno(exc) == 2006
+
+    def hung_up(self, conn: Any) -> bool:
+        sock = getattr(conn, "_sock", None)  # PyMySQL
+        try:
+            return _readable(sock.fileno() if sock is not None else conn.fileno())
+        except Exception:
+            return False
+
+    def _dead(self, conn: Any, err: BaseException) -> bool:
+        # PyMySQL drops its socket (`open` False) when the connection breaks; mysqlclient
+        # keeps `open` true, so the error codes decide too.
+        if not getattr(conn, "open", True):
+            return True
+        args = getattr(err, "args", ())
+        return bool(args) and args[0] in _MYSQL_GONE
+
+    def _unreachable(self, err: BaseException) -> bool:
+        args = getattr(err, "args", ())
+        return bool(args) and args[0] in _MYSQL_UNREACHABLE
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         args = getattr(getattr(exc, "orig", None), "args", None) or getattr(exc, "args", ())
         if args and isinstance(args[0], int):
             return args[0] in (1451, 1452)
         return "foreign key constraint" in str(exc)
+
+    def rejected_json_column(self, exc: BaseException) -> Optional[str]:
+        # MariaDB's JSON is LONGTEXT CHECK (JSON_VALID(col)), and JSON_VALID refuses nesting
+        # deeper than 31 levels: error 4025 "CONSTRAINT `table.column` failed". (MySQL: 3157.)
+        args = getattr(getattr(exc, "orig", None), "args", None) or getattr(exc, "args", ())
+        if not args or args[0] not in (4025, 3157):
+            return None
+        match = re.search(r"`[^`.]+\.([^`]+)`", str(args[1]) if len(args) > 1 else "")
+        return match.group(1) if match else ""
 
 
 _BY_NAME: dict = {"sqlite": SqliteDialect, "postgres": PostgresDialect, "mysql": MySQLDialect}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import peewee
+
 
 class StorageError(Exception):
     """Base class of every error raised by better_agent_peewee."""
@@ -68,3 +70,22 @@ class SchemaError(StorageError):
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = list(problems)
         super().__init__("schema does not match: " + "; ".join(self.problems))
+
+
+class ConnectionLostError(StorageError, peewee.OperationalError):
+    """The connection to the database server was lost (server restarted, network cut) or
+    could not be made.
+
+    Outside a transaction the storage has already dropped the dead connection and tried
+    again once on a fresh one (for reads and idempotent writes), so this means the server
+    is still unreachable, or the statement was not idempotent and may or may not have been
+    applied. Inside a transaction nothing is retried: the transaction is gone (rolled back
+    by the server, or, if the connection died during COMMIT, possibly committed) and the
+    caller decides whether to run it again. Either way the next call on the same storage
+    object reconnects by itself. It is also a `peewee.OperationalError`, so code that
+    catches that keeps working.
+    """
+
+    def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.orig = orig

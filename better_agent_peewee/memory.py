@@ -1,7 +1,296 @@
-"""Placeholder until issue 3 lands."""
-from typing import Any
+"""Conversation memory: threads and their messages, as Better Agent's memory flows use them.
+
+`storage.memory.threads` and `storage.memory.messages` mirror Better Agent's
+`memory.threads` / `memory.messages`, and `storage.memory.fork` its `memory.fork`
+(CONTRACT 4). What Better Agent does with several independent writes is done here in
+one transaction each, so a failure part-way leaves nothing half done: deleting a
+thread (its messages, then the thread), appending a batch of messages, and forking.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import peewee
+
+from .errors import ConflictError, NotFoundError, RecordError
+from .query import compile_statement, first_row, marker, select_columns
+from .records import check_key, message_id, now_ms, storable_key
+
+if TYPE_CHECKING:
+    from .storage import TableAdapter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Memory", "Threads", "Messages"]
+
+_THREADS = "memoryThreads"
+_MESSAGES = "memoryMessages"
+#: Keys of a message record that come from where it is stored, not from the message itself.
+_PLACEMENT = ("threadId", "runId", "createdAt")
+#: Most rows (and about the most bytes of JSON) in one multi-row INSERT.
+_CHUNK_ROWS = 100
+_CHUNK_BYTES = 1 << 20
+
+Record = Dict[str, Any]
+
+
+def _check_limit(limit: Any) -> Optional[int]:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a non-negative integer, got {limit!r:.80}")
+    return limit
+
+
+class Threads:
+    """`storage.memory.threads`: get, list, set and delete conversation threads."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._db: peewee.Database = storage.database
+        self._table: TableAdapter = storage.table(_THREADS)
+        T, M = storage.models.thread, storage.models.message
+        self._delete_messages = compile_statement(self._db, M.delete().where(M.thread == marker("thread")))
+        self._delete_thread = compile_statement(self._db, T.delete().where(T.id == marker("thread")))
+
+    def get(self, thread_id: str) -> Optional[Record]:
+        """The thread record `thread_id`, or None."""
+        return self._table.get(thread_id)
+
+    def list(self, agent_name: Optional[str] = None, scope: Optional[str] = None,
+             limit: Optional[int] = None) -> List[Record]:
+        """Threads, most recently updated first.
+
+        :param agent_name: only this agent's threads (None: every agent's).
+        :param scope: only threads in this scope (None: any scope).
+        :param limit: at most this many (applied in SQL).
+        """
+        where: Dict[str, Any] = {}
+        if agent_name is not None:
+            where["agentName"] = agent_name
+        if scope is not None:
+            where["scope"] = scope
+        query: Dict[str, Any] = {"where": where, "orderBy": {"updatedAt": "desc"}}
+        if _check_limit(limit) is not None:
+            query["take"] = limit
+        return self._table.list(query)["items"]
+
+    def set(self, thread_id: str, thread: Mapping[str, Any]) -> None:
+        """Create or replace the thread `thread_id`; a record whose `id` differs is refused."""
+        self._table.set(thread_id, thread)
+
+    def delete(self, thread_id: str) -> None:
+        """Delete the thread `thread_id` and its messages, in one transaction.
+
+        Deleting a thread that does not exist does nothing. If the thread cannot be deleted
+        (say another table of yours references it), its messages are kept too.
+        """
+        if not storable_key(thread_id):  # no thread can have this id
+            return
+        params = [thread_id]
+        try:
+            with self._storage.transaction():
+                self._storage.execute(self._delete_messages.sql, params)
+                self._storage.execute(self._delete_thread.sql, params)
+        except peewee.IntegrityError as exc:
+            raise ConflictError(f"{_THREADS}: thread {thread_id!r} cannot be deleted "
+                                f"(nothing was deleted): {exc}") from exc
+        logger.debug("deleted thread %r", thread_id)
+
+
+class Messages:
+    """`storage.memory.messages`: append to and list the messages of a thread."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._db: peewee.Database = storage.database
+        self._dialect = storage.dialect
+        self._table: TableAdapter = storage.table(_MESSAGES)
+        self._to_row = self._table.to_row
+        self._from_row = self._table.from_row
+        T, M = storage.models.thread, storage.models.message
+        self._model = M
+        self._fields = [f for c in self._table.spec.columns for f in M._meta.sorted_fields if f.column_name == c]
+        self._thread_exists = compile_statement(self._db, T.select(T.id).where(T.id == marker("thread")))
+
+        # The first message of a run in the listing order (createdAt, then id).
+        self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
+            (M.thread == marker("thread")) & (M.run_id == marker("run"))).order_by(M.created_at, M.id).limit(1))
+        # Four listing shapes: with or without a limit, with or without a cut-off message.
+        columns = select_columns(M, self._table.spec, storage.dialect)
+        before = (M.created_at < marker("at")) | ((M.created_at == marker("at2")) & (M.id < marker("id")))
+        self._list: Dict[Any, Any] = {}
+        for has_before in (False, True):
+            cond = M.thread == marker("thread")
+            if has_before:
+                cond &= before
+            base = M.select(*columns).where(cond)
+            self._list[has_before, False] = compile_statement(self._db, base.order_by(M.created_at, M.id))
+            # The last N are the first N newest-first, reversed in Python: only N rows are read.
+            self._list[has_before, True] = compile_statement(
+                self._db, base.order_by(M.created_at.desc(), M.id.desc()).limit(marker("limit")))
+        # thread id -> the last createdAt this process gave a message of it (see append).
+        self._last_created: Dict[str, int] = {}
+        self._clock = threading.Lock()
+        self._rows_sql: Dict[int, str] = {}
+        self._rows_lock = threading.Lock()
+
+    def list(self, thread_id: str, limit: Optional[int] = None,
+             before_run_id: Optional[str] = None) -> List[Record]:
+        """The messages of `thread_id` in chronological (`createdAt`) order.
+
+        :param limit: keep only the last `limit` messages (done in SQL: only those are read).
+        :param before_run_id: keep only the messages before the first message of that run
+            (all of them when the run has no message in the thread); applied before `limit`.
+        """
+        _check_limit(limit)
+        if not storable_key(thread_id):  # no thread can have this id
+            return []
+        values: Dict[str, Any] = {"thread": thread_id, "limit": limit}
+        cut = False
+        if before_run_id is not None:
+            if not isinstance(before_run_id, str):
+                raise ValueError(f"before_run_id must be a string, got {type(before_run_id).__name__}")
+            first = first_row(self._storage.execute(self._first_of_run.sql, self._first_of_run.params(
+                {"thread": thread_id, "run": before_run_id})))
+            if first is not None:
+                cut = True
+                values.update(at=first[0], at2=first[0], id=first[1])
+        statement = self._list[cut, limit is not None]
+        rows = self._storage.execute(statement.sql, statement.params(values)).fetchall()
+        from_row = self._from_row
+        if limit is not None:
+            return [from_row(row) for row in reversed(rows)]
+        return [from_row(row) for row in rows]
+
+    def append(self, thread_id: str, messages: Sequence[Mapping[str, Any]],
+               run_id: Optional[str] = None) -> List[Record]:
+        """Append `messages` to the thread `thread_id`, all in one transaction; return the records.
+
+        Message i gets ``createdAt = now + i`` and the record id
+        ``f"{threadId}:{createdAt}:{message['id']}"``, as Better Agent writes them (`now` is
+        moved on past the last message this process appended to the thread, so that quick
+        successive appends keep their order); a message without an `id` gets a new one.
+        `run_id` is recorded as each message's `runId`.
+
+        :raises NotFoundError: the thread does not exist (nothing is written).
+        :raises RecordError: a message cannot be stored (nothing is written).
+        """
+        thread_id = check_key(_MESSAGES, "threadId", thread_id)
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+            raise RecordError(_MESSAGES, None, f"messages must be a list of message dicts, "
+                                               f"got {type(messages).__name__}")
+        if not messages:
+            return []
+        with self._clock:
+            # now + i as Better Agent writes, but never before what this process last gave the
+            # thread: two appends within a few ms would otherwise interleave in createdAt order.
+            now = max(now_ms(), self._last_created.get(thread_id, -1) + 1)
+            if len(self._last_created) >= 10_000:
+                self._last_created.clear()
+            self._last_created[thread_id] = now + len(messages) - 1
+        records: List[Record] = []
+        rows: List[Tuple[Any, ...]] = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping):
+                raise RecordError(_MESSAGES, f"messages[{i}]",
+                                  f"must be a message dict, got {type(message).__name__}")
+            record = {k: v for k, v in message.items() if k not in _PLACEMENT}
+            if record.get("id") is None:
+                record["id"] = str(uuid.uuid4())
+            record["threadId"] = thread_id
+            if run_id is not None:
+                record["runId"] = run_id
+            record["createdAt"] = now + i
+            if not isinstance(record["id"], str):
+                raise RecordError(_MESSAGES, f"messages[{i}].id",
+                                  f"must be a string, got {type(record['id']).__name__}: {record['id']!r:.80}")
+            try:  # validates completely: a bad message raises before anything is written
+                rows.append(self._to_row(message_id(thread_id, now + i, record["id"]), record))
+            except RecordError as exc:
+                field = f"messages[{i}]" + (f".{exc.field}" if exc.field else "")
+                raise RecordError(_MESSAGES, field, str(exc).partition(": ")[2]) from None
+            records.append(record)
+        self._insert(thread_id, rows)
+        return records
+
+    def _insert(self, thread_id: str, rows: List[Tuple[Any, ...]]) -> None:
+        """Store validated rows in one transaction, after checking the thread exists."""
+        try:
+            with self._storage.transaction():
+                if first_row(self._storage.execute(self._thread_exists.sql, [thread_id])) is None:
+                    raise NotFoundError(_THREADS, thread_id,
+                                        f"{_MESSAGES}: thread {thread_id!r} does not exist; "
+                                        "create it first (storage.memory.threads.set)")
+                chunk: List[Any] = []
+                count = size = 0
+                for row in rows:
+                    chunk.extend(row)
+                    count += 1
+                    size += len(row[3])
+                    if count == _CHUNK_ROWS or size >= _CHUNK_BYTES:
+                        self._storage.execute(self._rows_statement(count), chunk)
+                        chunk, count, size = [], 0, 0
+                if count:
+                    self._storage.execute(self._rows_statement(count), chunk)
+        except peewee.IntegrityError as exc:
+            if self._dialect.is_foreign_key_violation(exc):  # deleted by someone else meanwhile
+                raise NotFoundError(_THREADS, thread_id,
+                                    f"{_MESSAGES}: thread {thread_id!r} does not exist") from exc
+            raise ConflictError(f"{_MESSAGES}: a message of this batch is already stored under its id "
+                                f"(nothing was written): {exc}") from exc
+        except peewee.OperationalError as exc:
+            column = self._dialect.rejected_json_column(exc)
+            if column is None:
+                raise
+            raise RecordError(_MESSAGES, "message", f"the database refused a message of this batch, most likely "
+                                                    f"nested too deeply (nothing was written): {exc}") from exc
+
+    def _rows_statement(self, count: int) -> str:
+        sql = self._rows_sql.get(count)
+        if sql is None:
+            names = self._table.spec.columns
+            rows = [{f: marker(f"{n}{i}") for f, n in zip(self._fields, names)} for i in range(count)]
+            statement = compile_statement(self._db, self._model.insert_many(rows).returning())
+            if statement.names != tuple(f"{n}{i}" for i in range(count) for n in names):
+                raise AssertionError(f"multi-row insert parameters out of order: {statement.plan[:10]}")
+            sql = statement.sql
+            with self._rows_lock:
+                self._rows_sql[count] = sql
+        return sql
 
 
 class Memory:
+    """`storage.memory`: threads, messages and fork, as Better Agent's memory uses them."""
+
     def __init__(self, storage: Any) -> None:
         self._storage = storage
+        self.threads = Threads(storage)
+        self.messages = Messages(storage)
+
+    def fork(self, new_thread_id: str, from_thread_id: str,
+             transform: Optional[Callable[[List[Record]], Sequence[Mapping[str, Any]]]] = None) -> Record:
+        """Copy the thread `from_thread_id` and its messages to `new_thread_id`; return the new thread.
+
+        The copy gets new `createdAt`/`updatedAt` (now) and its messages are appended anew
+        (new `createdAt`, no `runId`), as Better Agent's fork does. `transform`, when given,
+        receives the list of messages (without threadId/runId/createdAt) and returns the
+        list to append. All in one transaction.
+
+        :raises NotFoundError: the source thread does not exist.
+        """
+        with self._storage.transaction():
+            source = self.threads.get(from_thread_id)
+            if source is None:
+                raise NotFoundError(_THREADS, from_thread_id,
+                                    f"{_THREADS}: cannot fork thread {from_thread_id!r}: it does not exist")
+            now = now_ms()
+            thread = {**source, "id": new_thread_id, "createdAt": now, "updatedAt": now}
+            self.threads.set(new_thread_id, thread)
+            messages = [{k: v for k, v in m.items() if k not in _PLACEMENT}
+                        for m in self.messages.list(from_thread_id)]
+            copies: Sequence[Mapping[str, Any]] = messages if transform is None else list(transform(messages))
+            if copies:
+                self.messages.append(new_thread_id, copies)
+        return thread

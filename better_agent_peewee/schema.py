@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import peewee
 from playhouse.schema_diff import diff_models
@@ -88,13 +88,13 @@ def check_schema(database: Any, dialect: Optional[str] = None) -> List[str]:
 
     problems += _index_problems(real, missing_tables)
     if "messages" not in missing_tables and "threads" not in missing_tables:
-        fks = [(fk.column, fk.dest_table, fk.dest_column) for fk in real.get_foreign_keys("messages")]
+        fks = detect_dialect(real, dialect).foreign_keys("messages")  # readable by a non-owner role too
         if ("thread_id", "threads", "id") not in fks:
             problems.append("missing foreign key messages.thread_id -> threads.id")
     return problems
 
 
-def _index_problems(database: peewee.Database, missing_tables: set) -> List[str]:
+def _index_problems(database: peewee.Database, missing_tables: Set[str]) -> List[str]:
     found: Dict[str, List[Any]] = {}
     problems = []
     for table, name, columns, unique in EXPECTED_INDEXES:
