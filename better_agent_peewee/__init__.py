@@ -6,6 +6,7 @@
 """
 from .errors import (
     ConflictError,
+    ConnectionLostError,
     DialectError,
     NotFoundError,
     QueryError,
@@ -14,8 +15,19 @@ from .errors import (
     StorageError,
     UnsupportedTableError,
 )
+from .prune import PruneReport, prune_runs, reap_stale
 from .schema import check_schema, create_tables, drop_tables
 from .storage import Storage, peewee_storage
+from .types import (
+    ListResult,
+    MessageRecord,
+    RunRecord,
+    RunStatus,
+    StreamEventRecord,
+    StreamRecord,
+    StreamStatus,
+    ThreadRecord,
+)
 
 __all__ = [
     "peewee_storage",
@@ -29,7 +41,19 @@ __all__ = [
     "RecordError",
     "NotFoundError",
     "ConflictError",
+    "ConnectionLostError",
     "DialectError",
     "SchemaError",
+    "prune_runs",
+    "reap_stale",
+    "PruneReport",
+    "ThreadRecord",
+    "MessageRecord",
+    "RunRecord",
+    "StreamRecord",
+    "StreamEventRecord",
+    "RunStatus",
+    "StreamStatus",
+    "ListResult",
 ]
 __version__ = "0.1.0"

@@ -60,13 +60,16 @@ class _Failure(Exception):
 
 # -- reusable pieces ------------------------------------------------------------------------
 
-def open_database(url: str, **options: Any) -> peewee.Database:
+def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.Database:
     """A Peewee database (not yet connected) for a ``playhouse.db_url`` URL.
 
     SQLite files are opened in WAL mode with foreign keys on and a busy timeout; MySQL uses
     ``utf8mb4`` unless the URL says otherwise. User name and password may be percent-encoded.
 
     :param url: e.g. ``sqlite:///agent.db``, ``postgresql://u:p@host/db``, ``mysql://u:p@host/db``.
+    :param pooled: use the `playhouse.pool` class of the same database (as the URL scheme
+        ``postgresql+pool://`` would); pool options such as ``max_connections`` and
+        ``stale_timeout`` go in `options` (or the URL's query string).
     :param options: extra keyword arguments for the database class (they win over the URL's).
     :raises DatabaseURLError: when the URL names no supported database.
     """
@@ -74,6 +77,10 @@ def open_database(url: str, **options: Any) -> peewee.Database:
         raise DatabaseURLError("empty database URL")
     url = url.strip()
     parts = urlsplit(url)
+    if pooled and parts.scheme and not parts.scheme.lower().endswith("+pool") and \
+            f"{parts.scheme.lower()}+pool" in db_url.schemes:
+        url = f"{parts.scheme}+pool{url[len(parts.scheme):]}"
+        parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if not parts.scheme or scheme not in db_url.schemes:
         known = "sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB, mysql://USER:PASSWORD@HOST/DB"
@@ -90,7 +97,8 @@ def open_database(url: str, **options: Any) -> peewee.Database:
     elif scheme.startswith("mysql"):
         options.setdefault("charset", "utf8mb4")
     try:
-        return db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+        database: peewee.Database = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+        return database
     except (ValueError, RuntimeError, TypeError) as exc:
         raise DatabaseURLError(f"bad database URL {redact(url)!r}: {exc}") from None
 

@@ -6,7 +6,7 @@ at once without the two sharing (and fighting over) one set of field objects.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Type
+from typing import List, NamedTuple, Type
 
 import peewee
 
@@ -22,7 +22,7 @@ class Models(NamedTuple):
     stream: Type[peewee.Model]
     stream_event: Type[peewee.Model]
 
-    def in_dependency_order(self) -> list:
+    def in_dependency_order(self) -> List[Type[peewee.Model]]:
         """Creation order (threads before messages, which reference them)."""
         return [self.thread, self.message, self.run, self.stream, self.stream_event]
 

@@ -265,7 +265,8 @@ def stats(storage: Any) -> Dict[str, Any]:
 def _as_ms(storage: Any, value: Any) -> Optional[int]:
     if value is None or isinstance(value, int):
         return value
-    return storage.dialect.decode_ts(value)
+    ms: int = storage.dialect.decode_ts(value)
+    return ms
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -1,0 +1,152 @@
+"""A synchronous web app over the storage: threads, their messages, and live run streams (SSE).
+
+    pip install flask
+    python examples/quickstart.py                       # some data to look at (./agent.db)
+    flask --app examples/flask_app run                  # http://127.0.0.1:5000/threads
+    DATABASE_URL=postgresql://app:secret@localhost/app flask --app examples/flask_app run
+
+Routes:
+
+    GET  /threads?agent=NAME&limit=N      threads, most recently updated first
+    GET  /threads/<thread_id>?limit=N     the thread and its messages (the last N)
+    GET  /runs/<run_id>                   the run record
+    POST /runs/<run_id>/abort             ask the worker running it to stop
+    GET  /runs/<run_id>/events            Server-Sent Events: the run's stream, live
+
+The events endpoint follows the stream by polling (`storage.streams.resume`). Each SSE
+message carries the event's seq as its id, so a browser's EventSource that reconnects
+sends ``Last-Event-ID`` and picks up where it left off (``?after=N`` does the same by
+hand). When the stream is closed and every event was sent, the endpoint sends an
+``end`` event and the response ends; call ``source.close()`` on it, or EventSource
+reconnects. While the stream is idle it sends a comment line every
+``SSE_HEARTBEAT_SECONDS`` (so proxies keep the connection), and after
+``SSE_MAX_SECONDS`` it ends the response (the browser reconnects and resumes).
+
+Connections: the database is pooled (`open_database(url, pooled=True)`), each request
+takes a connection when it first queries and gives it back when it ends, and a
+follower between polls holds none, so a thousand idle SSE clients do not need a
+thousand database connections.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Iterator, Optional, Union
+
+import peewee
+from flask import Flask, Response, abort, jsonify, request, stream_with_context
+from playhouse.pool import PooledDatabase
+
+from better_agent_peewee import NotFoundError, StorageError, create_tables, peewee_storage
+from better_agent_peewee.cli import open_database
+
+
+def create_app(database: Union[str, peewee.Database, None] = None, **config: Any) -> Flask:
+    """The Flask app over `database`: a URL, a Peewee database, or None for $DATABASE_URL
+    (default ``sqlite:///agent.db``). `config` updates ``app.config``."""
+    app = Flask(__name__)
+    app.config.update(SSE_HEARTBEAT_SECONDS=15.0, SSE_MAX_SECONDS=300.0, SSE_POLL_SECONDS=0.1)
+    app.config.update(config)
+    if database is None or isinstance(database, str):
+        database = open_database(database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db", pooled=True)
+    db = database
+    # Convenient for a demo. In production create the tables once, as a migration user
+    # (`better-agent-peewee init`), and run the app as a user that cannot (see the README).
+    create_tables(db)
+    storage = peewee_storage(db)
+    app.extensions["agent_storage"] = storage
+
+    @app.teardown_appcontext
+    def release_connection(exc: Optional[BaseException]) -> None:
+        # Back to the pool (a plain database: closed). Runs after a streamed response ends.
+        if not db.is_closed() and not db.in_transaction():
+            db.close()
+
+    @app.errorhandler(NotFoundError)
+    def not_found(exc: NotFoundError) -> Any:
+        return jsonify(error=str(exc)), 404
+
+    @app.errorhandler(StorageError)
+    @app.errorhandler(ValueError)
+    def bad_request(exc: Exception) -> Any:
+        return jsonify(error=str(exc)), 400
+
+    @app.get("/threads")
+    def list_threads() -> Any:
+        threads = storage.memory.threads.list(agent_name=request.args.get("agent"),
+                                              limit=request.args.get("limit", 50, type=int))
+        return jsonify(threads=threads)
+
+    @app.get("/threads/<thread_id>")
+    def show_thread(thread_id: str) -> Any:
+        thread = storage.memory.threads.get(thread_id)
+        if thread is None:
+            abort(404)
+        messages = storage.memory.messages.list(thread_id, limit=request.args.get("limit", type=int))
+        return jsonify(thread=thread, messages=messages)
+
+    @app.get("/runs/<run_id>")
+    def show_run(run_id: str) -> Any:
+        run = storage.runs.get(run_id)
+        if run is None:
+            abort(404)
+        return jsonify(run)
+
+    @app.post("/runs/<run_id>/abort")
+    def abort_run(run_id: str) -> Any:
+        # True: the worker will stop at its next step. False: not running, or already asked.
+        return jsonify(requested=storage.runs.request_abort(run_id))  # NotFoundError -> 404
+
+    @app.get("/runs/<run_id>/events")
+    def run_events(run_id: str) -> Any:
+        after = request.headers.get("Last-Event-ID", type=int)
+        if after is None:
+            after = request.args.get("after", 0, type=int)
+        # Raises NotFoundError (-> 404) now, before any byte is sent, when there is no stream.
+        first = storage.streams.resume(run_id, after, timeout=0)
+        body = _sse(storage, run_id, after, first, app.config)
+        return Response(stream_with_context(body), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _sse(storage: Any, run_id: str, after: int, first: Iterator[Dict[str, Any]],
+         config: Dict[str, Any]) -> Iterator[str]:
+    """The SSE body: events as they come, a heartbeat while idle, `end` once closed and drained."""
+    heartbeat, poll = config["SSE_HEARTBEAT_SECONDS"], config["SSE_POLL_SECONDS"]
+    db = storage.database
+    pooled = isinstance(db, PooledDatabase)
+    deadline = time.monotonic() + config["SSE_MAX_SECONDS"]
+    yield "retry: 2000\n\n"  # how long the browser waits before reconnecting
+    events = first
+    while True:
+        for event in events:
+            after = event["seq"]
+            yield f"id: {after}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+        stream = storage.streams.get(run_id)
+        if pooled and not db.in_transaction():
+            db.close()  # back to the pool while waiting: `resume` then takes one per poll only
+        if stream is None or stream["status"] != "open":
+            if stream is not None:  # closed: send what was appended before it closed, then end
+                try:
+                    for event in storage.streams.resume(run_id, after):
+                        after = event["seq"]
+                        yield f"id: {after}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+                except NotFoundError:  # deleted meanwhile
+                    pass
+            yield f"event: end\ndata: {json.dumps({'runId': run_id, 'lastSeq': after})}\n\n"
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return  # the browser reconnects with Last-Event-ID
+        yield ": waiting\n\n"  # a comment: keeps proxies from closing an idle connection
+        try:
+            events = storage.streams.resume(run_id, after, timeout=min(heartbeat, left), poll_interval=poll)
+        except NotFoundError:  # deleted meanwhile: the next round says `end`
+            events = iter(())
+
+
+if __name__ == "__main__":
+    create_app().run(threaded=True)

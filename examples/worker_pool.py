@@ -1,0 +1,134 @@
+"""Workers in a thread pool executing runs, streaming their events, and stopping when asked.
+
+    python examples/worker_pool.py                    # ./agent.db
+    DATABASE_URL=mysql://app:secret@localhost/app python examples/worker_pool.py
+    python examples/worker_pool.py --runs 20 --workers 8 --steps 10
+
+The dispatcher (the main thread, standing in for your API) records each run as
+`running` when it accepts it and queues it; a `ThreadPoolExecutor` of workers executes
+the queued runs. Between steps a worker asks `storage.runs.abort_requested(run_id)` and,
+when an abort was requested, ends the run as `aborted` (RUN_ERROR) instead of
+continuing. Here two runs are aborted: the last one while it still waits in the queue (its worker
+stops before its first step), and the first one while it is in progress (it stops
+between two steps).
+
+The database is pooled (`open_database(url, pooled=True)`: `playhouse.pool`), with one
+connection per worker plus one for the dispatcher. A worker gives its connection back
+to the pool when a run is done (`db.close()`), so a pool thread that sits idle holds none.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional
+
+from playhouse.pool import PooledDatabase
+
+from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee.cli import open_database, redact
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def execute_run(storage: Any, run_id: str, steps: int, step_seconds: float) -> Dict[str, Any]:
+    """What a worker does with one run: its steps, streamed, checking for an abort before each."""
+    db = storage.database
+    streams, runs = storage.streams, storage.runs
+    done = 0
+    try:
+        streams.append(run_id, {"type": "RUN_STARTED", "runId": run_id, "timestamp": now_ms()})
+        for step in range(steps):
+            if runs.abort_requested(run_id):  # one indexed read of one column
+                error = {"type": "RUN_ERROR", "message": f"aborted on request before step {step + 1}",
+                         "code": "ABORTED"}
+                streams.append(run_id, {**error, "timestamp": now_ms()})
+                runs.finish(run_id, "aborted", error)
+                break
+            time.sleep(step_seconds)  # the work of one step: a model call, a tool call ...
+            streams.append(run_id, {"type": "STEP_FINISHED", "stepName": f"step-{step + 1}",
+                                    "timestamp": now_ms()})
+            done += 1
+        else:
+            finished = {"type": "RUN_FINISHED", "runId": run_id}
+            streams.append(run_id, {**finished, "timestamp": now_ms()})
+            runs.finish(run_id, "completed", finished)
+    except Exception as exc:  # the run fails, the worker lives on
+        error = {"type": "RUN_ERROR", "message": f"{type(exc).__name__}: {exc}"}
+        runs.finish(run_id, "failed", error)
+        raise
+    finally:
+        streams.close(run_id)  # followers (resume) end
+        db.close()  # give this thread's connection back to the pool
+    return {"runId": run_id, "steps": done, "worker": threading.current_thread().name}
+
+
+def wait_for_event(storage: Any, run_id: str, seq: int, timeout: float = 30) -> Optional[Dict[str, Any]]:
+    """Follow the stream of `run_id` until event `seq` arrives (None if it never does)."""
+    event: Dict[str, Any]
+    for event in storage.streams.resume(run_id, seq - 1, timeout=timeout):
+        return event
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("database", nargs="?", help="SQLite file or database URL "
+                        "(default: $DATABASE_URL, else ./agent.db)")
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--step-seconds", type=float, default=0.02)
+    args = parser.parse_args(argv)
+    if args.runs < 2 or args.workers < 1 or args.steps < 3:
+        parser.error("need at least 2 runs, 1 worker and 3 steps")
+
+    url = args.database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db"
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    db = open_database(url, pooled=True, max_connections=args.workers + 2)
+    create_tables(db)
+    storage = peewee_storage(db)
+
+    batch = uuid.uuid4().hex[:8]
+    run_ids = [f"run-{batch}-{i + 1}" for i in range(args.runs)]
+    queued, in_progress = run_ids[-1], run_ids[0]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="worker") as pool:
+        futures = []
+        for run_id in run_ids:
+            storage.runs.start(run_id, "worker-demo", config={"steps": args.steps})
+            storage.streams.open(run_id)
+            if run_id == queued:
+                # Cancelled by its user while it waits in the queue: its worker stops before step 1.
+                storage.runs.request_abort(run_id)
+            futures.append(pool.submit(execute_run, storage, run_id, args.steps, args.step_seconds))
+        # The first run is in progress once its first step is streamed: asked now, it stops at
+        # its next check (or, if its last step is already done, completes: then this is False).
+        wait_for_event(storage, in_progress, seq=2)
+        storage.runs.request_abort(in_progress)
+        results = [future.result() for future in futures]
+    elapsed = time.monotonic() - started
+
+    print(f"database: {redact(url)} ({storage.dialect.name}, {type(db).__name__})")
+    print(f"{len(run_ids)} runs on {args.workers} workers in {elapsed:.2f}s")
+    for result in results:
+        run = storage.runs.get(result["runId"])
+        assert run is not None
+        events = storage.list("streamEvents", {"where": {"runId": run["runId"]}})["items"]
+        final = run.get("finalEvent", {})
+        print(f"  {run['runId']:<22} {run['status']:<10} {result['steps']}/{args.steps} steps, "
+              f"{len(events):>2} events, {result['worker']:<10} {final.get('message', '')}".rstrip())
+    if isinstance(db, PooledDatabase):
+        db.close_all()  # the idle connections in the pool
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

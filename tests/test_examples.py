@@ -1,0 +1,290 @@
+"""The examples run: each script through a real subprocess, the Flask app through its test client,
+on SQLite, PostgreSQL and MariaDB; afterwards the database holds what each example says it wrote."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, Iterator, List, Optional
+
+import peewee
+import pytest
+
+from better_agent_peewee import create_tables, peewee_storage
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT = 120
+
+
+def run_example(script: str, *args: str, url: Optional[str] = None, cwd: Optional[Path] = None,
+                env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+    """Run examples/`script` in a subprocess; `url` goes in DATABASE_URL (none: the default file)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PRUNE_"))}
+    if url is not None:
+        environ["DATABASE_URL"] = url
+    environ.update(env or {})
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                            env=environ, cwd=cwd, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def events_of(storage: Any, run_id: str) -> List[Dict[str, Any]]:
+    items: List[Dict[str, Any]] = storage.list("streamEvents", {"where": {"runId": run_id},
+                                                                "orderBy": {"seq": "asc"}})["items"]
+    return items
+
+
+# -- quickstart and prune_cron ------------------------------------------------------------
+
+def test_quickstart_then_prune_cron(database: peewee.Database, database_url: str, tmp_path: Path) -> None:
+    out = run_example("quickstart.py", url=database_url, cwd=tmp_path).stdout
+    assert "follower:  saw 12 events, seq 1..12" in out, out
+    assert "Peewee is a small, expressive ORM for Python." in out
+    assert not (tmp_path / "agent.db").exists()  # DATABASE_URL was used, not the default file
+
+    storage = peewee_storage(database)
+    (thread,) = storage.memory.threads.list(agent_name="assistant")
+    assert thread["id"] in out and thread["title"] == "Quickstart"
+    messages = storage.memory.messages.list(thread["id"])
+    assert [(m["role"], m["id"]) for m in messages] == [("user", "msg-1"), ("assistant", "msg-2")]
+    run = storage.runs.latest_for_thread(thread["id"])
+    assert run is not None and run["status"] == "completed" and run["finalEvent"]["type"] == "RUN_FINISHED"
+    assert messages[1]["runId"] == run["runId"]
+    stream = storage.streams.get(run["runId"])
+    assert stream is not None and stream["status"] == "closed"
+    events = events_of(storage, run["runId"])
+    assert [e["seq"] for e in events] == list(range(1, 13))
+    assert events[0]["event"]["type"] == "RUN_STARTED" and events[-1]["event"]["type"] == "RUN_FINISHED"
+
+    # The nightly job: with a cutoff of now, the finished run goes, with its stream and events.
+    result = run_example("prune_cron.py", url=database_url, cwd=tmp_path,
+                         env={"PRUNE_OLDER_THAN": "0s", "PRUNE_REAP_STALE": "1h", "PRUNE_BATCH_SIZE": "10"})
+    assert "pruned 1 runs, 1 streams, 12 events" in result.stderr, result.stderr
+    assert "reaped 0 stale runs" in result.stderr
+    assert storage.runs.get(run["runId"]) is None and storage.streams.get(run["runId"]) is None
+    assert events_of(storage, run["runId"]) == []
+    assert len(storage.memory.messages.list(thread["id"])) == 2  # memory is never pruned
+
+
+@pytest.mark.sqlite
+def test_quickstart_default_file_and_path_argument(tmp_path: Path) -> None:
+    """Without DATABASE_URL it writes ./agent.db, and running it again adds a conversation."""
+    first = run_example("quickstart.py", cwd=tmp_path).stdout
+    second = run_example("quickstart.py", cwd=tmp_path).stdout
+    assert "database:  sqlite:///agent.db (sqlite)" in first
+    assert "threads of agent 'assistant' in this database: 1" in first
+    assert "threads of agent 'assistant' in this database: 2" in second
+    other = run_example("quickstart.py", "other.db", cwd=tmp_path).stdout
+    assert "threads of agent 'assistant' in this database: 1" in other
+    db = peewee.SqliteDatabase(str(tmp_path / "agent.db"))
+    try:
+        assert len(peewee_storage(db).memory.threads.list()) == 2
+        assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+# -- worker_pool -----------------------------------------------------------------------------
+
+def test_worker_pool(database: peewee.Database, database_url: str, tmp_path: Path) -> None:
+    steps = 8
+    out = run_example("worker_pool.py", "--runs", "6", "--workers", "3", "--steps", str(steps),
+                      url=database_url, cwd=tmp_path).stdout
+    assert "6 runs on 3 workers" in out and "Pooled" in out, out
+
+    storage = peewee_storage(database)
+    runs = storage.list("runs", {"where": {"agentName": "worker-demo"}})["items"]
+    assert len(runs) == 6
+    by_id = {run["runId"]: run for run in runs}
+    ordered = sorted(by_id, key=lambda run_id: int(run_id.rsplit("-", 1)[1]))
+    first, last = ordered[0], ordered[-1]
+    for run_id in ordered:
+        run = by_id[run_id]
+        events = events_of(storage, run_id)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no gap, no duplicate
+        assert events[0]["event"]["type"] == "RUN_STARTED"
+        stream = storage.streams.get(run_id)
+        assert stream is not None and stream["status"] == "closed"
+        assert "finishedAt" in run
+        steps_done = sum(e["event"]["type"] == "STEP_FINISHED" for e in events)
+        if run["status"] == "aborted":
+            assert "abortRequestedAt" in run and run["finalEvent"]["type"] == "RUN_ERROR"
+            assert events[-1]["event"]["type"] == "RUN_ERROR" and steps_done < steps
+        else:
+            assert run["status"] == "completed", run
+            assert run["finalEvent"]["type"] == "RUN_FINISHED" and steps_done == steps
+            assert run_id == first or "abortRequestedAt" not in run  # only the first may have been too late
+    # The run aborted while it waited in the queue never took a step.
+    assert by_id[last]["status"] == "aborted"
+    assert [e["event"]["type"] for e in events_of(storage, last)] == ["RUN_STARTED", "RUN_ERROR"]
+    # The run aborted in progress had taken its first step (it may also have completed first).
+    assert sum(e["event"]["type"] == "STEP_FINISHED" for e in events_of(storage, first)) >= 1
+    assert all(by_id[run_id]["status"] == "completed" for run_id in ordered[1:-1])
+
+
+# -- flask_app ---------------------------------------------------------------------------------
+
+def load_flask_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("examples_flask_app", EXAMPLES / "flask_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[Any]:
+    # A short heartbeat so the idle path runs; a cap so that a bug ends the response, not the test run.
+    app = load_flask_example().create_app(database_url, SSE_HEARTBEAT_SECONDS=0.1, SSE_MAX_SECONDS=30.0,
+                                          SSE_POLL_SECONDS=0.02)
+    yield app
+    app.extensions["agent_storage"].database.close_all()
+
+
+def seed(storage: Any) -> None:
+    for i, agent in enumerate(("support", "support", "sales")):
+        thread_id = f"t{i}"
+        storage.memory.threads.set(thread_id, {"id": thread_id, "agentName": agent, "title": f"Thread {i}",
+                                               "createdAt": 1000 + i, "updatedAt": 2000 + i})
+    storage.memory.messages.append("t0", [{"id": f"m{i}", "role": "user", "content": f"hello {i}"}
+                                          for i in range(5)])
+
+
+def sse_messages(body: bytes) -> List[Dict[str, str]]:
+    """The messages of an SSE body (comments and retry hints become {"comment"/"retry": ...})."""
+    messages = []
+    for block in body.decode().split("\n\n"):
+        if not block:
+            continue
+        fields: Dict[str, str] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ") if not line.startswith(":") else ("comment", "", line[2:])
+            fields[name] = value
+        messages.append(fields)
+    return messages
+
+
+def test_flask_threads_and_messages(app: Any) -> None:
+    storage = app.extensions["agent_storage"]
+    db = storage.database
+    assert isinstance(db, peewee.Database) and type(db).__name__.startswith("Pooled")
+    seed(storage)
+    client = app.test_client()
+
+    response = client.get("/threads")
+    assert response.status_code == 200
+    assert [t["id"] for t in response.json["threads"]] == ["t2", "t1", "t0"]  # newest updatedAt first
+    assert db.is_closed()  # the request gave its connection back
+    assert [t["id"] for t in client.get("/threads?agent=support&limit=1").json["threads"]] == ["t1"]
+
+    shown = client.get("/threads/t0").json
+    assert shown["thread"]["title"] == "Thread 0"
+    assert [m["content"] for m in shown["messages"]] == [f"hello {i}" for i in range(5)]
+    assert [m["id"] for m in client.get("/threads/t0?limit=2").json["messages"]] == ["m3", "m4"]
+
+    assert client.get("/threads/nope").status_code == 404
+    bad = client.get("/threads?limit=-1")
+    assert bad.status_code == 400 and "limit" in bad.json["error"]
+
+
+def test_flask_abort_and_run(app: Any) -> None:
+    storage = app.extensions["agent_storage"]
+    client = app.test_client()
+    storage.runs.start("r1", "support")
+    assert client.get("/runs/r1").json["status"] == "running"
+    assert client.post("/runs/r1/abort").json == {"requested": True}
+    assert client.post("/runs/r1/abort").json == {"requested": False}  # already asked
+    assert storage.runs.abort_requested("r1")
+    missing = client.post("/runs/nope/abort")
+    assert missing.status_code == 404 and "nope" in missing.json["error"]
+    assert client.get("/runs/nope").status_code == 404
+
+
+def test_flask_sse_of_a_closed_stream(app: Any) -> None:
+    storage = app.extensions["agent_storage"]
+    client = app.test_client()
+    storage.streams.open("done")
+    storage.streams.append_many("done", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi"},
+                                         {"type": "RUN_FINISHED"}])
+    storage.streams.close("done")
+
+    response = client.get("/runs/done/events")
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    messages = sse_messages(response.get_data())
+    data = [m for m in messages if "data" in m and "event" not in m]
+    assert [m["id"] for m in data] == ["1", "2", "3"]
+    assert [json.loads(m["data"])["type"] for m in data] == ["RUN_STARTED", "TEXT_MESSAGE_CONTENT", "RUN_FINISHED"]
+    assert json.loads(data[1]["data"]) == {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi", "seq": 2}
+    assert messages[-1]["event"] == "end" and json.loads(messages[-1]["data"]) == {"runId": "done", "lastSeq": 3}
+
+    # A reconnecting EventSource sends Last-Event-ID; ?after=N does the same by hand.
+    again = sse_messages(client.get("/runs/done/events", headers={"Last-Event-ID": "2"}).get_data())
+    assert [m.get("id") for m in again if "id" in m] == ["3"]
+    after = sse_messages(client.get("/runs/done/events?after=3").get_data())
+    assert [m for m in after if "id" in m] == [] and after[-1]["event"] == "end"
+
+    missing = client.get("/runs/nope/events")
+    assert missing.status_code == 404 and "nope" in missing.json["error"]
+
+
+def test_flask_sse_follows_a_live_stream_until_it_closes(app: Any) -> None:
+    """The response stays open while the stream is idle and ends once it is closed and drained."""
+    storage = app.extensions["agent_storage"]
+    db = storage.database
+    client = app.test_client()
+    storage.streams.open("live")
+    storage.streams.append("live", {"type": "RUN_STARTED"})
+
+    response = client.get("/runs/live/events", buffered=False)
+    received: List[bytes] = []
+    idle = 0
+    for chunk in response.response:  # pulled one by one: the app runs until its next yield
+        received.append(chunk)
+        if chunk.startswith(b":"):
+            idle += 1
+            assert db.is_closed()  # an idle follower holds no connection (the pool has it)
+            if idle == 2:  # a full idle poll went by with the stream open: now the run goes on and ends
+                storage.streams.append("live", {"type": "TEXT_MESSAGE_CONTENT", "delta": "late"})
+                storage.streams.append("live", {"type": "RUN_FINISHED"})
+                storage.streams.close("live")
+    response.close()
+    messages = sse_messages(b"".join(received))
+    ids = [m["id"] for m in messages if "id" in m]
+    assert ids == ["1", "2", "3"], messages
+    assert sum("comment" in m for m in messages) >= 2  # heartbeats while idle
+    assert messages[-1]["event"] == "end" and json.loads(messages[-1]["data"])["lastSeq"] == 3
+    assert db.is_closed()  # the connection went back to the pool when the response ended
+
+
+def test_flask_app_with_a_plain_database(database: peewee.Database) -> None:
+    """create_app also takes a Peewee database object (here not pooled) and creates the tables."""
+    app = load_flask_example().create_app(database)
+    storage = app.extensions["agent_storage"]
+    assert storage.database is database
+    create_tables(database)  # already there: a no-op
+    storage.memory.threads.set("t", {"id": "t", "agentName": "a", "createdAt": 1, "updatedAt": 1})
+    assert [t["id"] for t in app.test_client().get("/threads").json["threads"]] == ["t"]
+    assert database.is_closed()
+
+
+def test_open_database_pooled_picks_the_pool_class_of_the_url() -> None:
+    """`open_database(url, pooled=True)`, which the examples use: the playhouse.pool class, same settings."""
+    from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
+
+    from better_agent_peewee.cli import SQLITE_PRAGMAS, open_database
+
+    sqlite = open_database("sqlite:///agent.db", pooled=True, max_connections=3)
+    assert isinstance(sqlite, PooledSqliteDatabase) and sqlite._max_connections == 3
+    assert dict(sqlite._pragmas) == SQLITE_PRAGMAS
+    pg = open_database("postgresql://app:p%40ss@db.internal:5433/app", pooled=True)
+    assert isinstance(pg, PooledPostgresqlDatabase)
+    assert pg.connect_params == {"user": "app", "password": "p@ss", "host": "db.internal", "port": 5433}
+    mysql = open_database("mysql://app:secret@db.internal/app", pooled=True)
+    assert isinstance(mysql, PooledMySQLDatabase) and mysql.connect_params["charset"] == "utf8mb4"
+    assert isinstance(open_database("postgresql+pool://app@db.internal/app", pooled=True), PooledPostgresqlDatabase)
+    assert not isinstance(open_database("postgresql://app@db.internal/app"), PooledPostgresqlDatabase)
