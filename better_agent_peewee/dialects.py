@@ -41,7 +41,7 @@ _encode: Callable[[Any], str] = _encoder.encode
 _loads = json.loads
 # The C scanner behind json.loads, called directly on the hot path (row decoding): it skips
 # json.loads' per-call Python layers (type checks, BOM test, two whitespace regexes).
-_scan_once = json.JSONDecoder().scan_once
+_scan_once: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def dumps(value: Any) -> str:

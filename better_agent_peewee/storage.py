@@ -138,14 +138,15 @@ def fast_execute_sql(database: peewee.Database) -> Callable[..., Any]:
     (playhouse's ReconnectMixin, PostgresqlExtDatabase, ...) it is ``database.execute_sql``.
     """
     cls, base = type(database), peewee.Database
-    if (cls.execute_sql is not base.execute_sql or cls._execute_cursor is not base._execute_cursor
-            or cls.cursor is not base.cursor or not isinstance(getattr(database, "query_hooks", None), list)):
+    if any(getattr(cls, name, None) is not getattr(base, name, None)
+           for name in ("execute_sql", "_execute_cursor", "cursor")) or \
+            not isinstance(getattr(database, "query_hooks", None), list):
         return database.execute_sql
-    slow = database.execute_sql
-    translate = peewee.__exception_wrapper__.__exit__  # type: ignore[attr-defined]
+    slow: Any = database.execute_sql
+    translate: Any = peewee.__exception_wrapper__.__exit__  # type: ignore[attr-defined]
 
     def execute_sql(sql: str, params: Any = None) -> Any:
-        state = database._state
+        state = database._state  # type: ignore[attr-defined]
         if state.closed or database.query_hooks or _PEEWEE_DEBUG(logging.DEBUG):
             return slow(sql, params)
         try:
