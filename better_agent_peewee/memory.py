@@ -109,10 +109,9 @@ class Messages:
         self._table: TableAdapter = storage.table(_MESSAGES)
         self._to_row = self._table.to_row
         self._from_row = self._table.from_row
-        T, M = storage.models.thread, storage.models.message
+        M = storage.models.message
         self._model = M
         self._fields = [f for c in self._table.spec.columns for f in M._meta.sorted_fields if f.column_name == c]
-        self._thread_exists = compile_statement(self._db, T.select(T.id).where(T.id == marker("thread")))
 
         # The first message of a run in the listing order (createdAt, then id).
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
@@ -216,28 +215,35 @@ class Messages:
         return records
 
     def _insert(self, thread_id: str, rows: List[Tuple[Any, ...]]) -> None:
-        """Store validated rows in one transaction, after checking the thread exists."""
+        """Store validated rows all or nothing: one multi-row INSERT, or several in one transaction.
+
+        The foreign key to the thread is the existence check: a missing thread fails the
+        first INSERT, which rolls everything back.
+        """
+        chunks: List[Tuple[int, List[Any]]] = []
+        chunk: List[Any] = []
+        count = size = 0
+        for row in rows:
+            chunk.extend(row)
+            count += 1
+            size += len(row[3])
+            if count == _CHUNK_ROWS or size >= _CHUNK_BYTES:
+                chunks.append((count, chunk))
+                chunk, count, size = [], 0, 0
+        if count:
+            chunks.append((count, chunk))
         try:
-            with self._storage.transaction():
-                if first_row(self._storage.execute(self._thread_exists.sql, [thread_id])) is None:
-                    raise NotFoundError(_THREADS, thread_id,
-                                        f"{_MESSAGES}: thread {thread_id!r} does not exist; "
-                                        "create it first (storage.memory.threads.set)")
-                chunk: List[Any] = []
-                count = size = 0
-                for row in rows:
-                    chunk.extend(row)
-                    count += 1
-                    size += len(row[3])
-                    if count == _CHUNK_ROWS or size >= _CHUNK_BYTES:
-                        self._storage.execute(self._rows_statement(count), chunk)
-                        chunk, count, size = [], 0, 0
-                if count:
-                    self._storage.execute(self._rows_statement(count), chunk)
+            if len(chunks) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round trips
+                self._storage.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False)
+            else:
+                with self._storage.transaction():
+                    for count, params in chunks:
+                        self._storage.execute(self._rows_statement(count), params)
         except peewee.IntegrityError as exc:
-            if self._dialect.is_foreign_key_violation(exc):  # deleted by someone else meanwhile
+            if self._dialect.is_foreign_key_violation(exc):
                 raise NotFoundError(_THREADS, thread_id,
-                                    f"{_MESSAGES}: thread {thread_id!r} does not exist") from exc
+                                    f"{_MESSAGES}: thread {thread_id!r} does not exist; "
+                                    "create it first (storage.memory.threads.set)") from exc
             raise ConflictError(f"{_MESSAGES}: a message of this batch is already stored under its id "
                                 f"(nothing was written): {exc}") from exc
         except peewee.OperationalError as exc:
