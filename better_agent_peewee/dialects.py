@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import select
-from typing import Any, Callable, ContextManager, List, Optional, Tuple, Type
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Set, Tuple, Type, cast
 
 import peewee
 
@@ -96,7 +96,7 @@ def _dumps_iterative(value: Any, scalar: Callable[[Any], str]) -> str:
     """The text `dumps` writes, built with an explicit stack; `scalar` encodes the leaves."""
     parts: List[str] = []
     stack: List[Any] = []  # [iterator, closing bracket, is_object, first, id]
-    open_ids: set = set()
+    open_ids: Set[int] = set()
     item = value
     while True:
         if isinstance(item, dict) or isinstance(item, (list, tuple)):
@@ -106,7 +106,8 @@ def _dumps_iterative(value: Any, scalar: Callable[[Any], str]) -> str:
             open_ids.add(marker)
             is_object = isinstance(item, dict)
             parts.append("{" if is_object else "[")
-            stack.append([iter(item.items()) if is_object else iter(item), "}" if is_object else "]",
+            stack.append([iter(cast(Dict[Any, Any], item).items()) if is_object else iter(item),
+                          "}" if is_object else "]",
                           is_object, True, marker])
         else:
             parts.append(scalar(item))
@@ -139,7 +140,10 @@ _CONSTANTS = (("true", True), ("false", False), ("null", None))
 
 def _loads_iterative(text: str) -> Any:
     """`json.loads(text)` for standard JSON, with an explicit stack instead of recursion."""
-    from json.decoder import scanstring
+    from json import decoder
+
+    # The str scanner json.decoder uses (C or pure Python): real, but not in the stdlib stubs.
+    scanstring: Callable[[str, int], Tuple[str, int]] = decoder.scanstring  # type: ignore[attr-defined]
 
     def fail(pos: int) -> ValueError:
         return ValueError(f"invalid JSON at character {pos}: {text[pos:pos + 20]!r}")
@@ -392,7 +396,7 @@ class Dialect:
 
     name = "base"
     #: MySQL table options; empty elsewhere.
-    table_settings: tuple = ()
+    table_settings: Tuple[str, ...] = ()
     key_type = "TEXT"
     text_type = "TEXT"
     int_type = "INTEGER"
@@ -419,7 +423,7 @@ class Dialect:
         return f"<Dialect {self.name}>"
 
     # Column factories: the models call these, so the DDL of every table comes from here.
-    def _make_field_classes(self) -> dict:
+    def _make_field_classes(self) -> Dict[str, Type[peewee.Field]]:
         dialect = self
 
         class TimestampColumn(_TimestampColumn):
@@ -467,13 +471,13 @@ class Dialect:
 
     def text_equals(self, column: peewee.Node, value: peewee.Node) -> peewee.Node:
         """`column = value` for a text column, exact: code point by code point, spaces included."""
-        return column == value
+        return cast(peewee.Node, column == value)
 
     def text_order(self, column: peewee.Node) -> peewee.Node:
         """What to ORDER BY so that a text column sorts by code point (as Python sorts str)."""
         return column
 
-    def upsert(self, insert: Any, key: peewee.Field, others: list) -> Any:
+    def upsert(self, insert: Any, key: peewee.Field, others: List[Any]) -> Any:
         """`insert` turned into a single-statement upsert on `key`, replacing `others`."""
         return insert.on_conflict(conflict_target=[key], preserve=others).returning()
 
@@ -581,7 +585,7 @@ class SqliteDialect(Dialect):
         # fair order, so a writer among many can miss it for the whole timeout. Nothing was
         # written; a single statement (or a transaction that could not begin) can run again.
         err = _driver_error(exc)
-        code = getattr(err, "sqlite_errorcode", None)
+        code: Optional[int] = getattr(err, "sqlite_errorcode", None)
         if code is not None:
             return code & 0xFF == 5
         return "database is locked" in str(err)
@@ -589,7 +593,7 @@ class SqliteDialect(Dialect):
     def prepare(self) -> None:
         # `permanent=True` records the pragma so every connection the database opens later
         # (one per thread) gets it too; the current connection gets it now.
-        db = self.database
+        db = cast(peewee.SqliteDatabase, self.database)  # detect_dialect picks SQLite for these only
         db.pragma("foreign_keys", 1, permanent=True)
         if db.database and db.database != ":memory:":
             # WAL lets readers (stream followers) run while one writer appends.
@@ -623,7 +627,7 @@ class PostgresDialect(Dialect):
             " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]"
             " JOIN pg_attribute ra ON ra.attrelid = c.confrelid AND ra.attnum = c.confkey[1]"
             " WHERE c.contype = 'f' AND t.relname = %s AND n.nspname = current_schema()", (table,))
-        return [tuple(row) for row in cursor.fetchall()]  # type: ignore[misc]
+        return [tuple(row) for row in cursor.fetchall()]
 
     def json_param(self, node: peewee.Node) -> peewee.Node:
         # An untyped parameter in a SELECT list resolves to text, which jsonb refuses.
@@ -657,7 +661,7 @@ class PostgresDialect(Dialect):
         return "" if _pg_code(exc) == "54001" else None
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
-        code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "pgcode", None)
+        code: Optional[str] = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "pgcode", None)
         if code is not None:
             return code == "23503"
         return "foreign key" in str(exc)
@@ -697,7 +701,7 @@ class MySQLDialect(Dialect):
         # PAD SPACE again: 'a' and 'a ' tie, and 'a\t' sorts before 'a'. UTF-8 bytes sort by code point.
         return peewee.Cast(column, "BINARY")
 
-    def upsert(self, insert: Any, key: peewee.Field, others: list) -> Any:
+    def upsert(self, insert: Any, key: peewee.Field, others: List[Any]) -> Any:
         # ON DUPLICATE KEY UPDATE names no target: every unique key of the table is one.
         return insert.on_conflict(preserve=others)
 
@@ -726,11 +730,11 @@ class MySQLDialect(Dialect):
         # keeps `open` true, so the error codes decide too.
         if not getattr(conn, "open", True):
             return True
-        args = getattr(err, "args", ())
+        args: Tuple[Any, ...] = getattr(err, "args", ())
         return bool(args) and args[0] in _MYSQL_GONE
 
     def _unreachable(self, err: BaseException) -> bool:
-        args = getattr(err, "args", ())
+        args: Tuple[Any, ...] = getattr(err, "args", ())
         return bool(args) and args[0] in _MYSQL_UNREACHABLE
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
@@ -749,7 +753,7 @@ class MySQLDialect(Dialect):
         return match.group(1) if match else ""
 
 
-_BY_NAME: dict = {"sqlite": SqliteDialect, "postgres": PostgresDialect, "mysql": MySQLDialect}
+_BY_NAME: Dict[str, Type[Dialect]] = {"sqlite": SqliteDialect, "postgres": PostgresDialect, "mysql": MySQLDialect}
 _ALIASES = {"postgresql": "postgres", "pg": "postgres", "mariadb": "mysql", "sqlite3": "sqlite"}
 
 

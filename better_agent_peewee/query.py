@@ -147,7 +147,7 @@ class ListCompiler:
             raise self._error(f"take must be a non-negative integer, got {take!r:.80}", False)
 
         values: Dict[str, Any] = {}
-        where_shape = []
+        where_shape: List[Tuple[str, Optional[str]]] = []  # (column, parameter name; None: IS NULL)
         for i, (field, value) in enumerate(where.items()):
             col = self._column(field, "where")
             if value is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast
 
 from .dialects import MAX_TIMESTAMP_MS, Dialect
 from .errors import RecordError
@@ -87,7 +87,7 @@ def check_text(table: str, field: str, value: Any, limit: Optional[int] = MAX_KE
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise _fail(table, field, "contains a lone surrogate, which is not valid Unicode") from None
-    return value
+    return cast(str, value)
 
 
 def check_key(table: str, field: str, value: Any) -> str:
@@ -98,7 +98,7 @@ def check_key(table: str, field: str, value: Any) -> str:
         # same key there, so storing one would overwrite the other. Refused everywhere alike.
         raise _fail(table, field, f"{value!r:.80} ends with a space; MySQL/MariaDB would treat it as the same "
                                   "id as without the space, so ids must not end with one")
-    return value
+    return cast(str, value)
 
 
 def storable_key(key: Any) -> bool:
@@ -123,7 +123,7 @@ def check_ts(table: str, field: str, value: Any) -> int:
         value = int(value)
     if not 0 <= value <= MAX_TIMESTAMP_MS:
         raise _fail(table, field, f"timestamp {value} is outside 0..{MAX_TIMESTAMP_MS} (1970 to 9999)")
-    return value
+    return cast(int, value)
 
 
 def check_choice(table: str, field: str, value: Any, choices: Tuple[str, ...]) -> str:
@@ -155,7 +155,7 @@ def _find_bad_json(value: Any, depth: int = 0) -> Optional[str]:
     Walks with an explicit stack (in document order): the value may be nested deeper
     than Python's recursion limit.
     """
-    stack: list = [iter((value,))]
+    stack: List[Iterator[Any]] = [iter((value,))]
     while stack:
         item = next(stack[-1], _END)
         if item is _END:
@@ -203,7 +203,7 @@ def make_json_check(dialect: Dialect) -> Callable[[str, str, Any], str]:
     return check_json
 
 
-def _no_unknown(table: str, record: Mapping[str, Any], allowed: frozenset) -> None:
+def _no_unknown(table: str, record: Mapping[str, Any], allowed: FrozenSet[str]) -> None:
     if allowed.issuperset(record):  # the common case, checked in C
         return
     extra = [k for k in record if k not in allowed]
@@ -374,7 +374,8 @@ def run_mapper(dialect: Dialect) -> Mapper:
         final = r.get("finalEvent")
         if final is not None:
             if not isinstance(final, dict) or final.get("type") not in FINAL_EVENT_TYPES:
-                raise _fail(T, "finalEvent", f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final!r:.80}")
+                raise _fail(T, "finalEvent",
+                            f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final!r:.80}")
             final = check_json(T, "finalEvent", final)
         config = r.get("config")
         return (

@@ -145,7 +145,7 @@ class StatementCounter:
     def _hook(self, event: Any) -> None:
         self.statements.append(event.sql)
 
-    def __enter__(self) -> "StatementCounter":
+    def __enter__(self) -> StatementCounter:
         self.database.query_hooks.append(self._hook)
         return self
 

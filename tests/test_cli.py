@@ -299,7 +299,7 @@ class Lines:
     Python's buffered reader has already pulled in)."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
-        self._queue: "queue.Queue[str]" = queue.Queue()
+        self._queue: queue.Queue[str] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
         self._thread.start()
 

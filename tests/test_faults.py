@@ -108,33 +108,33 @@ class Worker(threading.Thread):
         i = 0
         while not self.stop.is_set():
             i += 1
-            self.call("threads.set", lambda: s.memory.threads.set(
+            self.call("threads.set", lambda i=i: s.memory.threads.set(
                 self.tid, thread(self.tid, agentName=f"agent-{n}", title=f"round {i}")))
             self.call("get", lambda: s.get("memoryThreads", self.tid))
             batch = f"m{n}-{i}"
             self.message_batches[batch] = False
-            ok, _ = self.call("messages.append", lambda: s.memory.messages.append(
+            ok, _ = self.call("messages.append", lambda batch=batch: s.memory.messages.append(
                 self.tid, [{"id": f"{batch}-{k}", "role": "user", "content": batch, "k": k} for k in range(10)]))
             self.message_batches[batch] = ok
             ebatch = f"e{n}-{i}"
             self.event_batches[ebatch] = (20, False)
-            ok, seqs = self.call("streams.append_many", lambda: s.streams.append_many(
+            ok, seqs = self.call("streams.append_many", lambda ebatch=ebatch: s.streams.append_many(
                 self.sid, [{"type": "CUSTOM", "batch": ebatch, "k": k} for k in range(20)]))
             self.event_batches[ebatch] = (20, ok)
             if ok:
                 self.acked_seqs.append((ebatch, seqs))
             single = f"x{n}-{i}"
             self.event_batches[single] = (1, False)
-            ok, seq = self.call("streams.append", lambda: s.streams.append(
+            ok, seq = self.call("streams.append", lambda single=single: s.streams.append(
                 self.sid, {"type": "CUSTOM", "batch": single, "k": 0}))
             self.event_batches[single] = (1, ok)
             if ok:
                 self.acked_seqs.append((single, [seq]))
             rid = f"w{n}-run-{i}"
-            ok, _ = self.call("runs.start", lambda: s.runs.start(rid, f"agent-{n}", thread_id=self.tid))
+            ok, _ = self.call("runs.start", lambda rid=rid: s.runs.start(rid, f"agent-{n}", thread_id=self.tid))
             if ok:
-                self.call("runs.request_abort", lambda: s.runs.request_abort(rid))
-                ok, _ = self.call("runs.finish", lambda: s.runs.finish(
+                self.call("runs.request_abort", lambda rid=rid: s.runs.request_abort(rid))
+                ok, _ = self.call("runs.finish", lambda rid=rid: s.runs.finish(
                     rid, "aborted", {"type": "RUN_ERROR", "message": "stopped"}))
                 if ok:
                     self.finished_runs.append(rid)
@@ -143,13 +143,13 @@ class Worker(threading.Thread):
             self.call("messages.list", lambda: s.memory.messages.list(self.tid, limit=5))
             if i % 3 == 0:
                 dtid = f"w{n}-doomed-{i}"
-                ok, _ = self.call("doomed.set", lambda: s.memory.threads.set(dtid, thread(dtid)))
+                ok, _ = self.call("doomed.set", lambda dtid=dtid: s.memory.threads.set(dtid, thread(dtid)))
                 if ok:
-                    ok, _ = self.call("doomed.append", lambda: s.memory.messages.append(
+                    ok, _ = self.call("doomed.append", lambda dtid=dtid: s.memory.messages.append(
                         dtid, [{"role": "user", "content": str(k)} for k in range(30)]))
                 if ok:
                     self.deletes[dtid] = False
-                    ok, _ = self.call("threads.delete", lambda: s.memory.threads.delete(dtid))
+                    ok, _ = self.call("threads.delete", lambda dtid=dtid: s.memory.threads.delete(dtid))
                     self.deletes[dtid] = ok
 
 
@@ -319,7 +319,7 @@ def test_server_down_then_back(dialect: str, server: Any, make_database: Callabl
     ]
     server._shutdown()  # the test servers' own stop-without-removing (tests/servers.py)
     try:
-        for name, call in calls:
+        for _name, call in calls:
             with pytest.raises(ConnectionLostError):
                 call()
     finally:
