@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Type
 
-import peewee
 import pytest
 
 from better_agent_peewee import (
@@ -35,40 +33,37 @@ from better_agent_peewee import (
     RecordError,
     StorageError,
     UnsupportedTableError,
-    create_tables,
     peewee_storage,
 )
 from better_agent_peewee.dialects import MAX_TIMESTAMP_MS, dumps
-from tests.conftest import DIALECTS, close_database, reset_database
-from tests.samples import T0, event, message, message_key, run, snapshot, stream, thread
+from tests.samples import (
+    DIALECT_PARAMS,
+    T0,
+    event,
+    message,
+    message_key,
+    module_database,
+    run,
+    snapshot,
+    stream,
+    thread,
+)
 
 # -- the storage: one per dialect, shared by the cases (each case leaves it as it found it) --
 
 
-@pytest.fixture(scope="module", params=[pytest.param(d, marks=getattr(pytest.mark, d), id=d) for d in DIALECTS])
+@pytest.fixture(scope="module", params=DIALECT_PARAMS)
 def storage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A storage holding one sentinel record per table (plus a message), for the whole module."""
-    dialect = request.param
-    if dialect == "sqlite":
-        db: peewee.Database = peewee.SqliteDatabase(str(Path(tmp_path_factory.mktemp("hostile")) / "h.db"))
-    else:
-        server = request.getfixturevalue(f"{dialect}_server")
-        reset_database(server)
-        params = server.connect_kwargs()
-        cls = peewee.PostgresqlDatabase if dialect == "postgres" else peewee.MySQLDatabase
-        db = cls(params.pop("database"), **params)
-    create_tables(db)
-    s = peewee_storage(db)
-    s.set("memoryThreads", "sentinel", thread("sentinel", title="keep me", state={"keep": True}))
-    m = message("m0", "sentinel")
-    s.set("memoryMessages", message_key(m), m)
-    s.set("runs", "sentinel", run("sentinel", threadId="sentinel"))
-    s.set("streams", "sentinel", stream("sentinel"))
-    s.set("streamEvents", "sentinel:1", event("sentinel", 1))
-    yield s
-    close_database(db)
-    if dialect != "sqlite":
-        reset_database(server)
+    for db in module_database(request, request.param, tmp_path_factory):
+        s = peewee_storage(db)
+        s.set("memoryThreads", "sentinel", thread("sentinel", title="keep me", state={"keep": True}))
+        m = message("m0", "sentinel")
+        s.set("memoryMessages", message_key(m), m)
+        s.set("runs", "sentinel", run("sentinel", threadId="sentinel"))
+        s.set("streams", "sentinel", stream("sentinel"))
+        s.set("streamEvents", "sentinel:1", event("sentinel", 1))
+        yield s
 
 
 # -- what a case checks ------------------------------------------------------------------------

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-import peewee
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee import peewee_storage
 from better_agent_peewee.dialects import MAX_TIMESTAMP_MS
 from better_agent_peewee.records import MAX_SEQ
-from tests.conftest import DIALECTS, close_database, reset_database
-from tests.samples import PHYSICAL_TABLES, message_key
+from tests.samples import DIALECT_PARAMS, message_key, module_database, wipe
 from tests.test_hostile import canonical
 
 EXAMPLES = int(os.environ.get("BAP_HYPOTHESIS_EXAMPLES", "25"))
@@ -38,27 +35,10 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, dat
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-@pytest.fixture(scope="module", params=[pytest.param(d, marks=getattr(pytest.mark, d), id=d) for d in DIALECTS])
+@pytest.fixture(scope="module", params=DIALECT_PARAMS)
 def storage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    dialect = request.param
-    if dialect == "sqlite":
-        db: peewee.Database = peewee.SqliteDatabase(str(Path(tmp_path_factory.mktemp("props")) / "p.db"))
-    else:
-        server = request.getfixturevalue(f"{dialect}_server")
-        reset_database(server)
-        params = server.connect_kwargs()
-        cls = peewee.PostgresqlDatabase if dialect == "postgres" else peewee.MySQLDatabase
-        db = cls(params.pop("database"), **params)
-    create_tables(db)
-    yield peewee_storage(db)
-    close_database(db)
-    if dialect != "sqlite":
-        reset_database(server)
-
-
-def wipe(storage: Any) -> None:
-    for table in reversed(PHYSICAL_TABLES):  # messages before threads
-        storage.database.execute_sql(f"DELETE FROM {table}")
+    for db in module_database(request, request.param, tmp_path_factory):
+        yield peewee_storage(db)
 
 
 # -- strategies ------------------------------------------------------------------------------------
@@ -149,7 +129,7 @@ def test_set_then_get_is_identity(storage: Any, table: str, strategy: Any) -> No
     @SETTINGS
     @given(records=st.lists(strategy, min_size=1, max_size=4))
     def check(records: List[Dict[str, Any]]) -> None:
-        wipe(storage)
+        wipe(storage.database)
         stored: Dict[str, Dict[str, Any]] = {}
         for rec in records:
             if table == "memoryMessages":
@@ -242,7 +222,7 @@ def test_list_matches_the_reference(storage: Any) -> None:
     @given(case=run_sets_and_queries())
     def check(case: Any) -> None:
         records, query = case
-        wipe(storage)
+        wipe(storage.database)
         for rec in records:
             storage.set("runs", rec["runId"], rec)
         got = storage.list("runs", query)["items"]
