@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 import peewee
 from playhouse.pool import PooledDatabase
@@ -93,12 +93,6 @@ class TableAdapter:
         sql, params = self._list.compile(query)
         from_row = self.from_row
         return {"items": [from_row(row) for row in self._execute(sql, params).fetchall()]}
-
-    def iter_rows(self, sql: str, params: Any) -> Iterator[Dict[str, Any]]:
-        """Records of the rows a custom SELECT of this table's columns returns."""
-        from_row = self.from_row
-        for row in self._execute(sql, params).fetchall():
-            yield from_row(row)
 
     def _json_rejected(self, column: str, exc: Exception) -> RecordError:
         field = {"final_event": "finalEvent"}.get(column, column) or None  # JSON column -> record field
