@@ -399,7 +399,6 @@ class Dialect:
     table_settings: Tuple[str, ...] = ()
     key_type = "TEXT"
     text_type = "TEXT"
-    int_type = "INTEGER"
     json_type = "TEXT"
     timestamp_type = "TEXT"
     now_default = ""
@@ -485,10 +484,6 @@ class Dialect:
     def transaction(self) -> ContextManager[Any]:
         """A transaction (or a savepoint when one is open) for several statements."""
         return self.database.atomic()
-
-    def is_unique_violation(self, exc: BaseException) -> bool:
-        """True when `exc` is a UNIQUE / PRIMARY KEY violation."""
-        return isinstance(exc, peewee.IntegrityError) and not self.is_foreign_key_violation(exc)
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         """True when `exc` is a FOREIGN KEY violation."""
