@@ -58,6 +58,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    # Per dialect, so a run shows at a glance that PostgreSQL and MariaDB really ran.
+    counts: dict[str, dict[str, int]] = {d: {} for d in DIALECTS}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call" and outcome == "passed":
+                continue
+            for name in DIALECTS:
+                if name in getattr(report, "keywords", {}):
+                    counts[name][outcome] = counts[name].get(outcome, 0) + 1
+    for name in DIALECTS:
+        found = ", ".join(f"{n} {o}" for o, n in counts[name].items()) or "no tests"
+        terminalreporter.write_line(f"dialect {name}: {found}")
     for srv in _started:
         terminalreporter.write_line(
             f"test server {srv.dialect}: started in {srv.startup_seconds:.2f}s"
