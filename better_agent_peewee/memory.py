@@ -165,7 +165,7 @@ class Messages:
 
     def append(self, thread_id: str, messages: Sequence[Mapping[str, Any]],
                run_id: Optional[str] = None) -> List[Record]:
-        """Append `messages` to the thread `thread_id`, all in one transaction; return the records.
+        """Append `messages` to the thread `thread_id`, all or nothing; return the records.
 
         Message i gets ``createdAt = now + i`` and the record id
         ``f"{threadId}:{createdAt}:{message['id']}"``, as Better Agent writes them (`now` is
