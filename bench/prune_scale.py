@@ -33,7 +33,10 @@ DAY = 86_400_000
 
 
 def bulk_insert(storage: Any, model: Any, rows: List[Dict[str, Any]], chunk: int = 1000) -> None:
-    """Multi-row INSERTs, values encoded by the model's own fields."""
+    """Multi-row INSERTs with values encoded by the model's own fields (peewee's insert_many
+    spends ~40 ms compiling every 1,000 rows; this makes large data sets quick to build)."""
+    if not rows:
+        return
     db = storage.database
     names = list(rows[0])
     fields = [model._meta.fields[name] for name in names]

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Set, Tuple
 
 import pytest
 
+from bench.prune_scale import bulk_insert
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.errors import QueryError
 from better_agent_peewee.prune import STALE_RUN_CODE, PruneReport, prune_runs, reap_stale, stats
@@ -60,24 +61,6 @@ def add_runs(storage: Any, runs: List[Dict[str, Any]], events_per_run: int = 3,
     with storage.transaction():
         for model, rows in ((m.run, run_rows), (m.stream, stream_rows), (m.stream_event, event_rows)):
             bulk_insert(storage, model, rows, chunk)
-
-
-def bulk_insert(storage: Any, model: Any, rows: List[Dict[str, Any]], chunk: int = 1000) -> None:
-    """Multi-row INSERTs with values encoded by the model's fields (peewee's insert_many
-    spends ~40 ms compiling every 1,000 rows; this is what makes 20,000 runs quick to build)."""
-    if not rows:
-        return
-    db = storage.database
-    names = list(rows[0])
-    fields = [model._meta.fields[name] for name in names]
-    first = [tuple(rows[0][name] for name in names)]
-    one, _ = db.get_sql_context().sql(model.insert_many(first, fields=fields).returning()).query()
-    head = one[:one.index(" VALUES ") + len(" VALUES ")]
-    group = "(" + ", ".join([db.param] * len(fields)) + ")"
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        params = [f.db_value(row[name]) for row in part for name, f in zip(names, fields)]
-        db.execute_sql(head + ", ".join([group] * len(part)), params)
 
 
 def add_stream(storage: Any, run_id: str, created_at: int, event_times: List[int]) -> None:
