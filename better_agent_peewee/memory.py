@@ -18,6 +18,7 @@ import peewee
 from .errors import ConflictError, NotFoundError, RecordError
 from .query import compile_statement, first_row, marker, select_columns
 from .records import check_key, message_id, now_ms, storable_key
+from .storage import json_refused
 
 if TYPE_CHECKING:
     from .storage import TableAdapter
@@ -247,11 +248,9 @@ class Messages:
             raise ConflictError(f"{_MESSAGES}: a message of this batch is already stored under its id "
                                 f"(nothing was written): {exc}") from exc
         except peewee.OperationalError as exc:
-            column = self._dialect.rejected_json_column(exc)
-            if column is None:
+            if self._dialect.rejected_json_column(exc) is None:
                 raise
-            raise RecordError(_MESSAGES, "message", f"the database refused a message of this batch, most likely "
-                                                    f"nested too deeply (nothing was written): {exc}") from exc
+            raise json_refused(_MESSAGES, "message", exc) from exc
 
     def _rows_statement(self, count: int) -> str:
         sql = self._rows_sql.get(count)

@@ -76,7 +76,8 @@ class TableAdapter:
             column = self._dialect.rejected_json_column(exc)
             if column is None:
                 raise
-            raise self._json_rejected(column, exc) from exc
+            field = {"final_event": "finalEvent"}.get(column, column) or None  # JSON column -> record field
+            raise json_refused(self.spec.name, field, exc) from exc
 
     def delete(self, key: Any) -> None:
         """Remove the record stored under `key`; an absent key is not an error."""
@@ -94,12 +95,6 @@ class TableAdapter:
         from_row = self.from_row
         return {"items": [from_row(row) for row in self._execute(sql, params).fetchall()]}
 
-    def _json_rejected(self, column: str, exc: Exception) -> RecordError:
-        field = {"final_event": "finalEvent"}.get(column, column) or None  # JSON column -> record field
-        return RecordError(self.spec.name, field,
-                           f"the database refused this JSON value, most likely because it is nested "
-                           f"too deeply (MariaDB accepts at most 31 levels; MySQL 100): {exc}")
-
     def _integrity_error(self, exc: peewee.IntegrityError, key: Any, value: Any) -> Exception:
         name = self.spec.name
         if self._dialect.is_foreign_key_violation(exc):
@@ -112,6 +107,13 @@ class TableAdapter:
                 return ConflictError(f"memoryThreads: thread {key!r} still has messages; delete them first "
                                      "(storage.memory.threads.delete does both in one transaction)")
         return ConflictError(f"{name}: storing {key!r} conflicts with an existing row: {exc}")
+
+
+def json_refused(table: str, field: Optional[str], exc: Exception) -> RecordError:
+    """The RecordError for a JSON value the server refused (`Dialect.rejected_json_column`)."""
+    return RecordError(table, field, f"the database refused this JSON value, most likely because it is nested "
+                                     f"too deeply (MariaDB accepts at most 31 levels; MySQL 100); nothing was "
+                                     f"written: {exc}")
 
 
 _storable_key = storable_key  # not a string, a NUL in it, a trailing space: no record has it

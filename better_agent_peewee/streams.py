@@ -38,6 +38,7 @@ from playhouse.pool import PooledDatabase
 from .errors import ConflictError, NotFoundError, RecordError
 from .query import compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
+from .storage import json_refused
 
 if TYPE_CHECKING:
     from .storage import TableAdapter
@@ -339,11 +340,9 @@ class Streams:
         try:
             return self._storage.execute(sql, params, idempotent=idempotent)
         except peewee.OperationalError as exc:
-            column = self._dialect.rejected_json_column(exc)
-            if column is None:
+            if self._dialect.rejected_json_column(exc) is None:
                 raise
-            raise RecordError(_EVENTS, "event", f"the database refused this JSON value, most likely because it "
-                                                f"is nested too deeply: {exc}") from exc
+            raise json_refused(_EVENTS, "event", exc) from exc
 
     # -- following ------------------------------------------------------------------------
 
