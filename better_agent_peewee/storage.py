@@ -199,21 +199,21 @@ def _after_failure(database: peewee.Database, dialect: Dialect, exc: BaseExcepti
     _drop_connection(database)
     if not (idempotent or not_sent):
         raise _lost(database, exc, "the statement may or may not have been applied") from exc
-    try:
-        database.connect(reuse_if_open=True)  # also when the database has autoconnect=False
-    except (peewee.OperationalError, peewee.InterfaceError) as again:
-        if not dialect.is_connection_lost(again):
-            raise
-        _drop_connection(database)
-        raise _lost(database, again, "reconnecting failed") from again
+    # connect() also when the database has autoconnect=False
+    _or_lost(database, dialect, "reconnecting failed", lambda: database.connect(reuse_if_open=True))
     logger.warning("database connection lost (%s); reconnected, running the statement again", _first_line(exc))
+    return _or_lost(database, dialect, "the connection was lost again", lambda: database.execute_sql(sql, params))
+
+
+def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`; a lost connection drops the dead connection and raises ConnectionLostError(`what`)."""
     try:
-        return database.execute_sql(sql, params)
-    except (peewee.OperationalError, peewee.InterfaceError) as again:
-        if not dialect.is_connection_lost(again):
+        return call()
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        if not dialect.is_connection_lost(exc):
             raise
         _drop_connection(database)
-        raise _lost(database, again, "the connection was lost again") from again
+        raise _lost(database, exc, what) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -250,13 +250,7 @@ class _Transaction(contextlib.ContextDecorator):
                 raise
             _drop_connection(database)
             inner = dialect.transaction()
-            try:
-                entered = inner.__enter__()
-            except (peewee.OperationalError, peewee.InterfaceError) as again:
-                if not dialect.is_connection_lost(again):
-                    raise
-                _drop_connection(database)
-                raise _lost(database, again, "reconnecting failed") from again
+            entered = _or_lost(database, dialect, "reconnecting failed", inner.__enter__)
             logger.warning("database connection lost before BEGIN (%s); reconnected", _first_line(exc))
         self._inner = inner
         return entered
@@ -369,14 +363,7 @@ class Storage:
 
         :raises ConnectionLostError: the server cannot be reached.
         """
-        database = self.database
-        try:
-            return database.connection()
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            if not self.dialect.is_connection_lost(exc):
-                raise
-            _drop_connection(database)
-            raise _lost(database, exc, "connecting failed") from exc
+        return _or_lost(self.database, self.dialect, "connecting failed", self.database.connection)
 
     def execute(self, sql: str, params: Any = (), *, idempotent: bool = True) -> Any:
         """Run one SQL statement on the calling thread's connection; the driver's cursor.
