@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import peewee
 from playhouse import db_url
@@ -44,6 +44,10 @@ TABLES = ("threads", "messages", "agent_runs", "streams", "stream_events")
 #: SQLite pragmas `open_database` sets: WAL so followers read while a writer appends,
 #: foreign keys so messages need their thread, a busy timeout so writers wait, not fail.
 SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000}
+
+#: Seconds a thread waits for a free pooled connection before the pool gives up (peewee's
+#: own default, no wait at all, fails a request the moment a burst exceeds the pool).
+POOL_WAIT_SECONDS = 30
 
 
 class DatabaseURLError(ValueError):
@@ -69,7 +73,10 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
     :param url: e.g. ``sqlite:///agent.db``, ``postgresql://u:p@host/db``, ``mysql://u:p@host/db``.
     :param pooled: use the `playhouse.pool` class of the same database (as the URL scheme
         ``postgresql+pool://`` would); pool options such as ``max_connections`` and
-        ``stale_timeout`` go in `options` (or the URL's query string).
+        ``stale_timeout`` go in `options` (or the URL's query string). A pooled database
+        waits up to ``timeout`` seconds (default `POOL_WAIT_SECONDS`) for a free connection,
+        and a pooled SQLite database opens its connections with ``check_same_thread=False``,
+        since the pool hands a connection made by one thread to another (one at a time).
     :param options: extra keyword arguments for the database class (they win over the URL's).
     :raises DatabaseURLError: when the URL names no supported database.
     """
@@ -96,6 +103,12 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
         options["pragmas"] = pragmas
     elif scheme.startswith("mysql"):
         options.setdefault("charset", "utf8mb4")
+    if scheme.endswith("+pool"):
+        in_url = parse_qs(parts.query)
+        if "timeout" not in in_url:
+            options.setdefault("timeout", POOL_WAIT_SECONDS)
+        if scheme.startswith("sqlite") and "check_same_thread" not in in_url:
+            options.setdefault("check_same_thread", False)
     try:
         database: peewee.Database = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
         return database

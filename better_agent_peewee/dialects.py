@@ -19,6 +19,7 @@ import select
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Set, Tuple, Type, cast
 
 import peewee
+from playhouse.pool import PooledDatabase
 
 from .errors import DialectError
 
@@ -589,6 +590,13 @@ class SqliteDialect(Dialect):
         # `permanent=True` records the pragma so every connection the database opens later
         # (one per thread) gets it too; the current connection gets it now.
         db = cast(peewee.SqliteDatabase, self.database)  # detect_dialect picks SQLite for these only
+        if isinstance(db, PooledDatabase) and db.connect_params.get("check_same_thread", True):
+            # The pool hands a connection made by one thread to another, which sqlite3 refuses
+            # ("SQLite objects created in a thread can only be used in that same thread").
+            raise DialectError(
+                f"this pooled SQLite database ({type(db).__name__}) opens connections that only their "
+                "own thread may use, but the pool hands them between threads: create it with "
+                "check_same_thread=False (open_database(url, pooled=True) does)")
         db.pragma("foreign_keys", 1, permanent=True)
         if db.database and db.database != ":memory:":
             # WAL lets readers (stream followers) run while one writer appends.

@@ -89,3 +89,8 @@ class ConnectionLostError(StorageError, peewee.OperationalError):
     def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
         super().__init__(message)
         self.orig = orig
+
+
+class PoolExhaustedError(StorageError):
+    """Every connection of a `playhouse.pool` database stayed in use for the pool's whole
+    wait `timeout`: the message names the pool's size and wait, and what to change."""

@@ -6,10 +6,17 @@ import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 import peewee
-from playhouse.pool import PooledDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
 
 from .dialects import Dialect, detect_dialect, unwrap
-from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError, UnsupportedTableError
+from .errors import (
+    ConflictError,
+    ConnectionLostError,
+    NotFoundError,
+    PoolExhaustedError,
+    RecordError,
+    UnsupportedTableError,
+)
 from .models import Models, build_models
 from .query import ListCompiler, compile_statement, marker, select_columns
 from .records import TABLES, TableSpec, storable_key
@@ -55,6 +62,8 @@ class TableAdapter:
             return self._execute_sql(sql, params)
         except (peewee.OperationalError, peewee.InterfaceError) as exc:
             return _after_failure(self._database, self._dialect, exc, sql, params, True)
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(self._database, exc) from exc
 
     def get(self, key: Any) -> Optional[Dict[str, Any]]:
         """The record stored under `key`, or None."""
@@ -216,6 +225,17 @@ def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Calla
         raise _lost(database, exc, what) from exc
 
 
+def pool_exhausted(database: peewee.Database, exc: BaseException) -> PoolExhaustedError:
+    """The PoolExhaustedError for a pool that had no free connection in time, saying what to change."""
+    size = getattr(database, "_max_connections", "?")
+    wait = getattr(database, "_wait_timeout", None)
+    waited = f"waited {wait} s" if wait else "did not wait (timeout=None)"
+    return PoolExhaustedError(
+        f"all {size} connections of the {type(database).__name__} are in use and the pool {waited} for one "
+        f"to be returned: raise max_connections (and the server's own limit), raise the pool's timeout, or "
+        f"return connections sooner (db.close() at the end of every request and job): {exc}")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -245,6 +265,8 @@ class _Transaction(contextlib.ContextDecorator):
         inner = dialect.transaction()
         try:
             entered = inner.__enter__()
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(database, exc) from exc
         except (peewee.OperationalError, peewee.InterfaceError) as exc:
             if not (self._outermost and dialect.is_connection_lost(exc)):
                 raise
@@ -363,7 +385,10 @@ class Storage:
 
         :raises ConnectionLostError: the server cannot be reached.
         """
-        return _or_lost(self.database, self.dialect, "connecting failed", self.database.connection)
+        try:
+            return _or_lost(self.database, self.dialect, "connecting failed", self.database.connection)
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(self.database, exc) from exc
 
     def execute(self, sql: str, params: Any = (), *, idempotent: bool = True) -> Any:
         """Run one SQL statement on the calling thread's connection; the driver's cursor.
@@ -389,6 +414,8 @@ class Storage:
             return self._execute_sql(sql, params)
         except (peewee.OperationalError, peewee.InterfaceError) as exc:
             return _after_failure(database, self.dialect, exc, sql, params, idempotent)
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(database, exc) from exc
 
 
 def peewee_storage(db: Any, dialect: Optional[str] = None) -> Storage:

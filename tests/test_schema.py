@@ -449,7 +449,8 @@ DATABASE_CLASSES = [
 @pytest.mark.parametrize("dialect, cls", DATABASE_CLASSES, indirect=["dialect"])
 def test_storage_on_every_kind_of_database(make_database: Callable[..., peewee.Database], dialect: str,
                                            cls: type) -> None:
-    db = make_database(cls)
+    # A pool hands a connection between threads, which sqlite3 allows only when told so.
+    db = make_database(cls, **({"check_same_thread": False} if cls is PooledSqliteDatabase else {}))
     create_tables(db)
     storage = peewee_storage(db)
     assert storage.dialect.name == dialect
