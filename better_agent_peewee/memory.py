@@ -11,17 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import peewee
 
 from .errors import ConflictError, NotFoundError, RecordError
+from .executor import json_refused
 from .query import compile_statement, first_row, marker, select_columns
 from .records import check_key, message_id, now_ms, storable_key
-from .storage import json_refused
-
-if TYPE_CHECKING:
-    from .storage import TableAdapter
+from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +45,11 @@ def _check_limit(limit: Any) -> Optional[int]:
 class Threads:
     """`storage.memory.threads`: get, list, set and delete conversation threads."""
 
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._db: peewee.Database = storage.database
-        self._table: TableAdapter = storage.table(_THREADS)
-        T, M = storage.models.thread, storage.models.message
+    def __init__(self, tables: Tables) -> None:
+        self._executor = tables.executor
+        self._db: peewee.Database = tables.executor.database
+        self._table: TableAdapter = tables.table(_THREADS)
+        T, M = tables.models.thread, tables.models.message
         self._delete_messages = compile_statement(self._db, M.delete().where(M.thread == marker("thread")))
         self._delete_thread = compile_statement(self._db, T.delete().where(T.id == marker("thread")))
 
@@ -91,9 +89,9 @@ class Threads:
             return
         params = [thread_id]
         try:
-            with self._storage.transaction():
-                self._storage.execute(self._delete_messages.sql, params)
-                self._storage.execute(self._delete_thread.sql, params)
+            with self._executor.transaction():
+                self._executor.execute(self._delete_messages.sql, params)
+                self._executor.execute(self._delete_thread.sql, params)
         except peewee.IntegrityError as exc:
             raise ConflictError(f"{_THREADS}: thread {thread_id!r} cannot be deleted "
                                 f"(nothing was deleted): {exc}") from exc
@@ -103,14 +101,14 @@ class Threads:
 class Messages:
     """`storage.memory.messages`: append to and list the messages of a thread."""
 
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._db: peewee.Database = storage.database
-        self._dialect = storage.dialect
-        self._table: TableAdapter = storage.table(_MESSAGES)
+    def __init__(self, tables: Tables) -> None:
+        self._executor = tables.executor
+        self._db: peewee.Database = tables.executor.database
+        self._dialect = tables.executor.dialect
+        self._table: TableAdapter = tables.table(_MESSAGES)
         self._to_row = self._table.to_row
         self._from_row = self._table.from_row
-        M = storage.models.message
+        M = tables.models.message
         self._model = M
         self._fields = [f for c in self._table.spec.columns for f in M._meta.sorted_fields if f.column_name == c]
 
@@ -118,7 +116,7 @@ class Messages:
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
             (M.thread == marker("thread")) & (M.run_id == marker("run"))).order_by(M.created_at, M.id).limit(1))
         # Four listing shapes: with or without a limit, with or without a cut-off message.
-        columns = select_columns(M, self._table.spec, storage.dialect)
+        columns = select_columns(M, self._table.spec, self._dialect)
         before = (M.created_at < marker("at")) | ((M.created_at == marker("at2")) & (M.id < marker("id")))
         self._list: Dict[Any, Any] = {}
         for has_before in (False, True):
@@ -152,13 +150,13 @@ class Messages:
         if before_run_id is not None:
             if not isinstance(before_run_id, str):
                 raise ValueError(f"before_run_id must be a string, got {type(before_run_id).__name__}")
-            first = first_row(self._storage.execute(self._first_of_run.sql, self._first_of_run.params(
+            first = first_row(self._executor.execute(self._first_of_run.sql, self._first_of_run.params(
                 {"thread": thread_id, "run": before_run_id})))
             if first is not None:
                 cut = True
                 values.update(at=first[0], at2=first[0], id=first[1])
         statement = self._list[cut, limit is not None]
-        rows = self._storage.execute(statement.sql, statement.params(values)).fetchall()
+        rows = self._executor.execute(statement.sql, statement.params(values)).fetchall()
         from_row = self._from_row
         if limit is not None:
             return [from_row(row) for row in reversed(rows)]
@@ -235,11 +233,11 @@ class Messages:
             chunks.append((count, chunk))
         try:
             if len(chunks) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round trips
-                self._storage.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False)
+                self._executor.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False)
             else:
-                with self._storage.transaction():
+                with self._executor.transaction():
                     for count, params in chunks:
-                        self._storage.execute(self._rows_statement(count), params)
+                        self._executor.execute(self._rows_statement(count), params)
         except peewee.IntegrityError as exc:
             if self._dialect.is_foreign_key_violation(exc):
                 raise NotFoundError(_THREADS, thread_id,
@@ -269,10 +267,10 @@ class Messages:
 class Memory:
     """`storage.memory`: threads, messages and fork, as Better Agent's memory uses them."""
 
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self.threads = Threads(storage)
-        self.messages = Messages(storage)
+    def __init__(self, tables: Tables) -> None:
+        self._executor = tables.executor
+        self.threads = Threads(tables)
+        self.messages = Messages(tables)
 
     def fork(self, new_thread_id: str, from_thread_id: str,
              transform: Optional[Callable[[List[Record]], Sequence[Mapping[str, Any]]]] = None) -> Record:
@@ -285,7 +283,7 @@ class Memory:
 
         :raises NotFoundError: the source thread does not exist.
         """
-        with self._storage.transaction():
+        with self._executor.transaction():
             source = self.threads.get(from_thread_id)
             if source is None:
                 raise NotFoundError(_THREADS, from_thread_id,

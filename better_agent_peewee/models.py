@@ -6,7 +6,7 @@ at once without the two sharing (and fighting over) one set of field objects.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Type
+from typing import Any, List, NamedTuple, Type
 
 import peewee
 
@@ -14,13 +14,17 @@ from .dialects import Dialect
 
 
 class Models(NamedTuple):
-    """The model classes of one database, one per physical table."""
+    """The model classes of one database, one per physical table.
 
-    thread: Type[peewee.Model]
-    message: Type[peewee.Model]
-    run: Type[peewee.Model]
-    stream: Type[peewee.Model]
-    stream_event: Type[peewee.Model]
+    Typed `Any`: the classes are built per database, so a type checker cannot see their
+    fields (``models.run.status``); each is a `peewee.Model` subclass.
+    """
+
+    thread: Any
+    message: Any
+    run: Any
+    stream: Any
+    stream_event: Any
 
     def in_dependency_order(self) -> List[Type[peewee.Model]]:
         """Creation order (threads before messages, which reference them)."""

@@ -26,7 +26,9 @@ import peewee
 
 from .dialects import MAX_TIMESTAMP_MS
 from .errors import QueryError
+from .executor import Executor
 from .records import RUN_STATUSES
+from .tables import StorageParts
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class PruneReport:
 
 
 def prune_runs(
-    storage: Any,
+    storage: StorageParts,
     older_than: _dt.timedelta,
     *,
     statuses: Iterable[str] = ("completed", "failed", "aborted"),
@@ -106,6 +108,7 @@ def prune_runs(
 
     started = time.monotonic()
     report = PruneReport(dry_run=dry_run, cutoff_ms=cutoff)
+    executor = storage.executor
     m = storage.models
     Run, Stream, Event = m.run, m.stream, m.stream_event
 
@@ -131,11 +134,11 @@ def prune_runs(
             report.runs += len(ids)
             gone = ids
         else:
-            report.runs += _delete(Run, Run.run_id, ids, finished)
-            kept = set(_select_in(Run.run_id, Run.run_id, ids))
+            report.runs += _delete(executor, Run, Run.run_id, ids, finished)
+            kept = set(_select_in(executor, Run.run_id, Run.run_id, ids))
             gone = [r for r in ids if r not in kept]
-        report.events += _delete_or_count(Event, Event.run_id, gone, dry_run)
-        report.streams += _delete_or_count(Stream, Stream.run_id, gone, dry_run)
+        report.events += _delete_or_count(executor, Event, Event.run_id, gone, dry_run)
+        report.streams += _delete_or_count(executor, Stream, Stream.run_id, gone, dry_run)
 
     orphan = [Stream.created_at < cutoff, no_run(Stream.run_id)]
 
@@ -148,10 +151,10 @@ def prune_runs(
             report.streams += len(ids)
             gone = [run_id for _, run_id in rows]
         else:
-            report.streams += _delete(Stream, Stream.id, ids, orphan)
-            kept = set(_select_in(Stream.id, Stream.id, ids))
+            report.streams += _delete(executor, Stream, Stream.id, ids, orphan)
+            kept = set(_select_in(executor, Stream.id, Stream.id, ids))
             gone = [run_id for stream_id, run_id in rows if stream_id not in kept]
-        report.events += _delete_or_count(Event, Event.run_id, gone, dry_run)
+        report.events += _delete_or_count(executor, Event, Event.run_id, gone, dry_run)
 
     stray = [Event.timestamp < cutoff, no_run(Event.run_id), no_stream(Event.run_id)]
 
@@ -159,7 +162,7 @@ def prune_runs(
         return _page(Event.select(Event.run_id).distinct().where(*stray), Event.run_id, after, batch_size)
 
     def prune_orphan_events(rows: List[Tuple[Any, ...]]) -> None:
-        report.events += _delete_or_count(Event, Event.run_id, [r for (r,) in rows], dry_run, stray)
+        report.events += _delete_or_count(executor, Event, Event.run_id, [r for (r,) in rows], dry_run, stray)
 
     for name, select, prune in (("finished runs", finished_runs, prune_finished),
                                 ("orphan streams", orphan_streams, prune_orphan_streams),
@@ -168,8 +171,8 @@ def prune_runs(
         while True:
             # One transaction per page: a kill part-way loses (rolls back) at most this page,
             # never half of a run's data. On SQLite it holds the write lock from the start.
-            with storage.transaction():
-                rows = list(select(last).tuples())
+            with executor.transaction():
+                rows = executor.rows(select(last))
                 if not rows:
                     break
                 prune(rows)
@@ -187,7 +190,7 @@ def prune_runs(
     return report
 
 
-def reap_stale(storage: Any, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
+def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
                *, batch_size: int = 1000) -> int:
     """Mark runs still ``running`` but silent for longer than `stale_after` as failed.
 
@@ -207,6 +210,7 @@ def reap_stale(storage: Any, stale_after: _dt.timedelta, now_ms: Optional[int] =
         now_ms = time.time_ns() // 1_000_000
     cutoff = _cutoff(stale_after, now_ms, "stale_after")
     now = now_ms
+    executor = storage.executor
     m = storage.models
     Run, Stream = m.run, m.stream
     final_event = {
@@ -219,18 +223,20 @@ def reap_stale(storage: Any, stale_after: _dt.timedelta, now_ms: Optional[int] =
     reaped = 0
     last: Optional[str] = None
     while True:
-        with storage.transaction():
-            ids = [r for (r,) in _page(Run.select(Run.run_id).where(*stale), Run.run_id, last, batch_size).tuples()]
+        with executor.transaction():
+            ids = [r for (r,) in executor.rows(_page(Run.select(Run.run_id).where(*stale), Run.run_id, last,
+                                                     batch_size))]
             if not ids:
                 break
             for chunk in _chunks(ids):
-                reaped += (Run.update(status="failed", final_event=final_event, finished_at=now, updated_at=now)
-                           .where(Run.run_id.in_(chunk), *stale).execute())
+                reaped += executor.execute_query(
+                    Run.update(status="failed", final_event=final_event, finished_at=now, updated_at=now)
+                    .where(Run.run_id.in_(chunk), *stale)).rowcount
                 # Only the streams of runs this call just failed (a finished run closes its own).
                 ours = (Run.select(peewee.SQL("1"))
                         .where(Run.run_id == Stream.run_id, Run.status == "failed", Run.finished_at == now))
-                (Stream.update(status="closed", closed_at=now, updated_at=now)
-                 .where(Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)).execute())
+                executor.execute_query(Stream.update(status="closed", closed_at=now, updated_at=now)
+                                       .where(Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)))
         last = ids[-1]
         if len(ids) < batch_size:
             break
@@ -239,33 +245,35 @@ def reap_stale(storage: Any, stale_after: _dt.timedelta, now_ms: Optional[int] =
     return reaped
 
 
-def stats(storage: Any) -> Dict[str, Any]:
+def stats(storage: StorageParts) -> Dict[str, Any]:
     """Rows per table, runs per status, and the oldest and newest run (by ``startedAt``).
 
     :returns: ``{"tables": {table: rows}, "runs": {status: count}, "oldestRun": ms | None,
         "newestRun": ms | None}``, timestamps in epoch ms.
     """
-    m = storage.models
-    tables = {model._meta.table_name: model.select().count() for model in m.in_dependency_order()}
+    executor, m = storage.executor, storage.models
+    tables = {model._meta.table_name: executor.rows(model.select(_COUNT))[0][0]
+              for model in m.in_dependency_order()}
     Run = m.run
     by_status = {status: count for status, count in
-                 Run.select(Run.status, peewee.fn.COUNT(peewee.SQL("*"))).group_by(Run.status)
-                 .order_by(Run.status).tuples()}
-    oldest, newest = Run.select(peewee.fn.MIN(Run.started_at), peewee.fn.MAX(Run.started_at)).scalar(
-        as_tuple=True)
+                 executor.rows(Run.select(Run.status, _COUNT).group_by(Run.status).order_by(Run.status))}
+    (oldest, newest), = executor.rows(Run.select(peewee.fn.MIN(Run.started_at), peewee.fn.MAX(Run.started_at)))
     return {
         "tables": tables,
         "runs": by_status,
-        # MIN/MAX come back through the column's converter: epoch ms already.
-        "oldestRun": _as_ms(storage, oldest),
-        "newestRun": _as_ms(storage, newest),
+        # MIN/MAX come back as the driver reads the column: decode them as a mapper would.
+        "oldestRun": _as_ms(executor, oldest),
+        "newestRun": _as_ms(executor, newest),
     }
 
 
-def _as_ms(storage: Any, value: Any) -> Optional[int]:
+_COUNT = peewee.fn.COUNT(peewee.SQL("*"))
+
+
+def _as_ms(executor: Executor, value: Any) -> Optional[int]:
     if value is None or isinstance(value, int):
         return value
-    ms: int = storage.dialect.decode_ts(value)
+    ms: int = executor.dialect.decode_ts(value)
     return ms
 
 
@@ -288,25 +296,28 @@ def _chunks(ids: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield ids[start:start + _IN_CHUNK]
 
 
-def _select_in(column: peewee.Field, key: peewee.Field, ids: Sequence[Any]) -> List[Any]:
+def _select_in(executor: Executor, column: peewee.Field, key: peewee.Field, ids: Sequence[Any]) -> List[Any]:
     """`column` of the rows whose `key` is in `ids`."""
     found: List[Any] = []
     for chunk in _chunks(ids):
-        found += [value for (value,) in column.model.select(column).where(key.in_(chunk)).tuples()]
+        found += [value for (value,) in executor.rows(column.model.select(column).where(key.in_(chunk)))]
     return found
 
 
-def _delete(model: Any, key: peewee.Field, ids: Sequence[Any], extra: Sequence[Any] = ()) -> int:
+def _delete(executor: Executor, model: Any, key: peewee.Field, ids: Sequence[Any],
+            extra: Sequence[Any] = ()) -> int:
     """DELETE the rows of `model` whose `key` is in `ids` and that match `extra`; how many."""
-    return sum(model.delete().where(key.in_(chunk), *extra).execute() for chunk in _chunks(ids))
+    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra)).rowcount)
+               for chunk in _chunks(ids))
 
 
-def _delete_or_count(model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
+def _delete_or_count(executor: Executor, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
                      extra: Sequence[Any] = ()) -> int:
     """`_delete`, or with `dry_run` COUNT what it would delete."""
     if not dry_run:
-        return _delete(model, key, ids, extra)
-    return sum(model.select().where(key.in_(chunk), *extra).count() for chunk in _chunks(ids))
+        return _delete(executor, model, key, ids, extra)
+    return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk), *extra))[0][0])
+               for chunk in _chunks(ids))
 
 
 def _check_statuses(statuses: Iterable[str], include_interrupted: bool) -> Tuple[str, ...]:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import peewee
 
 from .errors import NotFoundError, RecordError
+from .prune import PruneReport, prune_runs, reap_stale
 from .query import compile_statement, first_row, marker
 from .records import FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
-
-if TYPE_CHECKING:
-    from .prune import PruneReport
-    from .storage import TableAdapter
+from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +32,14 @@ FINISHED = {"completed": "RUN_FINISHED", "interrupted": "RUN_FINISHED",
 class Runs:
     """Better Agent's run records: `storage.runs`."""
 
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._db: peewee.Database = storage.database
-        self._table: TableAdapter = storage.table(_RUNS)
-        self._encode_ts = storage.dialect.encode_ts
-        self._check_json = make_json_check(storage.dialect)
-        R = storage.models.run
+    def __init__(self, tables: Tables) -> None:
+        self._executor = tables.executor
+        self._tables = tables
+        self._db: peewee.Database = tables.executor.database
+        self._table: TableAdapter = tables.table(_RUNS)
+        self._encode_ts = tables.executor.dialect.encode_ts
+        self._check_json = make_json_check(tables.executor.dialect)
+        R = tables.models.run
         # Only a running run that was not asked yet: the WHERE clause decides who wins a race.
         self._abort = compile_statement(self._db, R.update(
             {R.abort_requested_at: marker("now"), R.updated_at: marker("now")}).where(
@@ -94,7 +93,7 @@ class Runs:
             final = self._check_json(_RUNS, "finalEvent", dict(final_event))
         params = self._finish.params({"status": status, "final": final, "now": self._encode_ts(now_ms()),
                                       "run": run_id})
-        if self._storage.execute(self._finish.sql, params).rowcount == 0 and self.get(run_id) is None:
+        if self._executor.execute(self._finish.sql, params).rowcount == 0 and self.get(run_id) is None:
             # (MySQL counts changed rows, not matched ones: 0 can also mean "already so".)
             raise NotFoundError(_RUNS, run_id, f"runs: cannot finish run {run_id!r}: it does not exist")
 
@@ -110,7 +109,7 @@ class Runs:
         run_id = check_key(_RUNS, "runId", run_id)
         params = self._abort.params({"now": self._encode_ts(now_ms()), "run": run_id})
         # Not idempotent: a second run after a lost reply would answer False to the winner.
-        if self._storage.execute(self._abort.sql, params, idempotent=False).rowcount == 1:
+        if self._executor.execute(self._abort.sql, params, idempotent=False).rowcount == 1:
             logger.debug("abort requested for run %r", run_id)
             return True
         if self.get(run_id) is None:
@@ -125,7 +124,7 @@ class Runs:
         """
         if not storable_key(run_id):
             return False
-        row = first_row(self._storage.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
+        row = first_row(self._executor.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
         return row is not None and row[0] is not None
 
     def latest_for_thread(self, thread_id: str) -> Optional[Dict[str, Any]]:
@@ -147,14 +146,10 @@ class Runs:
 
         Options (statuses, batch_size, dry_run, ...) as `better_agent_peewee.prune.prune_runs`.
         """
-        from .prune import prune_runs
-
-        return prune_runs(self._storage, older_than, **options)
+        return prune_runs(self._tables, older_than, **options)
 
     def reap_stale(self, stale_after: datetime.timedelta) -> int:
         """Mark runs still `running` but not updated for `stale_after` as failed, closing their
         streams (what a crashed worker leaves behind); returns how many were marked.
         See `better_agent_peewee.prune.reap_stale`."""
-        from .prune import reap_stale
-
-        return reap_stale(self._storage, stale_after)
+        return reap_stale(self._tables, stale_after)

@@ -30,18 +30,16 @@ import math
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import peewee
 from playhouse.pool import PooledDatabase
 
 from .errors import ConflictError, NotFoundError, RecordError
+from .executor import json_refused
 from .query import compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
-from .storage import json_refused
-
-if TYPE_CHECKING:
-    from .storage import TableAdapter
+from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +74,14 @@ class Streams:
     Safe to share between threads; every method runs on the calling thread's connection.
     """
 
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._db: peewee.Database = storage.database
-        self._dialect = storage.dialect
-        self._table: TableAdapter = storage.table(_STREAMS)
-        self._check_json = make_json_check(storage.dialect)
-        self._encode_ts = storage.dialect.encode_ts
-        self._load_json = storage.dialect.load_json
+    def __init__(self, tables: Tables) -> None:
+        self._executor = tables.executor
+        self._db: peewee.Database = tables.executor.database
+        self._dialect = tables.executor.dialect
+        self._table: TableAdapter = tables.table(_STREAMS)
+        self._check_json = make_json_check(self._dialect)
+        self._encode_ts = self._dialect.encode_ts
+        self._load_json = self._dialect.load_json
         # Release a pooled connection between polls (see resume); a plain connection is kept.
         self._pooled = isinstance(self._db, PooledDatabase)
         # run id -> the seq its next event most likely gets. Only a hint: the insert checks it.
@@ -92,10 +90,11 @@ class Streams:
         # neither race each other for numbers nor wait on the database's locks (on SQLite,
         # whose busy handler grants no order, all appenders share one lock: one writer anyway).
         # Other processes still race; the insert's check referees those.
-        self._turns = [threading.Lock() for _ in range(1 if storage.dialect.single_writer else _TURNS)]
+        self._turns = [threading.Lock() for _ in range(1 if self._dialect.single_writer else _TURNS)]
 
-        d = storage.dialect
-        S, E = storage.models.stream, storage.models.stream_event
+        d = self._dialect
+        S, E = tables.models.stream, tables.models.stream_event
+        self._event_model = E
         self._event_fields = [E.id, E.run_id, E.seq, E.timestamp, E.event]
 
         last_seq = E.select(peewee.fn.COALESCE(peewee.fn.MAX(E.seq), 0)).where(E.run_id == marker("run"))
@@ -195,7 +194,7 @@ class Streams:
             turn = contextlib.nullcontext()
         else:
             turn = self._turns[hash(run_id) % len(self._turns)]
-            self._storage.connection()  # connect (or get a pooled connection) before queueing
+            self._executor.connection()  # connect (or get a pooled connection) before queueing
         for attempt in range(MAX_ATTEMPTS):
             try:
                 with turn:
@@ -229,7 +228,7 @@ class Streams:
     def _insert_batch(self, run_id: str, seq: int, encoded: List[Tuple[Any, str]]) -> bool:
         """Store events numbered from `seq` in one transaction; False when `seq` is not next."""
         try:
-            with self._storage.transaction():
+            with self._executor.transaction():
                 if not self._insert_first(run_id, seq, *encoded[0]):
                     raise _Lost()
                 # The first event holds `seq`: no writer following this protocol can store a
@@ -263,7 +262,7 @@ class Streams:
         try:
             # idempotent=False (issue 6): after a lost reply the event may be stored already; a
             # second run would then report the number taken and the event would be stored again
-            # under the next number. The storage reconnects but raises ConnectionLostError instead.
+            # under the next number. The executor reconnects but raises ConnectionLostError instead.
             cursor = self._execute(statement.sql, statement.params(
                 {"id": event_id, "run": run_id, "seq": seq, "ts": stamp, "event": body, "prev": seq - 1}),
                 idempotent=False)
@@ -298,7 +297,7 @@ class Streams:
     def _rows_statement(self, count: int) -> str:
         sql = self._rows_sql.get(count)
         if sql is None:
-            E = self._storage.models.stream_event
+            E = self._event_model
             names = ("id", "run", "seq", "ts", "event")
             rows = [{f: marker(f"{n}{i}") for f, n in zip(self._event_fields, names)} for i in range(count)]
             statement = compile_statement(self._db, self._dialect.skip_duplicates(E.insert_many(rows)).returning())
@@ -338,7 +337,7 @@ class Streams:
 
     def _execute(self, sql: str, params: Any, idempotent: bool = True) -> Any:
         try:
-            return self._storage.execute(sql, params, idempotent=idempotent)
+            return self._executor.execute(sql, params, idempotent=idempotent)
         except peewee.OperationalError as exc:
             if self._dialect.rejected_json_column(exc) is None:
                 raise
@@ -419,7 +418,7 @@ class Streams:
         db = self._db
         opened = self._pooled and db.is_closed()
         try:
-            rows = self._storage.execute(self._poll_sql.sql, self._poll_sql.params(
+            rows = self._executor.execute(self._poll_sql.sql, self._poll_sql.params(
                 {"run": run_id, "run2": run_id, "after": after, "upto": after + POLL_BATCH})).fetchall()
         finally:
             if opened and not db.is_closed() and not db.in_transaction():

@@ -16,7 +16,7 @@ import pytest
 
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.dialects import _load_text, _sqlite_decode_ts, parse_iso_ms
-from better_agent_peewee.storage import fast_execute_sql
+from better_agent_peewee.executor import fast_execute_sql
 from tests.samples import T0, run
 
 # -- JSON: the scanner fast path agrees with json.loads --------------------------------------
@@ -88,7 +88,7 @@ def storage(database: peewee.Database) -> Any:
 
 def test_storage_reads_and_writes_through_the_fast_path(storage: Any) -> None:
     database = storage.database
-    assert storage._execute_sql is not database.execute_sql  # plain peewee classes get the shortcut
+    assert storage.executor._execute_sql is not database.execute_sql  # plain peewee classes get the shortcut
     database.close()
     storage.set("runs", "r1", run("r1"))  # closed: the slow path connects (autoconnect)
     assert not database.is_closed()

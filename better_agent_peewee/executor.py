@@ -1,0 +1,272 @@
+"""Running SQL on the calling thread's connection: the one way this package talks to the database.
+
+`Executor` owns what every statement goes through: the fast path past peewee's per-call
+layers, recovery from a lost connection (reconnect, and run again when that is safe),
+transactions that survive a dead connection at BEGIN, a pool with no free connection,
+and turning server refusals into this package's errors. The table adapters, the domain
+helpers (memory, runs, streams), prune and the command line all run their statements
+through one `Executor`; nothing below it knows about the storage object.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, List, Optional, Tuple
+
+import peewee
+from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
+
+from .dialects import Dialect
+from .errors import ConnectionLostError, PoolExhaustedError, RecordError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Executor", "fast_execute_sql", "json_refused", "pool_exhausted"]
+
+
+def json_refused(table: str, field: Optional[str], exc: Exception) -> RecordError:
+    """The RecordError for a JSON value the server refused (`Dialect.rejected_json_column`)."""
+    return RecordError(table, field, f"the database refused this JSON value, most likely because it is nested "
+                                     f"too deeply (MariaDB accepts at most 31 levels; MySQL 100); nothing was "
+                                     f"written: {exc}")
+
+
+_PEEWEE_DEBUG = logging.getLogger("peewee").isEnabledFor
+
+
+def fast_execute_sql(database: peewee.Database) -> Callable[..., Any]:
+    """`database.execute_sql`, minus peewee's per-call layers where skipping them changes nothing.
+
+    Peewee's ``execute_sql`` passes every statement through ``_execute_cursor``,
+    ``_log_query``, ``cursor()`` and ``is_closed()`` (about a microsecond: a tenth of a
+    SQLite read by primary key). With the connection open, no query hooks and peewee's
+    debug log off, all of that amounts to ``conn.cursor().execute(sql, params)`` inside
+    peewee's exception wrapper, which is what the returned function does. Otherwise
+    (connection closed: autoconnect; query hooks; peewee debug logging) it calls
+    ``database.execute_sql``, and for a database class that overrides any of those methods
+    (playhouse's ReconnectMixin, PostgresqlExtDatabase, ...) it is ``database.execute_sql``.
+    """
+    cls, base = type(database), peewee.Database
+    if any(getattr(cls, name, None) is not getattr(base, name, None)
+           for name in ("execute_sql", "_execute_cursor", "cursor")) or \
+            not isinstance(getattr(database, "query_hooks", None), list):
+        return database.execute_sql
+    slow: Any = database.execute_sql
+    translate: Any = peewee.__exception_wrapper__.__exit__  # type: ignore[attr-defined]
+
+    def execute_sql(sql: str, params: Any = None) -> Any:
+        state = database._state  # type: ignore[attr-defined]
+        if state.closed or database.query_hooks or _PEEWEE_DEBUG(logging.DEBUG):
+            return slow(sql, params)
+        try:
+            cursor = state.conn.cursor()
+            cursor.execute(sql, params or ())
+        except Exception as exc:
+            # What `with __exception_wrapper__:` does, without its two calls on the happy
+            # path: raise the driver's error as the peewee exception of the same name.
+            translate(type(exc), exc, exc.__traceback__)
+            raise
+        return cursor
+
+    return execute_sql
+
+
+# -- lost connections ------------------------------------------------------------------------
+#
+# Peewee keeps a dead connection in its per-thread state forever: after a server restart
+# every later statement on that thread fails with "connection already closed". So when a
+# statement fails, and only then (no ping per call), the storage asks the dialect whether
+# the connection is gone; if so it drops it (a pooled one is closed, not returned to the
+# pool) and, outside a transaction, runs the statement once more on a fresh connection
+# when that is safe. Inside a transaction nothing is retried: the work done so far in it
+# died with the connection, and only the caller can decide to redo it.
+
+def _drop_connection(database: peewee.Database) -> None:
+    """Forget the calling thread's (dead) connection; the next statement opens a new one."""
+    try:
+        if isinstance(database, PooledDatabase):
+            pool: PooledDatabase = database  # typed as playhouse's own class (mypy's narrowed type is local)
+            pool.manual_close()  # closes it instead of putting it back in the pool
+        else:
+            database.close()
+    except Exception:  # closing a dead connection may complain; it is gone either way
+        logger.debug("closing a dead connection failed", exc_info=True)
+    if not database.is_closed():
+        # close() refused (a transaction is open on a dead connection): forget it anyway.
+        database._state.reset()  # type: ignore[attr-defined]
+
+
+def _lost(database: peewee.Database, exc: BaseException, what: str) -> ConnectionLostError:
+    return ConnectionLostError(f"{what}: the connection to the {database.__class__.__name__} server was lost "
+                               f"or could not be made: {exc}".replace("\n", " ").strip(), getattr(exc, "orig", exc))
+
+
+def _after_failure(database: peewee.Database, dialect: Dialect, exc: BaseException, sql: str, params: Any,
+                   idempotent: bool) -> Any:
+    """Handle `exc` raised by `sql`: re-raise it, or reconnect and run `sql` once more."""
+    if not dialect.is_connection_lost(exc):
+        raise exc
+    if database.in_transaction():
+        raise _lost(database, exc, "the transaction was rolled back") from exc
+    not_sent = dialect.was_not_sent(exc)
+    _drop_connection(database)
+    if not (idempotent or not_sent):
+        raise _lost(database, exc, "the statement may or may not have been applied") from exc
+    # connect() also when the database has autoconnect=False
+    _or_lost(database, dialect, "reconnecting failed", lambda: database.connect(reuse_if_open=True))
+    logger.warning("database connection lost (%s); reconnected, running the statement again", _first_line(exc))
+    return _or_lost(database, dialect, "the connection was lost again", lambda: database.execute_sql(sql, params))
+
+
+def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Callable[[], Any]) -> Any:
+    """`call()`; a lost connection drops the dead connection and raises ConnectionLostError(`what`)."""
+    try:
+        return call()
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        if not dialect.is_connection_lost(exc):
+            raise
+        _drop_connection(database)
+        raise _lost(database, exc, what) from exc
+
+
+def pool_exhausted(database: peewee.Database, exc: BaseException) -> PoolExhaustedError:
+    """The PoolExhaustedError for a pool that had no free connection in time, saying what to change."""
+    size = getattr(database, "_max_connections", "?")
+    wait = getattr(database, "_wait_timeout", None)
+    waited = f"waited {wait} s" if wait else "did not wait (timeout=None)"
+    return PoolExhaustedError(
+        f"all {size} connections of the {type(database).__name__} are in use and the pool {waited} for one "
+        f"to be returned: raise max_connections (and the server's own limit), raise the pool's timeout, or "
+        f"return connections sooner (db.close() at the end of every request and job): {exc}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Transaction(contextlib.ContextDecorator):
+    """`Executor.transaction()`: the dialect's transaction, made safe against lost connections.
+
+    BEGIN on a dead connection reconnects and begins again (nothing of the transaction has
+    run yet). A connection lost inside the transaction surfaces as ConnectionLostError, not
+    as the "connection already closed" of the failed ROLLBACK, and the dead connection is
+    dropped so the next call works.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._inner: Any = None
+        self._outermost = False
+
+    def _recreate_cm(self) -> _Transaction:
+        return _Transaction(self._executor)  # used as a decorator: a fresh one per call
+
+    def __enter__(self) -> Any:
+        database, dialect = self._executor.database, self._executor.dialect
+        self._outermost = not database.in_transaction()
+        inner = dialect.transaction()
+        try:
+            entered = inner.__enter__()
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(database, exc) from exc
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            if not (self._outermost and dialect.is_connection_lost(exc)):
+                raise
+            _drop_connection(database)
+            inner = dialect.transaction()
+            entered = _or_lost(database, dialect, "reconnecting failed", inner.__enter__)
+            logger.warning("database connection lost before BEGIN (%s); reconnected", _first_line(exc))
+        self._inner = inner
+        return entered
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        executor = self._executor
+        try:
+            return self._inner.__exit__(exc_type, exc, tb)
+        except (peewee.OperationalError, peewee.InterfaceError) as failure:
+            if isinstance(failure, ConnectionLostError) or not executor.dialect.is_connection_lost(failure):
+                raise
+            if self._outermost:
+                _drop_connection(executor.database)
+            if isinstance(exc, ConnectionLostError):
+                # the statement's own report (and its cause) says it best; `from` would replace that cause
+                raise exc  # noqa: B904
+            what = "the transaction was rolled back" if exc_type is not None else \
+                "the connection was lost at COMMIT: the transaction may or may not have been committed"
+            raise _lost(executor.database, failure, what) from failure
+
+
+class Executor:
+    """Runs SQL for one database on the calling thread's connection.
+
+    One object serves every thread of a process: Peewee keeps one connection per thread,
+    and the executor itself holds only the database, its dialect and the fast path.
+    """
+
+    def __init__(self, database: peewee.Database, dialect: Dialect) -> None:
+        self.database = database
+        self.dialect = dialect
+        self._execute_sql = fast_execute_sql(database)
+
+    def __repr__(self) -> str:
+        return f"<Executor {self.dialect.name} {self.database.database!r}>"
+
+    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True) -> Any:
+        """Run one SQL statement on the calling thread's connection; the driver's cursor.
+
+        When the connection turns out dead (server restarted, network cut) and no
+        transaction is open, it reconnects and, if the statement is `idempotent` (a read,
+        an upsert, a delete by key) or certainly never reached the server, runs it once
+        more. Pass ``idempotent=False`` for a statement whose second run could apply it
+        twice (an INSERT that numbers a row, a conditional UPDATE whose row count is the
+        answer): it then raises ConnectionLostError when its outcome is unknown.
+
+        :raises ConnectionLostError: the connection is gone and the statement could not be
+            (re)run; inside a transaction, always when the connection is lost.
+        :raises PoolExhaustedError: a pooled database had no free connection in time.
+        """
+        database = self.database
+        if not idempotent and not database.is_closed() and not database.in_transaction() and \
+                self.dialect.hung_up(database._state.conn):  # type: ignore[attr-defined]
+            # The server hung up on the idle connection (restart, failover, idle timeout): find
+            # out with a harmless probe, which reconnects, before sending what must not run twice.
+            self.execute("SELECT 1")
+        try:
+            return self._execute_sql(sql, params)
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            return _after_failure(database, self.dialect, exc, sql, params, idempotent)
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(database, exc) from exc
+
+    def execute_query(self, query: peewee.Node, *, idempotent: bool = True) -> Any:
+        """Compile a peewee query and run it with `execute`; the driver's cursor.
+
+        For statements built per call (prune's pages, stats). Values come back as the
+        driver returns them: no field converters run.
+        """
+        sql, params = self.database.get_sql_context().sql(query).query()
+        return self.execute(sql, params, idempotent=idempotent)
+
+    def rows(self, query: peewee.Node) -> List[Tuple[Any, ...]]:
+        """Every row of the SELECT `query`, as driver tuples."""
+        return list(self.execute_query(query).fetchall())
+
+    def transaction(self) -> Any:
+        """A transaction for several statements (on SQLite it takes the write lock up front).
+
+        Nested calls make savepoints. If the connection is lost inside it, the block raises
+        ConnectionLostError and nothing of it is applied (unless the loss hit COMMIT itself:
+        then it may have been); the next statement reconnects.
+        """
+        return _Transaction(self)
+
+    def connection(self) -> Any:
+        """The calling thread's driver connection, opened (or taken from the pool) if needed.
+
+        :raises ConnectionLostError: the server cannot be reached.
+        """
+        try:
+            return _or_lost(self.database, self.dialect, "connecting failed", self.database.connection)
+        except MaxConnectionsExceeded as exc:
+            raise pool_exhausted(self.database, exc) from exc
