@@ -71,6 +71,10 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
     ``utf8mb4`` unless the URL says otherwise. User name and password may be percent-encoded.
 
     :param url: e.g. ``sqlite:///agent.db``, ``postgresql://u:p@host/db``, ``mysql://u:p@host/db``.
+        PostgreSQL URLs may list several hosts as libpq does
+        (``postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write``); the
+        query string's options (``target_session_attrs``, ``connect_timeout``, ...) go to the
+        driver as they are. ``psycopg3://`` (or ``prefer_psycopg3=True``) uses psycopg 3.
     :param pooled: use the `playhouse.pool` class of the same database (as the URL scheme
         ``postgresql+pool://`` would); pool options such as ``max_connections`` and
         ``stale_timeout`` go in `options` (or the URL's query string). A pooled database
@@ -103,6 +107,8 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
         options["pragmas"] = pragmas
     elif scheme.startswith("mysql"):
         options.setdefault("charset", "utf8mb4")
+    elif scheme.startswith(("postgres", "psycopg")) and "," in parts.netloc.rpartition("@")[2]:
+        url = _single_host(url, parts, options)
     if scheme.endswith("+pool"):
         in_url = parse_qs(parts.query)
         if "timeout" not in in_url:
@@ -114,6 +120,31 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
         return database
     except (ValueError, RuntimeError, TypeError) as exc:
         raise DatabaseURLError(f"bad database URL {redact(url)!r}: {exc}") from None
+
+
+def _single_host(url: str, parts: Any, options: Any) -> str:
+    """`url` with libpq's multi-host list (``h1:p1,h2:p2``) moved into `options`.
+
+    urllib cannot read such a netloc ("Port could not be cast to integer"), but libpq
+    takes the same list as ``host=h1,h2 port=p1,p2``: the hosts are tried in order, and
+    ``target_session_attrs`` (from the query string, passed through like every other
+    libpq option there) picks the primary after a failover.
+    """
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    names, ports = [], []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not colon:
+            host, port = item, ""
+        if not host or (port and not port.isdigit()):
+            raise DatabaseURLError(f"bad host list {hosts!r} in database URL {redact(url)!r}: expected "
+                                   "host1:port1,host2:port2")
+        names.append(host.strip("[]"))
+        ports.append(port or "5432")
+    options.setdefault("host", ",".join(names))
+    options.setdefault("port", ",".join(ports))
+    netloc = f"{userinfo}@{names[0]}" if userinfo else names[0]
+    return str(urlunsplit(parts._replace(netloc=netloc)))
 
 
 def redact(url: str) -> str:

@@ -495,6 +495,14 @@ class Dialect:
         transaction back and running it again may succeed."""
         return False
 
+    def is_read_only(self, exc: BaseException) -> bool:
+        """True when `exc` says the server (a standby, a replica) takes no writes."""
+        return False
+
+    def requires_primary_key(self) -> bool:
+        """True when the server refuses to create a table without a primary key."""
+        return False
+
     def json_param(self, node: peewee.Node) -> peewee.Node:
         """A JSON parameter where the server cannot infer its type (the SELECT list of an
         INSERT ... SELECT)."""
@@ -514,8 +522,8 @@ class Dialect:
         """(column, referenced table, referenced column) of each foreign key of `table`."""
         return [(fk.column, fk.dest_table, fk.dest_column) for fk in self.database.get_foreign_keys(table)]
 
-    def prepare(self) -> None:
-        """Per-database settings the storage relies on (SQLite pragmas); nothing elsewhere."""
+    def prepare(self, causal_reads: bool = True) -> None:
+        """Per-database settings the storage relies on (SQLite pragmas; Galera's causal reads)."""
 
     # Lost connections (the storage's reconnect layer asks these; only after a statement failed).
     def is_connection_lost(self, exc: BaseException) -> bool:
@@ -586,7 +594,7 @@ class SqliteDialect(Dialect):
             return code & 0xFF == 5
         return "database is locked" in str(err)
 
-    def prepare(self) -> None:
+    def prepare(self, causal_reads: bool = True) -> None:
         # `permanent=True` records the pragma so every connection the database opens later
         # (one per thread) gets it too; the current connection gets it now.
         db = cast(peewee.SqliteDatabase, self.database)  # detect_dialect picks SQLite for these only
@@ -640,6 +648,10 @@ class PostgresDialect(Dialect):
         # serialization_failure, deadlock_detected
         return _pg_code(exc) in ("40001", "40P01")
 
+    def is_read_only(self, exc: BaseException) -> bool:
+        # read_only_sql_transaction: a hot standby, or default_transaction_read_only
+        return _pg_code(exc) == "25006"
+
     def hung_up(self, conn: Any) -> bool:
         try:
             return _readable(conn.fileno())
@@ -650,7 +662,10 @@ class PostgresDialect(Dialect):
         # psycopg2 marks a broken connection closed (2); psycopg 3 sets `closed`/`broken`.
         if getattr(conn, "closed", 0) or getattr(conn, "broken", False):
             return True
-        return _pg_gone_code(getattr(err, "pgcode", None) or getattr(err, "sqlstate", None))
+        code = getattr(err, "pgcode", None) or getattr(err, "sqlstate", None)
+        # 08P01 (protocol violation) on a connection the driver still holds open is about the
+        # statement (pgbouncer refusing a prepared statement), not a dead connection.
+        return code != "08P01" and _pg_gone_code(code)
 
     def _unreachable(self, err: BaseException) -> bool:
         # libpq reports connection failures without a SQLSTATE: recognise them by their text
@@ -714,8 +729,76 @@ class MySQLDialect(Dialect):
         return insert
 
     def is_transient(self, exc: BaseException) -> bool:
-        # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT: InnoDB rolled the transaction back.
-        return _mysql_errno(exc) in (1213, 1205)
+        # ER_LOCK_DEADLOCK (also Galera's certification failure), ER_LOCK_WAIT_TIMEOUT: InnoDB
+        # rolled the statement or transaction back. ER_UNKNOWN_COM_ERROR 1047: a Galera node
+        # that is not synced ("WSREP has not yet prepared node for application use") ran nothing.
+        return _mysql_errno(exc) in (1213, 1205, 1047)
+
+    def is_read_only(self, exc: BaseException) -> bool:
+        # ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,
+        # ER_READ_ONLY_MODE
+        return _mysql_errno(exc) in (1290, 1792, 1836)
+
+    #: wsrep_sync_wait bits for causal reads: 1 reads (and BEGIN), 2 UPDATE/DELETE, 4 INSERT/REPLACE
+    #: (the stream append's INSERT ... SELECT and a message's foreign-key check read through these).
+    CAUSAL_READS = 7
+
+    def prepare(self, causal_reads: bool = True) -> None:
+        # On Galera every node takes writes but applies the others' asynchronously: without
+        # wsrep_sync_wait a read on node 2 may not see a commit acknowledged by node 1. Each
+        # connection the database opens gets the setting once (checked on first connect).
+        if not causal_reads or getattr(self.database, "_bap_causal_hook", False):
+            return
+        database = self.database
+        initialize = database._initialize_connection  # type: ignore[attr-defined]
+        state: Dict[str, Any] = {"galera": None}
+
+        def initialize_connection(conn: Any) -> None:
+            initialize(conn)
+            if getattr(conn, "_bap_sync_wait", False):
+                return
+            cursor = conn.cursor()
+            try:
+                if state["galera"] is None:
+                    try:
+                        cursor.execute("SELECT @@wsrep_on")
+                        state["galera"] = str(cursor.fetchone()[0]).upper() in ("1", "ON")
+                    except Exception:  # MySQL: no such variable (no Galera)
+                        state["galera"] = False
+                if state["galera"]:
+                    cursor.execute(f"SET SESSION wsrep_sync_wait = {self.CAUSAL_READS}")
+            finally:
+                cursor.close()
+            try:
+                conn._bap_sync_wait = True
+            except AttributeError:  # a driver connection without a __dict__: set it each time
+                pass
+
+        database._initialize_connection = initialize_connection  # type: ignore[attr-defined]
+        database._bap_causal_hook = True  # type: ignore[attr-defined]
+        if not database.is_closed():
+            initialize_connection(database._state.conn)  # type: ignore[attr-defined]
+
+    def requires_primary_key(self) -> bool:
+        # MySQL 8: sql_require_primary_key; MariaDB: innodb_force_primary_key, and on Galera
+        # wsrep_mode=REQUIRED_PRIMARY_KEY. A variable the server lacks reads as off.
+        for sql in ("SELECT @@sql_require_primary_key", "SELECT @@innodb_force_primary_key",
+                    "SELECT @@wsrep_on AND FIND_IN_SET('REQUIRED_PRIMARY_KEY', @@wsrep_mode)"):
+            try:
+                row = self.database.execute_sql(sql).fetchone()
+            except peewee.DatabaseError:
+                continue
+            if row and row[0] and str(row[0]).upper() not in ("0", "OFF"):
+                return True
+        return False
+
+    def is_galera(self) -> bool:
+        """True when the server is a Galera cluster node (wsrep_on). One query."""
+        try:
+            row = self.database.execute_sql("SELECT @@wsrep_on").fetchone()
+        except peewee.DatabaseError:
+            return False
+        return str(row[0]).upper() in ("1", "ON")
 
     def was_not_sent(self, exc: BaseException) -> bool:
         # 2006 "server has gone away" is raised when writing the statement failed.

@@ -94,3 +94,26 @@ class ConnectionLostError(StorageError, peewee.OperationalError):
 class PoolExhaustedError(StorageError):
     """Every connection of a `playhouse.pool` database stayed in use for the pool's whole
     wait `timeout`: the message names the pool's size and wait, and what to change."""
+
+
+class ContentionError(StorageError, peewee.OperationalError):
+    """The server kept rolling the statement back as a conflict (deadlock, serialization
+    failure, Galera certification failure, a cluster node not ready) after the storage had
+    retried it with backoff up to its bound. Nothing of the failed attempt was applied:
+    retry the operation later (or lower the contention on that row). It is also a
+    `peewee.OperationalError`, so code that catches that keeps working."""
+
+    def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.orig = orig
+
+
+class ReadOnlyError(StorageError, peewee.InternalError):
+    """A write reached a server that only takes reads: a PostgreSQL hot standby (or a session
+    in a read-only transaction), a MySQL/MariaDB replica with ``read_only``. Nothing was
+    written. Point writers at the primary (a multi-host URL with
+    ``target_session_attrs=read-write`` follows it through a failover)."""
+
+    def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.orig = orig

@@ -31,9 +31,14 @@ class Models(NamedTuple):
         return [self.thread, self.message, self.run, self.stream, self.stream_event]
 
 
-def build_models(database: peewee.Database, dialect: Dialect) -> Models:
-    """Model classes for the five tables, bound to `database`, with `dialect`'s column types."""
+def build_models(database: peewee.Database, dialect: Dialect, run_primary_key: bool = False) -> Models:
+    """Model classes for the five tables, bound to `database`, with `dialect`'s column types.
+
+    `run_primary_key` makes agent_runs.run_id its primary key instead of a UNIQUE column (same
+    column, same uniqueness), for servers that refuse tables without a primary key.
+    """
     d = dialect
+    run_id_column = d.key(primary_key=True) if run_primary_key else d.key(constraints=[peewee.SQL("UNIQUE")])
 
     class Base(peewee.Model):
         class Meta:
@@ -66,7 +71,7 @@ def build_models(database: peewee.Database, dialect: Dialect) -> Models:
             table_name = "messages"
 
     class Run(Base):
-        run_id = d.key(constraints=[peewee.SQL("UNIQUE")])
+        run_id = run_id_column
         agent_name = d.key()
         thread_id = d.key(null=True)
         scope = d.key(null=True)
@@ -80,7 +85,8 @@ def build_models(database: peewee.Database, dialect: Dialect) -> Models:
 
         class Meta:
             table_name = "agent_runs"
-            primary_key = False
+            if not run_primary_key:
+                primary_key = False
 
     class Stream(Base):
         id = d.key(primary_key=True)

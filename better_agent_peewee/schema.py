@@ -26,8 +26,10 @@ EXPECTED_INDEXES: Tuple[Tuple[str, Optional[str], Tuple[str, ...], bool], ...] =
     ("stream_events", "stream_events_run_id_seq_unique", ("run_id", "seq"), True),
 )
 
-_PRIMARY_KEYS = {"threads": ["id"], "messages": ["id"], "agent_runs": [], "streams": ["id"],
-                 "stream_events": ["id"]}
+#: The primary key of each table; agent_runs has either none (run_id UNIQUE) or run_id, which
+#: `create_tables` makes on servers that require a primary key on every table.
+_PRIMARY_KEYS = {"threads": [["id"]], "messages": [["id"]], "agent_runs": [[], ["run_id"]], "streams": [["id"]],
+                 "stream_events": [["id"]]}
 
 
 def _models(database: Any, dialect: Optional[str]) -> Tuple[peewee.Database, Models]:
@@ -35,9 +37,21 @@ def _models(database: Any, dialect: Optional[str]) -> Tuple[peewee.Database, Mod
     return real, build_models(real, detect_dialect(real, dialect))
 
 
-def create_tables(database: Any, dialect: Optional[str] = None) -> None:
-    """Create the five tables and their indexes where missing. Safe to call again."""
-    real, models = _models(database, dialect)
+def create_tables(database: Any, dialect: Optional[str] = None, *,
+                  run_primary_key: Optional[bool] = None) -> None:
+    """Create the five tables and their indexes where missing. Safe to call again.
+
+    :param run_primary_key: make agent_runs.run_id the table's primary key rather than a
+        UNIQUE column (the same column and uniqueness, so every adapter reads and writes it
+        unchanged). Default: only where the server requires a primary key on every table
+        (Galera's ``wsrep_mode=REQUIRED_PRIMARY_KEY``, MariaDB's ``innodb_force_primary_key``,
+        MySQL's ``sql_require_primary_key``).
+    """
+    real = unwrap(database)
+    found = detect_dialect(real, dialect)
+    if run_primary_key is None:
+        run_primary_key = found.requires_primary_key()
+    models = build_models(real, found, run_primary_key=bool(run_primary_key))
     with real.atomic():
         for model in models.in_dependency_order():
             if not model.table_exists():
@@ -82,9 +96,9 @@ def check_schema(database: Any, dialect: Optional[str] = None) -> List[str]:
                 want = "nullable" if field.null else "NOT NULL"
                 problems.append(f"column {table}.{column.name} should be {want}")
         primary = sorted(real.get_primary_keys(table))
-        if primary != _PRIMARY_KEYS[table]:
-            want = ", ".join(_PRIMARY_KEYS[table]) or "none"
-            problems.append(f"table {table} primary key is ({', '.join(primary) or 'none'}), expected ({want})")
+        if primary not in _PRIMARY_KEYS[table]:
+            want = " or ".join(f"({', '.join(keys) or 'none'})" for keys in _PRIMARY_KEYS[table])
+            problems.append(f"table {table} primary key is ({', '.join(primary) or 'none'}), expected {want}")
 
     problems += _index_problems(real, missing_tables)
     if "messages" not in missing_tables and "threads" not in missing_tables:

@@ -40,6 +40,14 @@ def dialect(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _own_server(server: Any) -> None:
+    """Restart only servers this run started: a server given by URL (BAP_TEST_*_URL, the cluster
+    suite's proxies and clusters) is left alone, and its faults are the cluster suite's."""
+    if not server.managed:
+        pytest.skip(f"{server.dialect} server given by URL: not ours to restart")
+
+
 def make_storage(make_database: Callable[..., peewee.Database], dialect: str, pooled: bool) -> Any:
     if pooled:
         cls = PooledPostgresqlDatabase if dialect == "postgres" else PooledMySQLDatabase
