@@ -14,13 +14,16 @@ from .errors import (
     QueryError,
     ReadOnlyError,
     RecordError,
+    RunAborted,
     SchemaError,
     StorageError,
     UnsupportedTableError,
 )
 from .prune import PruneReport, prune_runs, reap_stale
+from .runs import AbortRequest
 from .schema import check_schema, create_tables, drop_tables
 from .storage import Storage, peewee_storage
+from .tracking import TrackedRun
 from .types import (
     ListResult,
     MessageRecord,
@@ -50,9 +53,12 @@ __all__ = [
     "PoolExhaustedError",
     "DialectError",
     "SchemaError",
+    "RunAborted",
+    "AbortRequest",
     "prune_runs",
     "reap_stale",
     "PruneReport",
+    "TrackedRun",
     "ThreadRecord",
     "MessageRecord",
     "RunRecord",

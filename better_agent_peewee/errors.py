@@ -117,3 +117,15 @@ class ReadOnlyError(StorageError, peewee.InternalError):
     def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
         super().__init__(message)
         self.orig = orig
+
+
+class RunAborted(Exception):
+    """Raised by `run.check_abort()` inside `storage.runs.track(...)` once an abort of the run
+    was requested; raise it yourself to stop a run as aborted.
+
+    The `track` block that it leaves records the run as `aborted` (a RUN_ERROR with code
+    ABORTED) and ends quietly. It is not a StorageError: it says the run was stopped on
+    request, not that the storage failed, so `except StorageError` does not catch it.
+    """
+
+    code = "ABORTED"

@@ -28,7 +28,8 @@ from .dialects import MAX_TIMESTAMP_MS
 from .errors import QueryError
 from .executor import Executor
 from .records import RUN_STATUSES
-from .tables import StorageParts
+from .streams import Streams
+from .tables import StorageParts, Tables
 
 logger = logging.getLogger(__name__)
 
@@ -191,19 +192,21 @@ def prune_runs(
 
 
 def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
-               *, batch_size: int = 1000) -> int:
+               *, batch_size: int = 1000, streams: Optional[Streams] = None) -> int:
     """Mark runs still ``running`` but silent for longer than `stale_after` as failed.
 
     The trace a crashed worker leaves is a run that says running forever. Each such run
     (``updatedAt`` before now - `stale_after`) becomes ``failed`` with ``finishedAt`` and
     ``updatedAt`` = now and a final event ``{"type": "RUN_ERROR", "code": "STALE_RUN",
-    "message": ...}``, and its open stream is closed, so followers stop waiting. The UPDATEs
-    are conditional (still running, still stale), so a run that finishes meanwhile is kept.
+    "message": ..., "timestamp": now}``; the same event is appended to its open stream, which
+    is then closed, so followers read why the run ended and stop waiting. The UPDATEs are
+    conditional (still running, still stale), so a run that finishes meanwhile is kept.
 
     :param storage: the storage object.
     :param stale_after: how long a running run may go without an update, a `timedelta`.
     :param now_ms: "now" in epoch ms (default: the clock).
     :param batch_size: runs per transaction.
+    :param streams: the storage's `Streams`, which appends the event (default: one of its own).
     :returns: how many runs were marked failed.
     """
     if now_ms is None:
@@ -218,7 +221,10 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
         "message": (f"run marked failed by reap_stale: still running but not updated for more than "
                     f"{_describe(stale_after)} (since {_iso(cutoff)}); its worker is presumed dead"),
         "code": STALE_RUN_CODE,
+        "timestamp": now,
     }
+    if streams is None:
+        streams = Streams(Tables(executor, m))
     stale = [Run.status == "running", Run.updated_at < cutoff]
     reaped = 0
     last: Optional[str] = None
@@ -232,11 +238,17 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
                 reaped += executor.execute_query(
                     Run.update(status="failed", final_event=final_event, finished_at=now, updated_at=now)
                     .where(Run.run_id.in_(chunk), *stale)).rowcount
-                # Only the streams of runs this call just failed (a finished run closes its own).
+                # Only the streams of runs this call just failed (a finished run closes its own):
+                # each gets the RUN_ERROR as its last event, then is closed.
                 ours = (Run.select(peewee.SQL("1"))
                         .where(Run.run_id == Stream.run_id, Run.status == "failed", Run.finished_at == now))
-                executor.execute_query(Stream.update(status="closed", closed_at=now, updated_at=now)
-                                       .where(Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)))
+                open_streams = [r for (r,) in executor.rows(Stream.select(Stream.run_id).where(
+                    Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)))]
+                for run_id in open_streams:
+                    streams.append(run_id, final_event)
+                if open_streams:
+                    executor.execute_query(Stream.update(status="closed", closed_at=now, updated_at=now)
+                                           .where(Stream.run_id.in_(open_streams), Stream.status == "open"))
         last = ids[-1]
         if len(ids) < batch_size:
             break

@@ -2,26 +2,35 @@
 
 A run is written `running` when it starts and rewritten when it ends. Aborting is a
 request: it stamps `abortRequestedAt` on a running run, and the worker executing the
-run notices (`abort_requested`) between steps and stops. The stamp is one conditional
-UPDATE, so of two callers racing to abort the same run exactly one is told it won.
+run notices (`abort_requested`) between steps and stops. Starting, finishing and the
+abort stamp are each one conditional statement, so of callers racing on the same run
+exactly one is told it won: a second `start` of an id is refused, a run that already
+ended is not finished again, and an abort is requested once. `track` lives a whole run
+in one block (see tracking.py).
 """
 from __future__ import annotations
 
 import datetime
+import enum
 import logging
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 import peewee
 
-from .errors import NotFoundError, RecordError
+from .errors import ConflictError, NotFoundError, RecordError
 from .prune import PruneReport, prune_runs, reap_stale
 from .query import compile_statement, first_row, marker
 from .records import FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
+from .tracking import ABORT_CHECK_INTERVAL, TrackedRun
+
+if TYPE_CHECKING:
+    from .memory import Memory
+    from .streams import Streams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Runs"]
+__all__ = ["Runs", "AbortRequest"]
 
 _RUNS = "runs"
 #: The final statuses, and the type of final event that goes with each (CONTRACT 4).
@@ -29,11 +38,32 @@ FINISHED = {"completed": "RUN_FINISHED", "interrupted": "RUN_FINISHED",
             "failed": "RUN_ERROR", "aborted": "RUN_ERROR"}
 
 
-class Runs:
-    """Better Agent's run records: `storage.runs`."""
+class AbortRequest(str, enum.Enum):
+    """What `request_abort` did. Only REQUESTED is true, so ``if runs.request_abort(id):``
+    reads "this call asked the worker to stop"; the value is a string (JSON-friendly)."""
 
-    def __init__(self, tables: Tables) -> None:
+    #: This call stamped the abort: the worker stops at its next check.
+    REQUESTED = "requested"
+    #: The run is running and was already asked to stop (by an earlier call).
+    ALREADY_REQUESTED = "already_requested"
+    #: The run has ended (completed, failed, interrupted or aborted): nothing to stop.
+    NOT_RUNNING = "not_running"
+
+    def __bool__(self) -> bool:
+        return self is AbortRequest.REQUESTED
+
+
+class Runs:
+    """Better Agent's run records: `storage.runs`.
+
+    `track` and `reap_stale` also write the run's stream (and `track` its thread): they are
+    given `memory` and `streams`, the storage's other parts.
+    """
+
+    def __init__(self, tables: Tables, memory: Memory, streams: Streams) -> None:
         self._executor = tables.executor
+        self._memory = memory
+        self._streams = streams
         self._tables = tables
         self._db: peewee.Database = tables.executor.database
         self._table: TableAdapter = tables.table(_RUNS)
@@ -46,7 +76,14 @@ class Runs:
             (R.run_id == marker("run")) & (R.status == "running") & R.abort_requested_at.is_null()))
         self._finish = compile_statement(self._db, R.update(
             {R.status: marker("status"), R.final_event: marker("final"), R.updated_at: marker("now"),
-             R.finished_at: marker("now")}).where(R.run_id == marker("run")))
+             R.finished_at: marker("now")}).where((R.run_id == marker("run")) & (R.status == "running")))
+        # A new run's record, stored only if no run has the id (the unique run_id index decides).
+        table = self._table
+        fields = {f.column_name: f for f in table.model._meta.sorted_fields}
+        self._insert = compile_statement(self._db, tables.executor.dialect.skip_duplicates(
+            table.model.insert({fields[c]: marker(c) for c in table.spec.columns})))
+        if self._insert.names != table.spec.columns:
+            raise AssertionError(f"run insert parameters out of column order: {self._insert.plan}")
         self._abort_stamp = compile_statement(
             self._db, R.select(R.abort_requested_at).where(R.run_id == marker("run")))
 
@@ -55,10 +92,13 @@ class Runs:
         return self._table.get(run_id)
 
     def start(self, run_id: str, agent_name: str, thread_id: Optional[str] = None,
-              scope: Optional[str] = None, config: Any = None) -> Dict[str, Any]:
+              scope: Optional[str] = None, config: Any = None, *, replace: bool = False) -> Dict[str, Any]:
         """Write the `running` record of a run that starts now, and return it.
 
         :param config: the run's configuration (any JSON; stored as given, None as null).
+        :param replace: overwrite the record when a run `run_id` already exists (whatever
+            its status); by default that is refused.
+        :raises ConflictError: a run `run_id` exists and `replace` is false (nothing is written).
         """
         now = now_ms()
         record: Dict[str, Any] = {"runId": run_id, "agentName": agent_name}
@@ -67,11 +107,29 @@ class Runs:
         if scope is not None:
             record["scope"] = scope
         record.update(status="running", config=config, startedAt=now, updatedAt=now)
-        self._table.set(run_id, record)
+        if replace:
+            self._table.set(run_id, record)
+            return record
+        row = self._table.to_row(run_id, record)  # validates: bad input raises before any write
+        try:
+            # Not idempotent: after a lost reply a second run would find its own row and refuse.
+            stored = self._executor.execute(self._insert.sql, row, idempotent=False).rowcount == 1
+        except peewee.IntegrityError:  # MySQL: the duplicate raises instead of being skipped
+            stored = False
+        if not stored:
+            existing = self.get(run_id)
+            status = existing["status"] if existing else "gone again"
+            raise ConflictError(f"runs: run {run_id!r} already exists ({status}); nothing was written. Use a "
+                                f"new run id, or pass replace=True to start it over")
         return record
 
-    def finish(self, run_id: str, status: str, final_event: Optional[Mapping[str, Any]] = None) -> None:
-        """Record the end of a run: its final `status`, `finalEvent`, `updatedAt` and `finishedAt`.
+    def finish(self, run_id: str, status: str, final_event: Optional[Mapping[str, Any]] = None) -> bool:
+        """Record the end of a running run: its final `status`, `finalEvent`, `updatedAt` and
+        `finishedAt`; True if this call did.
+
+        Only a `running` run is changed, in one conditional UPDATE: a run that already ended
+        (finished by its worker, aborted, failed by `reap_stale`) keeps its outcome and the
+        call returns False. Of callers racing to finish a run, exactly one gets True.
 
         :param status: completed or interrupted (with a RUN_FINISHED event), failed or
             aborted (with a RUN_ERROR event carrying a message and maybe a code).
@@ -93,16 +151,22 @@ class Runs:
             final = self._check_json(_RUNS, "finalEvent", dict(final_event))
         params = self._finish.params({"status": status, "final": final, "now": self._encode_ts(now_ms()),
                                       "run": run_id})
-        if self._executor.execute(self._finish.sql, params).rowcount == 0 and self.get(run_id) is None:
-            # (MySQL counts changed rows, not matched ones: 0 can also mean "already so".)
+        # Not idempotent: after a lost reply a second run would find the run ended and say False.
+        # (The status changes from running, so even MySQL, which counts changed rows, says 1.)
+        if self._executor.execute(self._finish.sql, params, idempotent=False).rowcount == 1:
+            return True
+        if self.get(run_id) is None:
             raise NotFoundError(_RUNS, run_id, f"runs: cannot finish run {run_id!r}: it does not exist")
+        return False
 
-    def request_abort(self, run_id: str) -> bool:
-        """Ask the worker executing `run_id` to stop; True if this call made the request.
+    def request_abort(self, run_id: str) -> AbortRequest:
+        """Ask the worker executing `run_id` to stop, and say what happened.
 
         Sets `abortRequestedAt` (and `updatedAt`) only on a running run that was not asked
-        yet, in one conditional UPDATE: of several callers racing, exactly one gets True.
-        False means the run is not running or was already asked.
+        yet, in one conditional UPDATE: of several callers racing, exactly one gets
+        `AbortRequest.REQUESTED`. The others get `ALREADY_REQUESTED`, or `NOT_RUNNING` when
+        the run has ended. Only REQUESTED is true, so callers that test the answer as a
+        bool read "this call made the request", as before.
 
         :raises NotFoundError: there is no run `run_id`.
         """
@@ -111,10 +175,13 @@ class Runs:
         # Not idempotent: a second run after a lost reply would answer False to the winner.
         if self._executor.execute(self._abort.sql, params, idempotent=False).rowcount == 1:
             logger.debug("abort requested for run %r", run_id)
-            return True
-        if self.get(run_id) is None:
+            return AbortRequest.REQUESTED
+        run = self.get(run_id)
+        if run is None:
             raise NotFoundError(_RUNS, run_id, f"runs: cannot abort run {run_id!r}: it does not exist")
-        return False
+        if run["status"] == "running":
+            return AbortRequest.ALREADY_REQUESTED
+        return AbortRequest.NOT_RUNNING
 
     def abort_requested(self, run_id: str) -> bool:
         """True once an abort of `run_id` was requested: the check a worker makes between steps.
@@ -141,6 +208,32 @@ class Runs:
         items = self._table.list({"where": where, "orderBy": {"startedAt": "desc"}, "take": 1})["items"]
         return items[0] if items else None
 
+    def track(self, run_id: str, agent_name: str, *, thread_id: Optional[str] = None,
+              scope: Optional[str] = None, config: Any = None,
+              messages: Optional[Sequence[Mapping[str, Any]]] = None,
+              abort_check_interval: float = ABORT_CHECK_INTERVAL) -> TrackedRun:
+        """A run lived by a ``with`` block, written as Better Agent's own runtime writes it.
+
+        ::
+
+            with storage.runs.track(run_id, "support", thread_id=tid, messages=[question]) as run:
+                for token in model.stream(...):
+                    run.check_abort()                      # RunAborted once an abort is requested
+                    run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": mid, "delta": token})
+                run.append_messages([answer])
+
+        Entering writes the `running` record (refused with ConflictError while a run of this
+        id is running; a run that ended is started over), creates the thread or bumps its
+        `updatedAt`, appends `messages`, opens the stream and emits RUN_STARTED. Leaving
+        normally appends and stores RUN_FINISHED (status completed) and closes the stream;
+        an exception stores RUN_ERROR (failed) and propagates; `RunAborted` stores RUN_ERROR
+        with code ABORTED (aborted) and ends the block quietly. See
+        `better_agent_peewee.tracking.TrackedRun`.
+        """
+        return TrackedRun(self, self._memory, self._streams, self._tables, run_id, agent_name,
+                          thread_id=thread_id, scope=scope, config=config, messages=messages,
+                          abort_check_interval=abort_check_interval)
+
     def prune(self, older_than: datetime.timedelta, **options: Any) -> PruneReport:
         """Delete runs that finished more than `older_than` ago, with their streams and events.
 
@@ -152,4 +245,4 @@ class Runs:
         """Mark runs still `running` but not updated for `stale_after` as failed, closing their
         streams (what a crashed worker leaves behind); returns how many were marked.
         See `better_agent_peewee.prune.reap_stale`."""
-        return reap_stale(self._tables, stale_after)
+        return reap_stale(self._tables, stale_after, streams=self._streams)

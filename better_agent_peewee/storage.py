@@ -38,8 +38,8 @@ class Storage:
         parts = Tables(self.executor, self.models)
         self.tables: Dict[str, TableAdapter] = parts.by_name
         self.memory = Memory(parts)
-        self.runs = Runs(parts)
         self.streams = Streams(parts)
+        self.runs = Runs(parts, self.memory, self.streams)
 
     def __repr__(self) -> str:
         return f"<Storage {self.dialect.name} {self.database.database!r}>"

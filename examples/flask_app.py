@@ -10,7 +10,8 @@ Routes:
     GET  /threads?agent=NAME&limit=N      threads, most recently updated first
     GET  /threads/<thread_id>?limit=N     the thread and its messages (the last N)
     GET  /runs/<run_id>                   the run record
-    POST /runs/<run_id>/abort             ask the worker running it to stop
+    POST /runs/<run_id>/abort             ask the worker running it to stop: {"requested": bool, "abort":
+                                          "requested" | "already_requested" | "not_running"}
     GET  /runs/<run_id>/events            Server-Sent Events: the run's stream, live
 
 The events endpoint follows the stream by polling (`storage.streams.resume`). Each SSE
@@ -95,8 +96,9 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
 
     @app.post("/runs/<run_id>/abort")
     def abort_run(run_id: str) -> Any:
-        # True: the worker will stop at its next step. False: not running, or already asked.
-        return jsonify(requested=storage.runs.request_abort(run_id))  # NotFoundError -> 404
+        # requested: the worker stops at its next check; or already_requested, or not_running.
+        answer = storage.runs.request_abort(run_id)  # NotFoundError -> 404
+        return jsonify(requested=bool(answer), abort=answer.value)
 
     @app.get("/runs/<run_id>/events")
     def run_events(run_id: str) -> Any:

@@ -197,8 +197,10 @@ def test_flask_abort_and_run(app: Any) -> None:
     client = app.test_client()
     storage.runs.start("r1", "support")
     assert client.get("/runs/r1").json["status"] == "running"
-    assert client.post("/runs/r1/abort").json == {"requested": True}
-    assert client.post("/runs/r1/abort").json == {"requested": False}  # already asked
+    assert client.post("/runs/r1/abort").json == {"requested": True, "abort": "requested"}
+    assert client.post("/runs/r1/abort").json == {"requested": False, "abort": "already_requested"}
+    storage.runs.finish("r1", "aborted", {"type": "RUN_ERROR", "message": "stopped", "code": "ABORTED"})
+    assert client.post("/runs/r1/abort").json == {"requested": False, "abort": "not_running"}
     assert storage.runs.abort_requested("r1")
     missing = client.post("/runs/nope/abort")
     assert missing.status_code == 404 and "nope" in missing.json["error"]

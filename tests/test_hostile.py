@@ -229,7 +229,7 @@ def _inj_helpers(s: Any, v: str) -> None:
         assert s.memory.messages.list(v, before_run_id=v) == []
         assert written[0]["id"] == v
         s.runs.start(v, v, thread_id=v, scope=v, config={v: v})
-        assert s.runs.request_abort(v) is True
+        assert s.runs.request_abort(v) == "requested"
         assert s.runs.abort_requested(v) is True
         assert s.runs.latest_for_thread(v)["runId"] == v
         assert s.runs.running(v, scope=v)["runId"] == v

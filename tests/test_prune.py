@@ -316,7 +316,13 @@ def test_reap_stale_fails_silent_running_runs_and_closes_their_streams(storage: 
     for untouched in ("alive", "done"):
         assert after["runs"][untouched] == before["runs"][untouched]
         assert after["streams"][untouched] == before["streams"][untouched]
-    assert after["streamEvents"] == before["streamEvents"]
+    # The open stream of a reaped run ends with the run's RUN_ERROR, so its followers read why.
+    added = {k: v for k, v in after["streamEvents"].items() if k not in before["streamEvents"]}
+    assert added == {"stale:4": {"id": "stale:4", "runId": "stale", "seq": 4, "timestamp": NOW,
+                                 "event": after["runs"]["stale"]["finalEvent"]}}
+    assert after["runs"]["stale"]["finalEvent"]["timestamp"] == NOW
+    assert {k: v for k, v in after["streamEvents"].items() if k not in added} == before["streamEvents"]
+    assert [e["type"] for e in storage.streams.resume("stale", 3, timeout=5)] == ["RUN_ERROR"]
     assert reap_stale(storage, timedelta(hours=2), now_ms=NOW) == 0
 
 
@@ -324,8 +330,10 @@ def test_reap_stale_in_batches_then_prune(storage: Any) -> None:
     add_runs(storage, [{"run_id": f"dead-{i:03d}", "status": "running", "started_at": OLD - DAY,
                         "updated_at": OLD - DAY} for i in range(23)])
     assert reap_stale(storage, timedelta(hours=2), now_ms=NOW, batch_size=5) == 23
-    streams = snapshot(storage)["streams"]
-    assert {s["status"] for s in streams.values()} == {"closed"}
+    after = snapshot(storage)
+    assert {s["status"] for s in after["streams"].values()} == {"closed"}
+    last = {e["runId"]: e for e in sorted(after["streamEvents"].values(), key=lambda e: e["seq"])}
+    assert {e["event"]["code"] for e in last.values()} == {STALE_RUN_CODE} and len(last) == 23
     # Reaped runs finished "now": a 7-day prune keeps them, a zero-age prune takes them.
     assert prune_runs(storage, KEEP, now_ms=NOW).runs == 0
     assert prune_runs(storage, timedelta(0), now_ms=NOW + 1).runs == 23

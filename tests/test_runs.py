@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 import peewee
 import pytest
 
-from better_agent_peewee import NotFoundError, RecordError, create_tables, peewee_storage
+from better_agent_peewee import AbortRequest, ConflictError, NotFoundError, RecordError, create_tables, peewee_storage
 from better_agent_peewee.records import now_ms
 from tests.samples import snapshot
 
@@ -67,10 +67,11 @@ def test_finish_records_the_end_of_a_run(storage: Any, status: str, final: Dict[
 
 def test_finish_without_a_final_event_and_twice(storage: Any) -> None:
     put_run(storage, "r1")
-    storage.runs.finish("r1", "completed")
-    storage.runs.finish("r1", "completed")  # the same values again (MySQL reports 0 changed rows)
+    assert storage.runs.finish("r1", "completed") is True
     rec = storage.runs.get("r1")
     assert rec["status"] == "completed" and "finalEvent" not in rec and "finishedAt" in rec
+    assert storage.runs.finish("r1", "completed") is False  # only a running run is finished
+    assert storage.runs.get("r1") == rec
 
 
 def test_finish_refuses_what_better_agent_would_not_write(storage: Any) -> None:
@@ -95,20 +96,22 @@ def test_request_abort_stamps_a_running_run_once(storage: Any) -> None:
     put_run(storage, "r1")
     before = now_ms()
     assert storage.runs.abort_requested("r1") is False
-    assert storage.runs.request_abort("r1") is True
+    assert storage.runs.request_abort("r1") is AbortRequest.REQUESTED
     rec = storage.runs.get("r1")
     assert before <= rec["abortRequestedAt"] == rec["updatedAt"] <= now_ms()
     assert rec["status"] == "running"
     assert storage.runs.abort_requested("r1") is True
 
-    assert storage.runs.request_abort("r1") is False  # already asked: nothing changes
+    answer = storage.runs.request_abort("r1")  # already asked: nothing changes
+    assert answer is AbortRequest.ALREADY_REQUESTED and not answer
     assert storage.runs.get("r1") == rec
 
 
 def test_request_abort_leaves_finished_runs_alone(storage: Any) -> None:
     put_run(storage, "done", status="completed", finishedAt=T0 + 10, finalEvent=FINISHED)
     before = snapshot(storage.database)
-    assert storage.runs.request_abort("done") is False
+    answer = storage.runs.request_abort("done")
+    assert answer is AbortRequest.NOT_RUNNING and not answer and answer == "not_running"
     assert snapshot(storage.database) == before
     assert storage.runs.abort_requested("done") is False
 
@@ -126,7 +129,7 @@ def test_threads_racing_to_abort_have_exactly_one_winner(storage: Any) -> None:
     for round_ in range(ROUNDS):
         put_run(storage, f"race-{round_}")
     barrier = threading.Barrier(RACERS)
-    results: List[List[bool]] = [[] for _ in range(ROUNDS)]
+    results: List[List[AbortRequest]] = [[] for _ in range(ROUNDS)]
     errors: List[BaseException] = []
 
     def racer() -> None:
@@ -148,7 +151,8 @@ def test_threads_racing_to_abort_have_exactly_one_winner(storage: Any) -> None:
         t.join(timeout=120)
     assert errors == []
     for round_ in range(ROUNDS):
-        assert sorted(results[round_]) == [False] * (RACERS - 1) + [True]
+        expected = [AbortRequest.ALREADY_REQUESTED] * (RACERS - 1) + [AbortRequest.REQUESTED]
+        assert sorted(results[round_]) == expected
         assert storage.runs.abort_requested(f"race-{round_}") is True
 
 
@@ -179,3 +183,65 @@ def test_prune_and_reap_stale_are_reachable_from_runs(storage: Any) -> None:
     put_run(storage, "stuck", startedAt=T0, updatedAt=T0)
     assert storage.runs.reap_stale(dt.timedelta(hours=1)) == 1
     assert storage.runs.get("stuck")["status"] == "failed"
+
+
+# -- guards: start refuses an existing id, finish changes only a running run ---------------------
+
+def test_start_refuses_an_existing_id_unless_asked_to_replace(storage: Any) -> None:
+    first = storage.runs.start("r1", "agent", thread_id="t1", config={"v": 1})
+    storage.runs.finish("r1", "aborted", FAILED)
+    before = snapshot(storage.database)
+    with pytest.raises(ConflictError, match=r"'r1' already exists \(aborted\).*replace=True"):
+        storage.runs.start("r1", "other", config={"v": 2})
+    assert snapshot(storage.database) == before
+    storage.runs.start("r2", "agent")
+    with pytest.raises(ConflictError, match="running"):
+        storage.runs.start("r2", "agent")
+    again = storage.runs.start("r1", "other", config={"v": 2}, replace=True)
+    assert storage.runs.get("r1") == again and again["status"] == "running" and again["config"] == {"v": 2}
+    assert "finalEvent" not in again and first["agentName"] == "agent"
+    with pytest.raises(RecordError, match="runs.agentName"):  # validated before anything is written
+        storage.runs.start("r3", 7)  # type: ignore[arg-type]
+    assert storage.runs.get("r3") is None
+
+
+@pytest.mark.parametrize("ended", ["aborted", "failed", "completed", "interrupted"])
+def test_finish_keeps_the_outcome_of_a_run_that_already_ended(storage: Any, ended: str) -> None:
+    final = FAILED if ended in ("aborted", "failed") else FINISHED
+    put_run(storage, "r1", status=ended, finalEvent=final, finishedAt=T0 + 10, updatedAt=T0 + 10)
+    before = snapshot(storage.database)
+    assert storage.runs.finish("r1", "completed", FINISHED) is False
+    assert storage.runs.finish("r1", "failed", FAILED) is False
+    assert snapshot(storage.database) == before
+
+
+def test_threads_racing_to_finish_have_exactly_one_winner(storage: Any) -> None:
+    for round_ in range(ROUNDS):
+        put_run(storage, f"race-{round_}")
+    barrier = threading.Barrier(RACERS)
+    results: List[List[Any]] = [[] for _ in range(ROUNDS)]
+    errors: List[BaseException] = []
+
+    def racer(n: int) -> None:
+        try:
+            storage.database.connect(reuse_if_open=True)
+            for round_ in range(ROUNDS):
+                barrier.wait(timeout=30)
+                status, final = ("completed", FINISHED) if n % 2 else ("aborted", FAILED)
+                results[round_].append((storage.runs.finish(f"race-{round_}", status, final), status))
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            storage.database.close()
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(RACERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    for round_ in range(ROUNDS):
+        winners = [status for won, status in results[round_] if won]
+        assert len(winners) == 1
+        assert storage.runs.get(f"race-{round_}")["status"] == winners[0]

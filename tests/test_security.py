@@ -183,7 +183,7 @@ def test_storage_works_with_least_privileges(dialect: str, runtime_role: peewee.
     # Runs.
     s.runs.start("r1", "bot", thread_id="t3", config={"model": "m"})
     assert s.runs.running("bot")["runId"] == "r1"
-    assert s.runs.request_abort("r1") is True and s.runs.abort_requested("r1") is True
+    assert s.runs.request_abort("r1") == "requested" and s.runs.abort_requested("r1") is True
     s.runs.finish("r1", "aborted", {"type": "RUN_ERROR", "message": "stopped"})
     assert s.runs.latest_for_thread("t3")["status"] == "aborted"
 

@@ -105,7 +105,7 @@ def work(storage: Any, name: str, seconds: float, seed: int) -> Dict[str, Any]:
         s.runs.start(rid, name, thread_id=tid, config={"n": counter})
         aborted = rng.random() < 0.5
         if aborted:
-            assert s.runs.request_abort(rid) is True, "nobody else asked, yet the abort was refused"
+            assert s.runs.request_abort(rid) == "requested", "nobody else asked, yet the abort was refused"
         assert s.runs.abort_requested(rid) == aborted
         if aborted:
             s.runs.finish(rid, "aborted", {"type": "RUN_ERROR", "message": "stop"})

@@ -1,0 +1,299 @@
+"""A run's whole life in one block: `storage.runs.track(...)`.
+
+Better Agent's own runtime writes a run in this order, and `track` writes the same
+records, so a TypeScript UI shows a run executed here like one of its own:
+
+* on entry, in one transaction: the `running` run record (its `scope` is the thread's
+  when not given), the thread created (``agentName``, ``createdAt`` = ``updatedAt`` =
+  now) or its ``updatedAt`` bumped, the input messages appended with the run's id, the
+  stream opened, and a ``RUN_STARTED`` event (``runId``, ``threadId``) as its event 1;
+* in the block: the caller's events (`emit`), messages (`append_messages`) and abort
+  checks (`check_abort`);
+* at the end, in one transaction: the final event appended to the stream and stored on
+  the run (``RUN_FINISHED`` with ``outcome`` "success" or "interrupt"; ``RUN_ERROR`` with
+  ``message`` and ``code`` when the exception has a string ``code``), the status
+  (completed, interrupted, failed, or aborted when the code is ``ABORTED``), the stream
+  closed, and on success the thread's ``updatedAt`` bumped.
+
+A worker that dies inside the block (killed, or its database connection lost) leaves a
+run that says `running`: `reap_stale` marks it failed and ends its stream.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+
+from .errors import ConflictError, RunAborted
+from .query import compile_statement, marker
+from .records import FINAL_EVENT_TYPES, check_key, now_ms
+
+if TYPE_CHECKING:
+    from .memory import Memory
+    from .runs import Runs
+    from .streams import Streams
+    from .tables import Tables
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrackedRun"]
+
+_RUNS = "runs"
+#: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
+ABORT_CHECK_INTERVAL = 0.2
+
+
+class TrackedRun:
+    """One run, lived by a ``with`` block: what `storage.runs.track(...)` returns.
+
+    ``with storage.runs.track(...) as run:`` writes the start of the run on entry and its
+    end on exit. To make the run visible before a worker picks it up (so a client can
+    follow its stream or abort it while it waits in a queue), call `start()` first and
+    enter the block later, in any thread.
+    """
+
+    def __init__(self, runs: Runs, memory: Memory, streams: Streams, tables: Tables, run_id: str,
+                 agent_name: str, *, thread_id: Optional[str] = None,
+                 scope: Optional[str] = None, config: Any = None,
+                 messages: Optional[Sequence[Mapping[str, Any]]] = None,
+                 abort_check_interval: float = ABORT_CHECK_INTERVAL) -> None:
+        self.run_id: str = check_key(_RUNS, "runId", run_id)
+        self.agent_name = agent_name
+        self.thread_id = thread_id
+        if messages and thread_id is None:
+            raise ValueError(f"runs: run {run_id!r} has input messages but no thread_id to store them in")
+        if isinstance(abort_check_interval, bool) or not isinstance(abort_check_interval, (int, float)) or \
+                not abort_check_interval >= 0:
+            raise ValueError(f"abort_check_interval must be a non-negative number of seconds, "
+                             f"got {abort_check_interval!r:.80}")
+        #: The run's status as this object knows it: None before `start`, then running, then
+        #: how it ended (completed, interrupted, failed, aborted).
+        self.status: Optional[str] = None
+        #: The run record written by `start`.
+        self.record: Optional[Dict[str, Any]] = None
+        #: The final event written when the run ended (None while it runs).
+        self.final_event: Optional[Dict[str, Any]] = None
+        self._runs, self._memory, self._streams = runs, memory, streams
+        self._executor = tables.executor
+        self._models = tables.models
+        self._scope = scope
+        self._config = config
+        self._messages = list(messages) if messages else []
+        self._interval = float(abort_check_interval)
+        self._next_check = 0.0
+        self._aborted = False
+        T = tables.models.thread
+        self._touch = compile_statement(tables.executor.database, T.update({T.updated_at: marker("now")}).where(
+            T.id == marker("thread")))
+
+    def __repr__(self) -> str:
+        return f"<TrackedRun {self.run_id!r} {self.status or 'not started'}>"
+
+    # -- the start -----------------------------------------------------------------------
+
+    def start(self) -> TrackedRun:
+        """Write the start of the run now (entering the block then writes nothing more).
+
+        All in one transaction: a bad message or a refused id writes nothing.
+
+        :raises ConflictError: a run with this id exists and is still running.
+        :raises RecordError: a field, config or message cannot be stored.
+        """
+        if self.status is not None:
+            raise ConflictError(f"runs: run {self.run_id!r} was already started ({self.status})")
+        memory, streams = self._memory, self._streams
+        with self._executor.transaction():
+            thread = memory.threads.get(self.thread_id) if self.thread_id is not None else None
+            scope = self._scope
+            if scope is None and thread is not None:
+                scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
+            self.record = self._claim(scope)
+            now: int = self.record["startedAt"]  # as Better Agent: one clock reading for the whole start
+            if self.thread_id is not None:
+                if thread is None:
+                    new: Dict[str, Any] = {"id": self.thread_id, "agentName": self.agent_name,
+                                           "createdAt": now, "updatedAt": now}
+                    if scope is not None:
+                        new["scope"] = scope
+                    memory.threads.set(self.thread_id, new)
+                else:
+                    self._touch_thread(now)
+                if self._messages:
+                    memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
+            streams.open(self.run_id)
+            streams.append(self.run_id, {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
+                                           "threadId": self.thread_id or ""})
+        self.status = "running"
+        return self
+
+    def _claim(self, scope: Optional[str]) -> Dict[str, Any]:
+        """The running record, written if the id is free or its run has ended (then started over)."""
+        runs, execute = self._runs, self._executor.execute_query
+        args = (self.run_id, self.agent_name, self.thread_id, scope, self._config)
+        try:
+            record: Dict[str, Any] = runs.start(*args)
+            return record
+        except ConflictError:
+            pass
+        existing = runs.get(self.run_id)
+        if existing is not None:
+            if existing["status"] == "running":
+                raise ConflictError(f"runs: run {self.run_id!r} is already running (started at "
+                                    f"{existing['startedAt']} ms); a run id is tracked by one block at a time")
+            # A run that ended is started over under the same id: its old events go with it.
+            R = self._models.run
+            deleted = execute(R.delete().where((R.run_id == self.run_id) & (R.status != "running"))).rowcount
+            if deleted != 1:
+                raise ConflictError(f"runs: run {self.run_id!r} was started again by someone else meanwhile")
+        E, S = self._models.stream_event, self._models.stream
+        execute(E.delete().where(E.run_id == self.run_id))
+        execute(S.delete().where(S.id == self.run_id))
+        record = runs.start(*args)
+        return record
+
+    def __enter__(self) -> TrackedRun:
+        if self.status is None:
+            self.start()
+        elif self.status != "running":
+            raise ConflictError(f"runs: run {self.run_id!r} has already ended ({self.status})")
+        return self
+
+    # -- in the block --------------------------------------------------------------------
+
+    def emit(self, event: Mapping[str, Any]) -> int:
+        """Append `event` (an AG-UI event dict) to the run's stream; its seq.
+
+        A ``timestamp`` (now) is added when the event has none. The final event is the
+        block's to write: end the block, raise, or call `finish` instead of emitting
+        ``RUN_FINISHED`` or ``RUN_ERROR``.
+        """
+        self._require_running("emit an event")
+        if isinstance(event, Mapping):
+            if event.get("type") in FINAL_EVENT_TYPES:
+                raise ValueError(f"runs: run {self.run_id!r}: a {event.get('type')} event ends the run; "
+                                 "call run.finish(...) or leave the block (raise to fail) instead of emitting it")
+            if "timestamp" not in event:
+                event = {**event, "timestamp": now_ms()}
+        seq: int = self._streams.append(self.run_id, event)
+        return seq
+
+    def append_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+        """Append `messages` to the run's thread, recorded with the run's id; the records."""
+        self._require_running("append messages")
+        if self.thread_id is None:
+            raise ValueError(f"runs: run {self.run_id!r} has no thread_id to append messages to")
+        records: List[Dict[str, Any]] = self._memory.messages.append(
+            self.thread_id, messages, run_id=self.run_id)
+        return records
+
+    def check_abort(self) -> None:
+        """Raise `RunAborted` if an abort of this run was requested; cheap enough per token.
+
+        The first call reads the run's abort stamp; later calls read it again only once
+        `abort_check_interval` seconds (0.2 by default) have passed since the last read, so a
+        request is noticed within about that time. Once seen, every call raises.
+        """
+        if self.status != "running":
+            return
+        if not self._aborted:
+            clock = time.monotonic()
+            if clock < self._next_check:
+                return
+            self._next_check = clock + self._interval
+            self._aborted = self._runs.abort_requested(self.run_id)
+            if not self._aborted:
+                return
+        raise RunAborted(f"run {self.run_id!r} was aborted on request")
+
+    def finish(self, result: Any = None, *, interrupts: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+        """End the run now with an explicit outcome; the final event.
+
+        With `interrupts` (a non-empty list, as Better Agent's interrupts) the run is
+        `interrupted` and the event is ``{"type": "RUN_FINISHED", "outcome": "interrupt",
+        "interrupts": [...]}``; otherwise it is `completed` with ``"outcome": "success"`` and
+        ``"result": result`` when given (Better Agent's is ``{"finishReason", "usage",
+        "stepCount"}``). The rest of the block then writes nothing more.
+
+        :raises ConflictError: the run had already ended (e.g. failed by `reap_stale`).
+        """
+        self._require_running("finish")
+        base = {"type": "RUN_FINISHED", "timestamp": now_ms(), "runId": self.run_id, "threadId": self.thread_id or ""}
+        if interrupts is not None:
+            if result is not None:
+                raise ValueError("runs: an interrupted run ends with interrupts, not a result")
+            if isinstance(interrupts, (str, bytes, Mapping)) or not isinstance(interrupts, Sequence) or \
+                    not interrupts:
+                raise ValueError(f"runs: interrupts must be a non-empty list, got {interrupts!r:.80}")
+            status, final = "interrupted", {**base, "outcome": "interrupt", "interrupts": list(interrupts)}
+        else:
+            status, final = "completed", {**base, "outcome": "success"}
+            if result is not None:
+                final["result"] = result
+        if not self._end(status, final):
+            raise self._ended_elsewhere()
+        return final
+
+    # -- the end -------------------------------------------------------------------------
+
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        if self.status != "running":  # finished explicitly: nothing left to write
+            return isinstance(exc, RunAborted)
+        if exc is None:
+            final = {"type": "RUN_FINISHED", "timestamp": now_ms(), "runId": self.run_id,
+                     "threadId": self.thread_id or "", "outcome": "success"}
+            if not self._end("completed", final):
+                raise self._ended_elsewhere()
+            return False
+        code = getattr(exc, "code", None)
+        code = code if isinstance(code, str) and code else None
+        status = "aborted" if code == RunAborted.code else "failed"
+        final = {"type": "RUN_ERROR", "timestamp": now_ms(), "message": _storable(str(exc) or type(exc).__name__)}
+        if code is not None:
+            final["code"] = _storable(code)
+        try:
+            recorded = self._end(status, final)
+        except Exception as failure:
+            if isinstance(exc, RunAborted):
+                raise  # the abort was not recorded: the caller must hear of it
+            logger.error("run %r: could not record that it %s (%s); reap_stale will mark it failed",
+                         self.run_id, status, failure, exc_info=True)
+            return False
+        if not recorded:
+            logger.warning("run %r ended (%s: %s) after it had already been ended elsewhere; kept the first "
+                           "outcome", self.run_id, status, final["message"])
+        return isinstance(exc, RunAborted)
+
+    def _end(self, status: str, final: Dict[str, Any]) -> bool:
+        """Write the end of the run in one transaction; False if it had already ended."""
+        streams = self._streams
+        with self._executor.transaction():
+            if not self._runs.finish(self.run_id, status, final):
+                self.status = "ended elsewhere"
+                return False
+            streams.append(self.run_id, final)
+            streams.close(self.run_id)
+            if self.thread_id is not None and status in ("completed", "interrupted"):
+                self._touch_thread(now_ms())
+        self.status, self.final_event = status, final
+        return True
+
+    def _touch_thread(self, now: int) -> None:
+        executor = self._executor
+        executor.execute(self._touch.sql, self._touch.params({"now": executor.dialect.encode_ts(now),
+                                                              "thread": self.thread_id}))
+
+    def _require_running(self, what: str) -> None:
+        if self.status != "running":
+            state = "has not started" if self.status is None else f"has ended ({self.status})"
+            raise ConflictError(f"runs: cannot {what}: run {self.run_id!r} {state}")
+
+    def _ended_elsewhere(self) -> ConflictError:
+        run = self._runs.get(self.run_id) or {}
+        return ConflictError(f"runs: run {self.run_id!r} had already ended ({run.get('status', 'deleted')}: "
+                             f"{(run.get('finalEvent') or {}).get('message', 'no message')}) before this block "
+                             "ended it; its outcome was not recorded")
+
+
+def _storable(text: str) -> str:
+    """`text` without what no dialect stores (NUL, lone surrogates), so an error message always goes in."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

@@ -1,0 +1,372 @@
+"""storage.runs.track: a run's whole life in one block, written as Better Agent's runtime writes it."""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Any, Dict, List
+
+import peewee
+import pytest
+
+from better_agent_peewee import (
+    AbortRequest,
+    ConflictError,
+    RecordError,
+    RunAborted,
+    StorageError,
+    create_tables,
+    peewee_storage,
+    reap_stale,
+)
+from better_agent_peewee.records import now_ms
+from tests.samples import snapshot
+
+#: The fields of Better Agent's RunRecord (packages/core/src/storage/types.ts).
+TS_RUN_FIELDS = {"runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "finalEvent", "config",
+                 "startedAt", "updatedAt", "finishedAt"}
+
+
+@pytest.fixture
+def storage(database: peewee.Database) -> Any:
+    create_tables(database)
+    return peewee_storage(database)
+
+
+def events(storage: Any, run_id: str) -> List[Dict[str, Any]]:
+    """The stream's event records, read the way a TypeScript reader lists them."""
+    items: List[Dict[str, Any]] = storage.list("streamEvents", {"where": {"runId": run_id},
+                                                                "orderBy": {"seq": "asc"}})["items"]
+    return items
+
+
+class ProviderError(Exception):
+    code = "PROVIDER_ERROR"
+
+
+def test_a_clean_block_writes_what_better_agent_writes(storage: Any) -> None:
+    t0 = now_ms()
+    question = {"id": "m1", "role": "user", "content": "Hi"}
+    with storage.runs.track("r1", "support", thread_id="t1", scope="user-7", config={"maxSteps": 3},
+                            messages=[question]) as run:
+        running = storage.get("runs", "r1")
+        assert running == {"runId": "r1", "agentName": "support", "threadId": "t1", "scope": "user-7",
+                           "status": "running", "config": {"maxSteps": 3}, "startedAt": running["startedAt"],
+                           "updatedAt": running["startedAt"]}
+        assert storage.get("streams", "r1")["status"] == "open"
+        thread = storage.get("memoryThreads", "t1")
+        assert thread == {"id": "t1", "agentName": "support", "scope": "user-7", "createdAt": thread["createdAt"],
+                          "updatedAt": thread["createdAt"]} and t0 <= thread["createdAt"]
+        assert run.emit({"type": "TEXT_MESSAGE_START", "messageId": "m2", "role": "assistant"}) == 2
+        for i, word in enumerate(["Hello", " there"]):
+            run.check_abort()
+            assert run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m2", "delta": word}) == 3 + i
+        run.emit({"type": "TEXT_MESSAGE_END", "messageId": "m2", "timestamp": 1_700_000_000_000})
+        run.append_messages([{"id": "m2", "role": "assistant", "content": "Hello there"}])
+    t1 = now_ms()
+
+    rec = storage.get("runs", "r1")
+    assert set(rec) <= TS_RUN_FIELDS
+    final = rec["finalEvent"]
+    assert final == {"type": "RUN_FINISHED", "timestamp": final["timestamp"], "runId": "r1", "threadId": "t1",
+                     "outcome": "success"}
+    assert rec["status"] == "completed" and t0 <= rec["startedAt"] <= rec["finishedAt"] == rec["updatedAt"] <= t1
+    assert run.status == "completed" and run.final_event == final
+
+    stored = events(storage, "r1")
+    assert [e["seq"] for e in stored] == list(range(1, 7))
+    assert [e["id"] for e in stored] == [f"r1:{n}" for n in range(1, 7)]
+    assert [e["event"]["type"] for e in stored] == ["RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
+                                                    "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END", "RUN_FINISHED"]
+    assert stored[0]["event"] == {"type": "RUN_STARTED", "timestamp": stored[0]["timestamp"], "runId": "r1",
+                                  "threadId": "t1"}
+    assert stored[-1]["event"] == final  # the stream's last event is the run's final event
+    assert all(e["timestamp"] == e["event"]["timestamp"] for e in stored)  # every event carries one
+    assert stored[4]["timestamp"] == 1_700_000_000_000
+    stream = storage.get("streams", "r1")
+    assert stream["status"] == "closed" and rec["finishedAt"] <= stream["closedAt"] <= t1
+
+    messages = storage.memory.messages.list("t1")
+    assert [(m["id"], m["role"], m["runId"]) for m in messages] == [("m1", "user", "r1"), ("m2", "assistant", "r1")]
+    thread = storage.get("memoryThreads", "t1")
+    assert thread["updatedAt"] >= rec["finishedAt"]
+    assert [e["type"] for e in storage.streams.resume("r1", 0, timeout=5)][-1] == "RUN_FINISHED"
+
+
+def test_an_existing_thread_is_bumped_and_lends_its_scope(storage: Any) -> None:
+    storage.memory.threads.set("t1", {"id": "t1", "agentName": "support", "scope": "org-1", "title": "Billing",
+                                      "createdAt": 1_000, "updatedAt": 2_000})
+    with storage.runs.track("r1", "support", thread_id="t1") as run:
+        assert storage.runs.get("r1")["scope"] == "org-1"  # as Better Agent: the thread's scope
+        entered = storage.get("memoryThreads", "t1")
+        assert entered["updatedAt"] >= run.record["startedAt"] and entered["title"] == "Billing"
+    thread = storage.get("memoryThreads", "t1")
+    assert thread["createdAt"] == 1_000 and thread["title"] == "Billing" and thread["scope"] == "org-1"
+    assert thread["updatedAt"] >= storage.runs.get("r1")["finishedAt"]
+
+
+def test_a_run_without_a_thread(storage: Any) -> None:
+    with storage.runs.track("r1", "batch") as run:
+        run.emit({"type": "CUSTOM", "name": "x"})
+        with pytest.raises(ValueError, match="no thread_id"):
+            run.append_messages([{"role": "user", "content": "x"}])
+    rec = storage.runs.get("r1")
+    assert "threadId" not in rec and rec["finalEvent"]["threadId"] == "" and rec["status"] == "completed"
+    assert storage.list("memoryThreads")["items"] == []
+    with pytest.raises(ValueError, match="no thread_id"):
+        storage.runs.track("r2", "batch", messages=[{"role": "user", "content": "x"}])
+
+
+def test_an_exception_fails_the_run_and_propagates(storage: Any) -> None:
+    with pytest.raises(ProviderError, match="model unavailable"):
+        with storage.runs.track("r1", "support", thread_id="t1") as run:
+            run.emit({"type": "STEP_STARTED", "stepName": "1"})
+            entered = storage.memory.threads.get("t1")
+            raise ProviderError("model unavailable")
+    rec = storage.runs.get("r1")
+    final = rec["finalEvent"]
+    assert rec["status"] == "failed" and "finishedAt" in rec
+    assert final == {"type": "RUN_ERROR", "timestamp": final["timestamp"], "message": "model unavailable",
+                     "code": "PROVIDER_ERROR"}
+    stored = events(storage, "r1")
+    assert [e["event"]["type"] for e in stored] == ["RUN_STARTED", "STEP_STARTED", "RUN_ERROR"]
+    assert stored[-1]["event"] == final and storage.streams.get("r1")["status"] == "closed"
+    # As Better Agent: a failed run leaves the thread's updatedAt where the start put it.
+    assert storage.memory.threads.get("t1") == entered
+
+    with pytest.raises(KeyError):
+        with storage.runs.track("r2", "support"):
+            raise KeyError("missing")
+    rec = storage.runs.get("r2")
+    assert rec["status"] == "failed" and rec["finalEvent"]["message"] == "'missing'"
+    assert "code" not in rec["finalEvent"]  # no string code on a KeyError
+
+    class HttpError(Exception):
+        code = 503  # not a string: Better Agent keeps only string codes
+
+    with pytest.raises(HttpError):
+        with storage.runs.track("r3", "support"):
+            raise HttpError()
+    assert storage.runs.get("r3")["finalEvent"] == {"type": "RUN_ERROR", "message": "HttpError",
+                                                    "timestamp": storage.runs.get("r3")["finalEvent"]["timestamp"]}
+    with pytest.raises(ValueError):
+        with storage.runs.track("r4", "support"):
+            raise ValueError("bad \x00 byte \ud800")  # what no dialect stores is escaped, not lost
+    assert storage.runs.get("r4")["finalEvent"]["message"] == "bad \\x00 byte \\ud800"
+
+
+def test_an_abort_ends_the_block_quietly(storage: Any) -> None:
+    steps = []
+    with storage.runs.track("r1", "support", thread_id="t1", abort_check_interval=0) as run:
+        for step in range(10):
+            run.check_abort()
+            steps.append(step)
+            run.emit({"type": "STEP_FINISHED", "stepName": str(step)})
+            if step == 2:
+                assert storage.runs.request_abort("r1") is AbortRequest.REQUESTED
+    assert steps == [0, 1, 2]
+    rec = storage.runs.get("r1")
+    assert rec["status"] == "aborted" and "abortRequestedAt" in rec
+    assert rec["finalEvent"]["code"] == "ABORTED" and rec["finalEvent"]["type"] == "RUN_ERROR"
+    assert events(storage, "r1")[-1]["event"] == rec["finalEvent"]
+    assert storage.streams.get("r1")["status"] == "closed"
+    assert storage.runs.request_abort("r1") is AbortRequest.NOT_RUNNING
+
+    with storage.runs.track("r2", "support") as run:  # raised by the worker itself
+        raise RunAborted("the user closed the tab")
+    assert storage.runs.get("r2")["finalEvent"]["message"] == "the user closed the tab"
+    assert storage.runs.get("r2")["status"] == "aborted"
+
+    class Cancelled(Exception):
+        code = "ABORTED"
+
+    with pytest.raises(Cancelled):  # as Better Agent: the ABORTED code makes it aborted; it propagates
+        with storage.runs.track("r3", "support"):
+            raise Cancelled("stop")
+    assert storage.runs.get("r3")["status"] == "aborted"
+    assert not issubclass(RunAborted, StorageError)
+
+
+def test_check_abort_reads_the_stamp_at_most_once_per_interval(storage: Any) -> None:
+    with storage.runs.track("r1", "support", abort_check_interval=3600) as run:
+        run.check_abort()  # the first call reads: not asked
+        storage.runs.request_abort("r1")
+        for _ in range(100):
+            run.check_abort()  # within the interval: no read, so no raise
+    assert storage.runs.get("r1")["status"] == "completed"
+
+
+def test_a_queued_run_aborted_before_its_worker_starts(storage: Any) -> None:
+    run = storage.runs.track("r1", "support", thread_id="t1", messages=[{"role": "user", "content": "Hi"}])
+    run.start()  # the web request: visible and followable now
+    assert storage.runs.get("r1")["status"] == "running" and storage.streams.get("r1")["status"] == "open"
+    assert storage.runs.request_abort("r1")
+    done: List[str] = []
+
+    def worker() -> None:
+        with run:
+            run.check_abort()
+            done.append("step 1")
+        done.append("moved on")
+        storage.database.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=60)
+    assert done == ["moved on"]
+    assert storage.runs.get("r1")["status"] == "aborted"
+    with pytest.raises(ConflictError, match="already started"):
+        run.start()
+    with pytest.raises(ConflictError, match="has already ended"):
+        run.__enter__()
+
+
+def test_finish_with_a_result_or_interrupts(storage: Any) -> None:
+    result = {"finishReason": "stop", "usage": {"inputTokens": 3}, "stepCount": 1}
+    with storage.runs.track("r1", "support", thread_id="t1") as run:
+        final = run.finish(result)
+        with pytest.raises(ConflictError, match="has ended"):
+            run.emit({"type": "CUSTOM"})
+        run.check_abort()  # over: nothing to check
+    rec = storage.runs.get("r1")
+    assert rec["status"] == "completed" and rec["finalEvent"] == final and final["result"] == result
+    assert [e["event"]["type"] for e in events(storage, "r1")].count("RUN_FINISHED") == 1
+
+    interrupts = [{"id": "i1", "reason": "approval", "toolCallId": "c1"}]
+    with storage.runs.track("r2", "support", thread_id="t1") as run:
+        run.finish(interrupts=interrupts)
+    rec = storage.runs.get("r2")
+    assert rec["status"] == "interrupted"
+    assert rec["finalEvent"]["outcome"] == "interrupt" and rec["finalEvent"]["interrupts"] == interrupts
+    # What Better Agent's resume reads (getInterruptedRunInterrupts): RUN_FINISHED, outcome interrupt.
+    assert rec["finalEvent"]["type"] == "RUN_FINISHED" and rec["finalEvent"]["runId"] == "r2"
+
+    with storage.runs.track("r3", "support") as run:
+        with pytest.raises(ValueError, match="non-empty"):
+            run.finish(interrupts=[])
+        with pytest.raises(ValueError, match="not a result"):
+            run.finish({"x": 1}, interrupts=interrupts)
+        with pytest.raises(ValueError, match="ends the run"):
+            run.emit({"type": "RUN_FINISHED"})
+    assert storage.runs.get("r3")["status"] == "completed"
+
+
+def test_entry_refuses_a_running_id_and_writes_nothing_on_bad_input(storage: Any) -> None:
+    storage.runs.start("busy", "support")
+    before = snapshot(storage.database)
+    with pytest.raises(ConflictError, match="already running"):
+        with storage.runs.track("busy", "support", thread_id="t1", messages=[{"role": "user", "content": "x"}]):
+            pytest.fail("the block must not run")
+    with pytest.raises(RecordError, match=r"messages\[1\]"):
+        with storage.runs.track("new", "support", thread_id="t1",
+                                messages=[{"role": "user", "content": "ok"}, {"role": 7}]):
+            pytest.fail("the block must not run")
+    with pytest.raises(RecordError, match="config"):
+        storage.runs.track("new", "support", thread_id="t1", config={"x": float("nan")}).start()
+    with pytest.raises(RecordError, match="runId"):
+        storage.runs.track("", "support")
+    assert snapshot(storage.database) == before
+
+
+def test_a_finished_id_is_started_over(storage: Any) -> None:
+    with storage.runs.track("r1", "support") as run:
+        for i in range(5):
+            run.emit({"type": "CUSTOM", "value": i})
+    with storage.runs.track("r1", "support", config={"again": True}) as run:
+        run.emit({"type": "CUSTOM", "value": "second"})
+    stored = events(storage, "r1")
+    assert [e["seq"] for e in stored] == [1, 2, 3]
+    assert [e["event"]["type"] for e in stored] == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+    rec = storage.runs.get("r1")
+    assert rec["config"] == {"again": True} and rec["status"] == "completed"
+
+
+def test_a_run_reaped_during_its_block(storage: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConflictError, match="had already ended .failed"):
+        with storage.runs.track("r1", "support") as run:
+            run.emit({"type": "CUSTOM"})
+            assert reap_stale(storage, timedelta(0), now_ms=now_ms() + 1000) == 1  # the worker looked dead
+    rec = storage.runs.get("r1")
+    assert rec["status"] == "failed" and rec["finalEvent"]["code"] == "STALE_RUN"
+    assert [e["event"].get("code") for e in events(storage, "r1")][-1] == "STALE_RUN"
+
+    with caplog.at_level(logging.WARNING, logger="better_agent_peewee.tracking"):
+        with pytest.raises(ZeroDivisionError):  # the block's own exception still propagates
+            with storage.runs.track("r2", "support"):
+                reap_stale(storage, timedelta(0), now_ms=now_ms() + 1000)
+                1 / 0  # noqa: B018
+    assert storage.runs.get("r2")["finalEvent"]["code"] == "STALE_RUN"
+    assert "already been ended elsewhere" in caplog.text
+
+
+def test_two_workers_racing_for_one_id(storage: Any) -> None:
+    rounds, racers = 6, 3
+    barrier = threading.Barrier(racers)
+    wins: List[List[int]] = [[] for _ in range(rounds)]
+    errors: List[BaseException] = []
+
+    def racer(n: int) -> None:
+        try:
+            storage.database.connect(reuse_if_open=True)
+            for round_ in range(rounds):
+                barrier.wait(timeout=60)
+                try:
+                    with storage.runs.track(f"race-{round_}", f"agent-{n}") as run:
+                        run.emit({"type": "CUSTOM", "by": n})
+                        barrier.wait(timeout=60)  # everyone has tried while the winner runs
+                except ConflictError:
+                    barrier.wait(timeout=60)
+                    continue
+                wins[round_].append(n)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            storage.database.close()
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    for round_ in range(rounds):
+        assert len(wins[round_]) == 1
+        rec = storage.runs.get(f"race-{round_}")
+        assert rec["status"] == "completed" and rec["agentName"] == f"agent-{wins[round_][0]}"
+        assert [e["event"]["type"] for e in events(storage, f"race-{round_}")] == \
+            ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+
+
+def test_many_runs_on_one_thread_at_once(storage: Any) -> None:
+    workers, runs_each, tokens = 4, 5, 10
+    errors: List[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for k in range(runs_each):
+                rid = f"w{n}-r{k}"
+                with storage.runs.track(rid, "chat", thread_id="shared",
+                                        messages=[{"id": f"{rid}-q", "role": "user", "content": rid}]) as run:
+                    for t in range(tokens):
+                        run.check_abort()
+                        run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": f"{rid}-a", "delta": str(t)})
+                    run.append_messages([{"id": f"{rid}-a", "role": "assistant", "content": "done"}])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            storage.database.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    runs = storage.list("runs")["items"]
+    assert len(runs) == workers * runs_each and {r["status"] for r in runs} == {"completed"}
+    for r in runs:
+        assert [e["seq"] for e in events(storage, r["runId"])] == list(range(1, tokens + 3))
+    messages = storage.memory.messages.list("shared")
+    assert len(messages) == 2 * workers * runs_each
+    assert storage.memory.threads.get("shared")["updatedAt"] >= max(r["finishedAt"] for r in runs)
