@@ -21,8 +21,11 @@ run that says `running`: `reap_stale` marks it failed and ends its stream.
 from __future__ import annotations
 
 import logging
+import random
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+
+import peewee
 
 from .errors import ConflictError, RunAborted
 from .query import compile_statement, marker
@@ -41,6 +44,9 @@ __all__ = ["TrackedRun"]
 _RUNS = "runs"
 #: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
 ABORT_CHECK_INTERVAL = 0.2
+#: Tries of the start and end transactions when the server rolls one back (deadlock, serialization).
+_ATTEMPTS = 5
+_T = TypeVar("_T")
 
 
 class TrackedRun:
@@ -101,14 +107,20 @@ class TrackedRun:
         """
         if self.status is not None:
             raise ConflictError(f"runs: run {self.run_id!r} was already started ({self.status})")
+        self.record = self._retrying(self._start)
+        self.status = "running"
+        return self
+
+    def _start(self) -> Dict[str, Any]:
+        """The entry transaction; the running record."""
         memory, streams = self._memory, self._streams
         with self._executor.transaction():
             thread = memory.threads.get(self.thread_id) if self.thread_id is not None else None
             scope = self._scope
             if scope is None and thread is not None:
                 scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
-            self.record = self._claim(scope)
-            now: int = self.record["startedAt"]  # as Better Agent: one clock reading for the whole start
+            record = self._claim(scope)
+            now: int = record["startedAt"]  # as Better Agent: one clock reading for the whole start
             if self.thread_id is not None:
                 if thread is None:
                     new: Dict[str, Any] = {"id": self.thread_id, "agentName": self.agent_name,
@@ -123,8 +135,7 @@ class TrackedRun:
             streams.open(self.run_id)
             streams.append(self.run_id, {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
                                            "threadId": self.thread_id or ""})
-        self.status = "running"
-        return self
+        return record
 
     def _claim(self, scope: Optional[str]) -> Dict[str, Any]:
         """The running record, written if the id is free or its run has ended (then started over)."""
@@ -265,17 +276,38 @@ class TrackedRun:
 
     def _end(self, status: str, final: Dict[str, Any]) -> bool:
         """Write the end of the run in one transaction; False if it had already ended."""
+        if not self._retrying(lambda: self._finish(status, final)):
+            self.status = "ended elsewhere"
+            return False
+        self.status, self.final_event = status, final
+        return True
+
+    def _finish(self, status: str, final: Dict[str, Any]) -> bool:
         streams = self._streams
         with self._executor.transaction():
             if not self._runs.finish(self.run_id, status, final):
-                self.status = "ended elsewhere"
                 return False
-            streams.append(self.run_id, final)
-            streams.close(self.run_id)
+            # The thread before the stream, as on entry: both transactions lock in one order.
             if self.thread_id is not None and status in ("completed", "interrupted"):
                 self._touch_thread(now_ms())
-        self.status, self.final_event = status, final
+            streams.append(self.run_id, final)
+            streams.close(self.run_id)
         return True
+
+    def _retrying(self, transaction: Callable[[], _T]) -> _T:
+        """`transaction()`, run again when the server rolled it back for a deadlock or a
+        serialization failure (concurrent runs of one thread lock the thread row and
+        neighbouring index ranges of the events table); nothing of a rolled-back try remains."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                return transaction()
+            except peewee.DatabaseError as exc:
+                if attempt == _ATTEMPTS - 1 or not self._executor.dialect.is_transient(exc) or \
+                        self._executor.database.in_transaction():
+                    raise
+                logger.debug("run %r: %s; running the transaction again", self.run_id, exc)
+                time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        raise AssertionError("unreachable")
 
     def _touch_thread(self, now: int) -> None:
         executor = self._executor
