@@ -9,6 +9,7 @@ Routes:
 
     GET  /threads?agent=NAME&limit=N      threads, most recently updated first
     GET  /threads/<thread_id>?limit=N     the thread and its messages (the last N)
+    POST /threads/<thread_id>/runs        {"message": "..."}: a run of the demo agent -> 202 {"runId"}
     GET  /runs/<run_id>                   the run record
     POST /runs/<run_id>/abort             ask the worker running it to stop: {"requested": bool, "abort":
                                           "requested" | "already_requested" | "not_running"}
@@ -23,6 +24,11 @@ reconnects. While the stream is idle it sends a comment line every
 ``SSE_HEARTBEAT_SECONDS`` (so proxies keep the connection), and after
 ``SSE_MAX_SECONDS`` it ends the response (the browser reconnects and resumes).
 
+The demo agent (`demo_agent`) stands in for a model: it streams its reply back word by
+word. `POST /threads/<thread_id>/runs` starts the run in the request, so the run can be
+followed and aborted at once, and a pool of worker threads (``AGENT_WORKERS``) executes
+it inside ``with run:`` (`storage.runs.track`), which records how it ended.
+
 Connections: the database is pooled (`open_database(url, pooled=True)`), each request
 takes a connection when it first queries and gives it back when it ends, and a
 follower between polls holds none, so a thousand idle SSE clients do not need a
@@ -31,23 +37,37 @@ thousand database connections.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, Optional, Union
 
 import peewee
 from flask import Flask, Response, abort, jsonify, request, stream_with_context
 from playhouse.pool import PooledDatabase
 
-from better_agent_peewee import NotFoundError, StorageError, create_tables, peewee_storage
+from better_agent_peewee import (
+    ConnectionLostError,
+    NotFoundError,
+    PoolExhaustedError,
+    StorageError,
+    TrackedRun,
+    create_tables,
+    peewee_storage,
+)
 from better_agent_peewee.cli import open_database
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(database: Union[str, peewee.Database, None] = None, **config: Any) -> Flask:
     """The Flask app over `database`: a URL, a Peewee database, or None for $DATABASE_URL
     (default ``sqlite:///agent.db``). `config` updates ``app.config``."""
     app = Flask(__name__)
-    app.config.update(SSE_HEARTBEAT_SECONDS=15.0, SSE_MAX_SECONDS=300.0, SSE_POLL_SECONDS=0.1)
+    app.config.update(SSE_HEARTBEAT_SECONDS=15.0, SSE_MAX_SECONDS=300.0, SSE_POLL_SECONDS=0.1,
+                      AGENT_WORKERS=4, AGENT_WORD_SECONDS=0.05)
     app.config.update(config)
     if database is None or isinstance(database, str):
         database = open_database(database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db", pooled=True)
@@ -57,16 +77,25 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
     create_tables(db)
     storage = peewee_storage(db)
     app.extensions["agent_storage"] = storage
+    # The workers that execute runs; `app.extensions["agent_workers"].shutdown()` stops them.
+    workers = ThreadPoolExecutor(app.config["AGENT_WORKERS"], thread_name_prefix="agent")
+    app.extensions["agent_workers"] = workers
 
     @app.teardown_appcontext
     def release_connection(exc: Optional[BaseException]) -> None:
-        # Back to the pool (a plain database: closed). Runs after a streamed response ends.
+        # Back to the pool (a plain database: closed). Flask runs this when the view returns,
+        # and for a stream_with_context response once more after the stream ends.
         if not db.is_closed() and not db.in_transaction():
             db.close()
 
     @app.errorhandler(NotFoundError)
     def not_found(exc: NotFoundError) -> Any:
         return jsonify(error=str(exc)), 404
+
+    @app.errorhandler(PoolExhaustedError)
+    @app.errorhandler(ConnectionLostError)
+    def unavailable(exc: StorageError) -> Any:
+        return jsonify(error=str(exc)), 503
 
     @app.errorhandler(StorageError)
     @app.errorhandler(ValueError)
@@ -86,6 +115,17 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
             abort(404)
         messages = storage.memory.messages.list(thread_id, limit=request.args.get("limit", type=int))
         return jsonify(thread=thread, messages=messages)
+
+    @app.post("/threads/<thread_id>/runs")
+    def start_run(thread_id: str) -> Any:
+        text = (request.get_json(silent=True) or {}).get("message")
+        if not isinstance(text, str) or not text.strip():
+            return jsonify(error='a JSON body {"message": "..."} with a non-empty message is needed'), 400
+        run = storage.runs.track(f"run-{uuid.uuid4().hex}", "demo-agent", thread_id=thread_id,
+                                 messages=[{"role": "user", "content": text}])
+        run.start()  # the run, the user's message and the stream, written before we answer
+        workers.submit(execute_run, db, run, text, app.config["AGENT_WORD_SECONDS"])
+        return jsonify(runId=run.run_id), 202
 
     @app.get("/runs/<run_id>")
     def show_run(run_id: str) -> Any:
@@ -112,6 +152,30 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def execute_run(db: peewee.Database, run: TrackedRun, text: str, word_seconds: float) -> None:
+    """What a worker does with a run: `demo_agent` inside ``with run:``, which records the end."""
+    try:
+        with run:  # completed; failed on an exception; aborted (quietly) on RunAborted
+            demo_agent(run, text, word_seconds)
+    except Exception:
+        logger.exception("run %s failed", run.run_id)  # recorded on the run; the worker goes on
+    finally:
+        db.close()  # back to the pool: an idle worker holds none
+
+
+def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
+    """Streams its reply word by word, as a model streams tokens, and stores it in the thread."""
+    message_id = f"{run.run_id}-reply"
+    reply = f"You said: {text}"
+    run.emit({"type": "TEXT_MESSAGE_START", "messageId": message_id, "role": "assistant"})
+    for word in reply.split(" "):
+        run.check_abort()  # RunAborted once someone POSTs /runs/<id>/abort
+        time.sleep(word_seconds)  # the model thinking
+        run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": word + " "})
+    run.emit({"type": "TEXT_MESSAGE_END", "messageId": message_id})
+    run.append_messages([{"id": message_id, "role": "assistant", "content": reply}])
 
 
 def _sse(storage: Any, run_id: str, after: int, first: Iterator[Dict[str, Any]],

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Iterator, List, Optional
@@ -143,6 +144,7 @@ def app(database_url: str) -> Iterator[Any]:
     app = load_flask_example().create_app(database_url, SSE_HEARTBEAT_SECONDS=0.1, SSE_MAX_SECONDS=30.0,
                                           SSE_POLL_SECONDS=0.02)
     yield app
+    app.extensions["agent_workers"].shutdown(wait=True)
     app.extensions["agent_storage"].database.close_all()
 
 
@@ -290,3 +292,35 @@ def test_open_database_pooled_picks_the_pool_class_of_the_url() -> None:
     assert isinstance(mysql, PooledMySQLDatabase) and mysql.connect_params["charset"] == "utf8mb4"
     assert isinstance(open_database("postgresql+pool://app@db.internal/app", pooled=True), PooledPostgresqlDatabase)
     assert not isinstance(open_database("postgresql://app@db.internal/app"), PooledPostgresqlDatabase)
+
+
+def test_flask_chat_runs_complete_or_stop_when_aborted(database_url: str) -> None:
+    app = load_flask_example().create_app(database_url, AGENT_WORKERS=2, AGENT_WORD_SECONDS=0.0)
+    storage = app.extensions["agent_storage"]
+    client = app.test_client()
+    try:
+        first = client.post("/threads/t9/runs", json={"message": "hello there"})
+        assert first.status_code == 202
+        run_id = first.json["runId"]
+        assert storage.runs.get(run_id) is not None  # written before the answer: followable at once
+        assert client.post("/threads/t9/runs", json={"message": " "}).status_code == 400
+        # A slow reply (1 s a word, 5 words), aborted while it streams: it stops at its next check.
+        app.config["AGENT_WORD_SECONDS"] = 1.0
+        slow = client.post("/threads/t9/runs", json={"message": "take your time"}).json["runId"]
+        assert client.post(f"/runs/{slow}/abort").json == {"requested": True, "abort": "requested"}
+        deadline = time.monotonic() + 120
+        while storage.runs.running("demo-agent") is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        app.extensions["agent_workers"].shutdown(wait=True)
+        storage.database.close_all()
+    done = client.get(f"/runs/{run_id}").json
+    assert done["status"] == "completed" and done["finalEvent"]["outcome"] == "success"
+    messages = client.get("/threads/t9").json["messages"]
+    assert [(m["role"], m["content"]) for m in messages if m["runId"] == run_id] == \
+        [("user", "hello there"), ("assistant", "You said: hello there")]
+    assert [m["role"] for m in messages if m["runId"] == slow] == ["user"]
+    stopped = client.get(f"/runs/{slow}").json
+    assert stopped["status"] == "aborted" and stopped["finalEvent"]["code"] == "ABORTED"
+    assert client.post(f"/runs/{slow}/abort").json == {"requested": False, "abort": "not_running"}
