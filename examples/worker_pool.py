@@ -4,13 +4,15 @@
     DATABASE_URL=mysql://app:secret@localhost/app python examples/worker_pool.py
     python examples/worker_pool.py --runs 20 --workers 8 --steps 10
 
-The dispatcher (the main thread, standing in for your API) records each run as
-`running` when it accepts it and queues it; a `ThreadPoolExecutor` of workers executes
-the queued runs. Between steps a worker asks `storage.runs.abort_requested(run_id)` and,
-when an abort was requested, ends the run as `aborted` (RUN_ERROR) instead of
-continuing. Here two runs are aborted: the last one while it still waits in the queue (its worker
-stops before its first step), and the first one while it is in progress (it stops
-between two steps).
+The dispatcher (the main thread, standing in for your API) starts each run when it
+accepts it (`storage.runs.track(...).start()`: the `running` record, the stream and its
+RUN_STARTED) and queues it; a `ThreadPoolExecutor` of workers executes the queued runs,
+each inside ``with run:``, which records how the run ended. Before each step a worker
+calls `run.check_abort()`, which raises `RunAborted` once an abort was requested: the
+block then records the run as `aborted` (RUN_ERROR, code ABORTED) and the worker moves
+on. Here two runs are aborted: the last one while it still waits in the queue (its
+worker stops before its first step), and the first one while it is in progress (it
+stops between two steps).
 
 The database is pooled (`open_database(url, pooled=True)`: `playhouse.pool`), with one
 connection per worker plus one for the dispatcher. A worker gives its connection back
@@ -29,44 +31,23 @@ from typing import Any, Dict, List, Optional
 
 from playhouse.pool import PooledDatabase
 
-from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee import TrackedRun, create_tables, peewee_storage
 from better_agent_peewee.cli import open_database, redact
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def execute_run(storage: Any, run_id: str, steps: int, step_seconds: float) -> Dict[str, Any]:
+def execute_run(db: Any, run: TrackedRun, steps: int, step_seconds: float) -> Dict[str, Any]:
     """What a worker does with one run: its steps, streamed, checking for an abort before each."""
-    db = storage.database
-    streams, runs = storage.streams, storage.runs
     done = 0
     try:
-        streams.append(run_id, {"type": "RUN_STARTED", "runId": run_id, "timestamp": now_ms()})
-        for step in range(steps):
-            if runs.abort_requested(run_id):  # one indexed read of one column
-                error = {"type": "RUN_ERROR", "message": f"aborted on request before step {step + 1}",
-                         "code": "ABORTED"}
-                streams.append(run_id, {**error, "timestamp": now_ms()})
-                runs.finish(run_id, "aborted", error)
-                break
-            time.sleep(step_seconds)  # the work of one step: a model call, a tool call ...
-            streams.append(run_id, {"type": "STEP_FINISHED", "stepName": f"step-{step + 1}",
-                                    "timestamp": now_ms()})
-            done += 1
-        else:
-            finished = {"type": "RUN_FINISHED", "runId": run_id}
-            streams.append(run_id, {**finished, "timestamp": now_ms()})
-            runs.finish(run_id, "completed", finished)
-    except Exception as exc:  # the run fails, the worker lives on
-        error = {"type": "RUN_ERROR", "message": f"{type(exc).__name__}: {exc}"}
-        runs.finish(run_id, "failed", error)
-        raise
+        with run:  # completed; failed on an exception (which propagates); aborted on RunAborted (quietly)
+            for step in range(steps):
+                run.check_abort()  # RunAborted once an abort was requested
+                time.sleep(step_seconds)  # the work of one step: a model call, a tool call ...
+                run.emit({"type": "STEP_FINISHED", "stepName": f"step-{step + 1}"})
+                done += 1
     finally:
-        streams.close(run_id)  # followers (resume) end
         db.close()  # give this thread's connection back to the pool
-    return {"runId": run_id, "steps": done, "worker": threading.current_thread().name}
+    return {"runId": run.run_id, "steps": done, "worker": threading.current_thread().name}
 
 
 def wait_for_event(storage: Any, run_id: str, seq: int, timeout: float = 30) -> Optional[Dict[str, Any]]:
@@ -103,12 +84,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     with ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="worker") as pool:
         futures = []
         for run_id in run_ids:
-            storage.runs.start(run_id, "worker-demo", config={"steps": args.steps})
-            storage.streams.open(run_id)
+            run = storage.runs.track(run_id, "worker-demo", config={"steps": args.steps},
+                                     abort_check_interval=0)  # steps are slow: read the stamp before each
+            run.start()  # running, followable and abortable from now on
             if run_id == queued:
                 # Cancelled by its user while it waits in the queue: its worker stops before step 1.
                 storage.runs.request_abort(run_id)
-            futures.append(pool.submit(execute_run, storage, run_id, args.steps, args.step_seconds))
+            futures.append(pool.submit(execute_run, db, run, args.steps, args.step_seconds))
         # The first run is in progress once its first step is streamed: asked now, it stops at
         # its next check (or, if its last step is already done, completes: then this is False).
         wait_for_event(storage, in_progress, seq=2)
