@@ -85,3 +85,24 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert "bash scripts/test.sh" in first[2]
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "bash scripts/test.sh" in ci
+
+
+#: Pages of docs/ whose python blocks run like the README's (each in its own namespace and directory).
+DOCS = ["runs.md"]
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("page", DOCS)
+def test_docs_python_blocks_run(page: str, tmp_path: Path) -> None:
+    path = README.parent / "docs" / page
+    found = blocks(path.read_text(encoding="utf-8"))
+    assert not {lang for lang, _, _ in found} - NOT_RUN - {"python"}, f"{page}: unknown fences"
+    code = [(line, source) for lang, line, source in found if lang == "python"]
+    assert code, f"{page} has no python block"
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(path)], input=repr(code), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"a block of docs/{page} failed:\n{result.stderr}"
+    if page == "runs.md":  # what the page says its blocks print
+        assert "['RUN_STARTED', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_CONTENT', " \
+               "'TEXT_MESSAGE_END', 'RUN_FINISHED']" in result.stdout
+        assert "runs: run 'run-1' already exists (completed); nothing was written." in result.stdout
