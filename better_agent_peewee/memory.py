@@ -18,7 +18,7 @@ import peewee
 from .errors import ConflictError, NotFoundError, RecordError
 from .executor import json_refused
 from .query import compile_statement, first_row, marker, select_columns
-from .records import check_key, message_id, now_ms, storable_key
+from .records import check_key, check_ts, message_id, now_ms, storable_key
 from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class Threads:
         T, M = tables.models.thread, tables.models.message
         self._delete_messages = compile_statement(self._db, M.delete().where(M.thread == marker("thread")))
         self._delete_thread = compile_statement(self._db, T.delete().where(T.id == marker("thread")))
+        self._touch = compile_statement(self._db, T.update({T.updated_at: marker("now")}).where(
+            T.id == marker("thread")))
+        self._encode_ts = tables.executor.dialect.encode_ts
 
     def get(self, thread_id: str) -> Optional[Record]:
         """The thread record `thread_id`, or None."""
@@ -78,6 +81,17 @@ class Threads:
     def set(self, thread_id: str, thread: Mapping[str, Any]) -> None:
         """Create or replace the thread `thread_id`; a record whose `id` differs is refused."""
         self._table.set(thread_id, thread)
+
+    def touch(self, thread_id: str, updated_at: int) -> None:
+        """Set the thread's `updatedAt` (and nothing else), as a run that starts or ends does.
+
+        One UPDATE, so a concurrent change of the thread's title or state is kept. A thread
+        that does not exist is left so.
+        """
+        if not storable_key(thread_id):
+            return
+        self._executor.execute(self._touch.sql, self._touch.params(
+            {"now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)), "thread": thread_id}))
 
     def delete(self, thread_id: str) -> None:
         """Delete the thread `thread_id` and its messages, in one transaction.

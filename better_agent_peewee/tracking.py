@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import peewee
 
 from .errors import ConflictError, RunAborted
-from .query import compile_statement, marker
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
 if TYPE_CHECKING:
@@ -88,9 +87,6 @@ class TrackedRun:
         self._interval = float(abort_check_interval)
         self._next_check = 0.0
         self._aborted = False
-        T = tables.models.thread
-        self._touch = compile_statement(tables.executor.database, T.update({T.updated_at: marker("now")}).where(
-            T.id == marker("thread")))
 
     def __repr__(self) -> str:
         return f"<TrackedRun {self.run_id!r} {self.status or 'not started'}>"
@@ -129,7 +125,7 @@ class TrackedRun:
                         new["scope"] = scope
                     memory.threads.set(self.thread_id, new)
                 else:
-                    self._touch_thread(now)
+                    memory.threads.touch(self.thread_id, now)
                 if self._messages:
                     memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
             streams.open(self.run_id)
@@ -179,7 +175,7 @@ class TrackedRun:
         ``RUN_FINISHED`` or ``RUN_ERROR``.
         """
         self._require_running("emit an event")
-        if isinstance(event, Mapping):
+        if type(event) is dict or isinstance(event, Mapping):  # (the type test first: it is cheaper)
             if event.get("type") in FINAL_EVENT_TYPES:
                 raise ValueError(f"runs: run {self.run_id!r}: a {event.get('type')} event ends the run; "
                                  "call run.finish(...) or leave the block (raise to fail) instead of emitting it")
@@ -289,7 +285,7 @@ class TrackedRun:
                 return False
             # The thread before the stream, as on entry: both transactions lock in one order.
             if self.thread_id is not None and status in ("completed", "interrupted"):
-                self._touch_thread(now_ms())
+                self._memory.threads.touch(self.thread_id, now_ms())
             streams.append(self.run_id, final)
             streams.close(self.run_id)
         return True
@@ -308,11 +304,6 @@ class TrackedRun:
                 logger.debug("run %r: %s; running the transaction again", self.run_id, exc)
                 time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise AssertionError("unreachable")
-
-    def _touch_thread(self, now: int) -> None:
-        executor = self._executor
-        executor.execute(self._touch.sql, self._touch.params({"now": executor.dialect.encode_ts(now),
-                                                              "thread": self.thread_id}))
 
     def _require_running(self, what: str) -> None:
         if self.status != "running":

@@ -370,3 +370,14 @@ def test_many_runs_on_one_thread_at_once(storage: Any) -> None:
     messages = storage.memory.messages.list("shared")
     assert len(messages) == 2 * workers * runs_each
     assert storage.memory.threads.get("shared")["updatedAt"] >= max(r["finishedAt"] for r in runs)
+
+
+def test_threads_touch_changes_only_updated_at(storage: Any) -> None:
+    thread = {"id": "t1", "agentName": "a", "title": "T", "state": {"s": 1}, "createdAt": 1, "updatedAt": 2}
+    storage.memory.threads.set("t1", thread)
+    storage.memory.threads.touch("t1", 5_000)
+    assert storage.memory.threads.get("t1") == {**thread, "updatedAt": 5_000}
+    storage.memory.threads.touch("missing", 5_000)  # nothing to bump
+    assert storage.memory.threads.get("missing") is None
+    with pytest.raises(RecordError, match="updatedAt"):
+        storage.memory.threads.touch("t1", "soon")  # type: ignore[arg-type]
