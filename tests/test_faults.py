@@ -18,6 +18,7 @@ started them).
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections import Counter, defaultdict
@@ -27,7 +28,8 @@ import peewee
 import pytest
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
-from better_agent_peewee import ConnectionLostError, StorageError, create_tables, peewee_storage
+from better_agent_peewee import ConnectionLostError, StorageError, create_tables, peewee_storage, reap_stale
+from better_agent_peewee.records import now_ms
 from tests.samples import thread
 
 NETWORK_DIALECTS = [pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
@@ -381,3 +383,31 @@ def test_resume_follows_through_a_restart(dialect: str, server: Any,
     assert errors == [], errors
     assert got == list(range(1, 61))  # every event once, in order, across both restarts
     assert len(lost) <= 10
+
+
+def test_a_tracked_run_through_a_server_outage(dialect: str, server: Any,
+                                               make_database: Callable[..., peewee.Database]) -> None:
+    """`storage.runs.track`: a restart between two events goes unnoticed by the block; a server that
+    stays down fails the block with ConnectionLostError, its end cannot be written, and once the
+    server is back `reap_stale` finds the run and ends its stream."""
+    storage = make_storage(make_database, dialect, pooled=False)
+    with storage.runs.track("survivor", "worker", thread_id="t") as run:
+        run.emit({"type": "CUSTOM", "k": 1})
+        server.restart()
+        run.emit({"type": "CUSTOM", "k": 2})  # the storage reconnects by itself
+    assert storage.runs.get("survivor")["status"] == "completed"
+    assert [e["seq"] for e in storage.streams.resume("survivor", timeout=0)] == [1, 2, 3, 4]
+
+    run = storage.runs.track("stranded", "worker").start()
+    try:
+        with pytest.raises(ConnectionLostError):
+            with run:
+                run.emit({"type": "CUSTOM", "k": 1})
+                server._shutdown()  # and it stays down: the end cannot be written either
+                run.emit({"type": "CUSTOM", "k": 2})
+    finally:
+        server._launch(server)
+    assert storage.runs.get("stranded")["status"] == "running"
+    assert reap_stale(storage, dt.timedelta(minutes=1), now_ms=now_ms() + 120_000) == 1
+    assert [e["type"] for e in storage.streams.resume("stranded", timeout=0)] == ["RUN_STARTED", "CUSTOM",
+                                                                                 "RUN_ERROR"]

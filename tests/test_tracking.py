@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Dict, List
 
 import peewee
@@ -21,6 +24,8 @@ from better_agent_peewee import (
 )
 from better_agent_peewee.records import now_ms
 from tests.samples import snapshot
+
+REPO = Path(__file__).resolve().parent.parent
 
 #: The fields of Better Agent's RunRecord (packages/core/src/storage/types.ts).
 TS_RUN_FIELDS = {"runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "finalEvent", "config",
@@ -381,3 +386,39 @@ def test_threads_touch_changes_only_updated_at(storage: Any) -> None:
     assert storage.memory.threads.get("missing") is None
     with pytest.raises(RecordError, match="updatedAt"):
         storage.memory.threads.touch("t1", "soon")  # type: ignore[arg-type]
+
+
+WORKER = """
+import sys
+from better_agent_peewee import peewee_storage
+from better_agent_peewee.cli import open_database
+
+storage = peewee_storage(open_database(sys.argv[1]))
+with storage.runs.track("doomed", "worker", thread_id="t1", messages=[{"role": "user", "content": "hi"}]) as run:
+    for k in range(3):
+        run.emit({"type": "CUSTOM", "k": k})
+    print("streamed", flush=True)
+    sys.stdin.readline()  # killed while it waits here
+"""
+
+
+def test_a_killed_worker_leaves_what_reap_stale_cleans_up(storage: Any, database_url: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, database_url], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == "streamed\n", line + proc.stdout.read()
+        proc.kill()  # SIGKILL inside the block: nothing of the end is written
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert proc.returncode == -9
+    assert storage.runs.get("doomed")["status"] == "running" and storage.streams.get("doomed")["status"] == "open"
+    assert reap_stale(storage, timedelta(minutes=5), now_ms=now_ms() + 10 * 60_000) == 1
+    rec = storage.runs.get("doomed")
+    assert rec["status"] == "failed" and rec["finalEvent"]["code"] == "STALE_RUN"
+    followed = list(storage.streams.resume("doomed", 0, timeout=10))
+    assert [e["type"] for e in followed] == ["RUN_STARTED", "CUSTOM", "CUSTOM", "CUSTOM", "RUN_ERROR"]
+    assert {k: v for k, v in followed[-1].items() if k != "seq"} == rec["finalEvent"]
+    assert storage.streams.get("doomed")["status"] == "closed"
