@@ -766,7 +766,7 @@ class MySQLDialect(Dialect):
                     except Exception:  # MySQL: no such variable (no Galera)
                         state["galera"] = False
                 if state["galera"]:
-                    cursor.execute(f"SET SESSION wsrep_sync_wait = {self.CAUSAL_READS}")
+                    cursor.execute("SET SESSION wsrep_sync_wait = %s", (self.CAUSAL_READS,))
             finally:
                 cursor.close()
             try:
