@@ -380,7 +380,10 @@ _PG_UNREACHABLE = re.compile(
     r"the database system is (?:starting up|shutting down|not yet accepting|in recovery)|"
     r"could not (?:send|receive) data|timeout expired|no connection to the server|"
     r"could not translate host name|no route to host|network is unreachable|"
-    r"SSL (?:connection has been closed|SYSCALL error)", re.IGNORECASE)
+    r"SSL (?:connection has been closed|SYSCALL error)|"
+    # pgbouncer while its server is down or restarting (server_login_retry)
+    r"server login has been failing|pgbouncer cannot connect to server|server conn crashed|"
+    r"no more connections allowed", re.IGNORECASE)
 
 #: MySQL/MariaDB client and server errors meaning the connection is gone: server has gone
 #: away, lost connection during query / at handshake, server shutdown in progress, connection
@@ -497,6 +500,12 @@ class Dialect:
 
     def is_read_only(self, exc: BaseException) -> bool:
         """True when `exc` says the server (a standby, a replica) takes no writes."""
+        return False
+
+    def needs_new_connection(self, exc: BaseException) -> bool:
+        """True when the conflict `exc` means this connection's server cannot serve now (a
+        cluster node that is not synced), so a retry should reconnect (through a proxy: to
+        another node)."""
         return False
 
     def requires_primary_key(self) -> bool:
@@ -733,6 +742,9 @@ class MySQLDialect(Dialect):
         # rolled the statement or transaction back. ER_UNKNOWN_COM_ERROR 1047: a Galera node
         # that is not synced ("WSREP has not yet prepared node for application use") ran nothing.
         return _mysql_errno(exc) in (1213, 1205, 1047)
+
+    def needs_new_connection(self, exc: BaseException) -> bool:
+        return _mysql_errno(exc) == 1047
 
     def is_read_only(self, exc: BaseException) -> bool:
         # ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,

@@ -86,6 +86,9 @@ class ConnectionLostError(StorageError, peewee.OperationalError):
     catches that keeps working.
     """
 
+    #: True when the lost statement or COMMIT may have been applied (the reply was lost).
+    maybe_applied = False
+
     def __init__(self, message: str, orig: Optional[BaseException] = None) -> None:
         super().__init__(message)
         self.orig = orig

@@ -10,18 +10,59 @@ through one `Executor`; nothing below it knows about the storage object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import random
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
 
 from .dialects import Dialect
-from .errors import ConnectionLostError, PoolExhaustedError, RecordError
+from .errors import ConnectionLostError, ContentionError, PoolExhaustedError, ReadOnlyError, RecordError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "fast_execute_sql", "json_refused", "pool_exhausted"]
+__all__ = ["Executor", "Applied", "fast_execute_sql", "json_refused", "pool_exhausted",
+           "RECONNECT_WINDOW", "CONFLICT_RETRIES"]
+
+#: Seconds a statement outside a transaction keeps trying to reconnect while the server is
+#: unreachable (a restart, a failover, a cluster node rejoining) before ConnectionLostError.
+RECONNECT_WINDOW = 10.0
+#: Times a statement outside a transaction is run again after the server rolled it back as a
+#: conflict (deadlock, serialization failure, Galera certification failure, node not ready),
+#: with random backoff growing to 0.2 s; then ContentionError. Also the reruns a
+#: `transaction(retries=...)` block gets at most.
+CONFLICT_RETRIES = 40
+
+
+class Applied:
+    """What `Executor.execute` returns in place of a cursor when a read-back found that the
+    statement whose reply was lost had been applied: its `rowcount`, and no rows."""
+
+    description = None
+
+    def __init__(self, rowcount: int) -> None:
+        self.rowcount = rowcount
+
+    def fetchall(self) -> List[Any]:
+        """No rows (the statement's own result was lost with the connection)."""
+        return []
+
+    def fetchone(self) -> None:
+        """No row."""
+        return None
+
+
+def _conflict_pause(attempt: int) -> None:
+    # Random, so the writers that collided do not collide again in lockstep; growing, so a
+    # hot row under many writers drains instead of thrashing.
+    time.sleep(random.uniform(0, min(0.2, 0.002 * (2 ** min(attempt, 10)))))
+
+
+def _reconnect_pause(attempt: int, deadline: float) -> None:
+    time.sleep(max(0.0, min(0.05 * (2 ** min(attempt, 4)), deadline - time.monotonic())))
 
 
 def json_refused(table: str, field: Optional[str], exc: Exception) -> RecordError:
@@ -101,23 +142,6 @@ def _lost(database: peewee.Database, exc: BaseException, what: str) -> Connectio
                                f"or could not be made: {exc}".replace("\n", " ").strip(), getattr(exc, "orig", exc))
 
 
-def _after_failure(database: peewee.Database, dialect: Dialect, exc: BaseException, sql: str, params: Any,
-                   idempotent: bool) -> Any:
-    """Handle `exc` raised by `sql`: re-raise it, or reconnect and run `sql` once more."""
-    if not dialect.is_connection_lost(exc):
-        raise exc
-    if database.in_transaction():
-        raise _lost(database, exc, "the transaction was rolled back") from exc
-    not_sent = dialect.was_not_sent(exc)
-    _drop_connection(database)
-    if not (idempotent or not_sent):
-        raise _lost(database, exc, "the statement may or may not have been applied") from exc
-    # connect() also when the database has autoconnect=False
-    _or_lost(database, dialect, "reconnecting failed", lambda: database.connect(reuse_if_open=True))
-    logger.warning("database connection lost (%s); reconnected, running the statement again", _first_line(exc))
-    return _or_lost(database, dialect, "the connection was lost again", lambda: database.execute_sql(sql, params))
-
-
 def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Callable[[], Any]) -> Any:
     """`call()`; a lost connection drops the dead connection and raises ConnectionLostError(`what`)."""
     try:
@@ -154,15 +178,47 @@ class _Transaction(contextlib.ContextDecorator):
     dropped so the next call works.
     """
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, retries: int = 0) -> None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, got {retries!r:.80}")
         self._executor = executor
+        self._retries = retries
         self._inner: Any = None
         self._outermost = False
+        self._decorating = False
 
     def _recreate_cm(self) -> _Transaction:
-        return _Transaction(self._executor)  # used as a decorator: a fresh one per call
+        fresh = _Transaction(self._executor)  # used as a decorator: a fresh one per call
+        fresh._decorating = True
+        return fresh
+
+    def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:  # type: ignore[override]
+        """Decorate `func`: each call runs it in a transaction, rerun up to `retries` times when
+        the server rolls it back as a conflict or the connection is lost before COMMIT."""
+        retries, executor = self._retries, self._executor
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            attempt = 0
+            while True:
+                outermost = not executor.database.in_transaction()
+                try:
+                    with self._recreate_cm():
+                        return func(*args, **kwargs)
+                except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                    # Only the outermost block can run again: a savepoint's failure is its caller's.
+                    if attempt >= retries or not outermost or not executor.rerunnable(exc):
+                        raise
+                    attempt += 1
+                    logger.info("transaction rolled back (%s); running it again (%d of %d)",
+                                _first_line(exc), attempt, retries)
+                    _conflict_pause(attempt)
+        return run
 
     def __enter__(self) -> Any:
+        if self._retries and not self._decorating:
+            raise TypeError("transaction(retries=N) reruns a function: use it as a decorator "
+                            "(@storage.transaction(retries=3)), not in a with statement")
         database, dialect = self._executor.database, self._executor.dialect
         self._outermost = not database.in_transaction()
         inner = dialect.transaction()
@@ -192,9 +248,12 @@ class _Transaction(contextlib.ContextDecorator):
             if isinstance(exc, ConnectionLostError):
                 # the statement's own report (and its cause) says it best; `from` would replace that cause
                 raise exc  # noqa: B904
-            what = "the transaction was rolled back" if exc_type is not None else \
+            at_commit = exc_type is None
+            what = "the transaction was rolled back" if not at_commit else \
                 "the connection was lost at COMMIT: the transaction may or may not have been committed"
-            raise _lost(executor.database, failure, what) from failure
+            lost = _lost(executor.database, failure, what)
+            lost.maybe_applied = at_commit
+            raise lost from failure
 
 
 class Executor:
@@ -204,26 +263,47 @@ class Executor:
     and the executor itself holds only the database, its dialect and the fast path.
     """
 
-    def __init__(self, database: peewee.Database, dialect: Dialect) -> None:
+    def __init__(self, database: peewee.Database, dialect: Dialect, *,
+                 reconnect_window: float = RECONNECT_WINDOW) -> None:
+        if isinstance(reconnect_window, bool) or not isinstance(reconnect_window, (int, float)) or \
+                not reconnect_window >= 0:
+            raise ValueError(f"reconnect_window must be a non-negative number of seconds, got "
+                             f"{reconnect_window!r:.80}")
         self.database = database
         self.dialect = dialect
+        self.reconnect_window = float(reconnect_window)
         self._execute_sql = fast_execute_sql(database)
 
     def __repr__(self) -> str:
         return f"<Executor {self.dialect.name} {self.database.database!r}>"
 
-    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True) -> Any:
+    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True,
+                resolve: Optional[Callable[[], Any]] = None) -> Any:
         """Run one SQL statement on the calling thread's connection; the driver's cursor.
 
-        When the connection turns out dead (server restarted, network cut) and no
-        transaction is open, it reconnects and, if the statement is `idempotent` (a read,
-        an upsert, a delete by key) or certainly never reached the server, runs it once
-        more. Pass ``idempotent=False`` for a statement whose second run could apply it
-        twice (an INSERT that numbers a row, a conditional UPDATE whose row count is the
-        answer): it then raises ConnectionLostError when its outcome is unknown.
+        Outside a transaction:
+
+        * when the connection turns out dead (server restarted, failover, network cut) it
+          reconnects, trying again with backoff for up to `reconnect_window` seconds, and
+          runs the statement again if it is `idempotent` (a read, an upsert, a delete by
+          key) or certainly never reached the server;
+        * a statement whose second run could apply it twice (``idempotent=False``: an
+          INSERT that numbers a row, a conditional UPDATE whose row count is the answer)
+          and whose reply was lost is settled by `resolve`, called once reconnected: it
+          reads back what the statement would have written and returns None (not applied:
+          the statement runs again) or the result to return (an `Applied`). Without
+          `resolve` such a statement raises ConnectionLostError ("may or may not");
+        * a statement the server rolled back as a conflict (deadlock, serialization
+          failure, Galera certification failure, node not ready) did nothing: it runs
+          again with backoff, up to `CONFLICT_RETRIES` times, then ContentionError.
+
+        Inside a transaction nothing is retried: a lost connection raises
+        ConnectionLostError, a conflict the driver's error.
 
         :raises ConnectionLostError: the connection is gone and the statement could not be
-            (re)run; inside a transaction, always when the connection is lost.
+            (re)run within the reconnect window; inside a transaction, always.
+        :raises ContentionError: conflicts past the retry bound (retry later).
+        :raises ReadOnlyError: the server takes no writes (a standby, a read-only replica).
         :raises PoolExhaustedError: a pooled database had no free connection in time.
         """
         database = self.database
@@ -234,10 +314,78 @@ class Executor:
             self.execute("SELECT 1")
         try:
             return self._execute_sql(sql, params)
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            return _after_failure(database, self.dialect, exc, sql, params, idempotent)
+        except (peewee.OperationalError, peewee.InterfaceError, peewee.InternalError) as exc:
+            return self._recover(exc, sql, params, idempotent, resolve)
         except MaxConnectionsExceeded as exc:
             raise pool_exhausted(database, exc) from exc
+
+    def _recover(self, exc: BaseException, sql: str, params: Any, idempotent: bool,
+                 resolve: Optional[Callable[[], Any]]) -> Any:
+        """`sql` raised `exc`: re-raise it (as our error), or reconnect / wait and run it again."""
+        database, dialect = self.database, self.dialect
+        conflicts = reconnects = 0
+        deadline: Optional[float] = None
+        unsure = False  # the statement may have been applied: its reply was lost
+        while True:
+            if dialect.is_read_only(exc):
+                raise ReadOnlyError(f"the {database.__class__.__name__} server takes no writes (a read-only "
+                                    f"standby or replica; connect writers to the primary): {_first_line(exc)}",
+                                    getattr(exc, "orig", exc)) from exc
+            if isinstance(exc, ConnectionLostError) or dialect.is_connection_lost(exc):
+                if database.in_transaction():
+                    raise _lost(database, exc, "the transaction was rolled back") from exc
+                if not idempotent and not dialect.was_not_sent(exc) and not isinstance(exc, ConnectionLostError):
+                    unsure = True
+                _drop_connection(database)
+                if unsure and resolve is None:
+                    lost = _lost(database, exc, "the statement may or may not have been applied")
+                    lost.maybe_applied = True
+                    raise lost from exc
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.reconnect_window
+                elif now >= deadline:
+                    raise _lost(database, exc, f"the server stayed unreachable for the reconnect window "
+                                               f"({self.reconnect_window:g} s)") from exc
+                if reconnects:
+                    _reconnect_pause(reconnects, deadline)
+                reconnects += 1
+                if reconnects == 1:
+                    logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
+            elif dialect.is_transient(exc) and not database.in_transaction():
+                conflicts += 1
+                if conflicts > CONFLICT_RETRIES:
+                    raise ContentionError(
+                        f"the server rolled the statement back as a conflict {conflicts} times in a row (last: "
+                        f"{_first_line(exc)}); nothing of it was applied: retry the operation later",
+                        getattr(exc, "orig", exc)) from exc
+                if dialect.needs_new_connection(exc):
+                    _drop_connection(database)  # a node that is not ready: let the proxy pick another
+                _conflict_pause(conflicts)
+            else:
+                raise exc
+            try:
+                database.connect(reuse_if_open=True)  # also when the database has autoconnect=False
+                if unsure:
+                    assert resolve is not None
+                    outcome = resolve()
+                    if outcome is not None:
+                        return outcome
+                    unsure = False  # read back: not applied, so running it again is safe
+                return self._execute_sql(sql, params)
+            except MaxConnectionsExceeded as again:
+                raise pool_exhausted(database, again) from again
+            except (peewee.OperationalError, peewee.InterfaceError, peewee.InternalError) as again:
+                exc = again
+
+    def rerunnable(self, exc: BaseException) -> bool:
+        """True when a transaction that raised `exc` did nothing and may simply run again: a
+        conflict, or a connection lost before COMMIT."""
+        if isinstance(exc, ConnectionLostError):
+            return not getattr(exc, "maybe_applied", False)
+        if isinstance(exc, ContentionError):
+            return True
+        return self.dialect.is_transient(exc)
 
     def execute_query(self, query: peewee.Node, *, idempotent: bool = True) -> Any:
         """Compile a peewee query and run it with `execute`; the driver's cursor.
@@ -252,21 +400,33 @@ class Executor:
         """Every row of the SELECT `query`, as driver tuples."""
         return list(self.execute_query(query).fetchall())
 
-    def transaction(self) -> Any:
+    def transaction(self, retries: int = 0) -> Any:
         """A transaction for several statements (on SQLite it takes the write lock up front).
 
         Nested calls make savepoints. If the connection is lost inside it, the block raises
         ConnectionLostError and nothing of it is applied (unless the loss hit COMMIT itself:
-        then it may have been); the next statement reconnects.
+        then it may have been); the next statement reconnects. With `retries`, use it as a
+        decorator: the decorated function runs again (up to `retries` times) when the
+        transaction was rolled back by a conflict or lost before COMMIT.
         """
-        return _Transaction(self)
+        return _Transaction(self, retries)
 
     def connection(self) -> Any:
         """The calling thread's driver connection, opened (or taken from the pool) if needed.
 
         :raises ConnectionLostError: the server cannot be reached.
         """
-        try:
-            return _or_lost(self.database, self.dialect, "connecting failed", self.database.connection)
-        except MaxConnectionsExceeded as exc:
-            raise pool_exhausted(self.database, exc) from exc
+        database = self.database
+        deadline = time.monotonic() + self.reconnect_window
+        attempt = 0
+        while True:
+            try:
+                return _or_lost(database, self.dialect, "connecting failed", database.connection)
+            except MaxConnectionsExceeded as exc:
+                raise pool_exhausted(database, exc) from exc
+            except ConnectionLostError:
+                # Unreachable (restart, failover): wait within the reconnect window, as execute does.
+                if database.in_transaction() or time.monotonic() >= deadline:
+                    raise
+                attempt += 1
+                _reconnect_pause(attempt, deadline)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import peewee
 
-from .errors import ConflictError, NotFoundError, RecordError
-from .executor import json_refused
+from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError
+from .executor import Applied, json_refused
 from .query import compile_statement, first_row, marker, select_columns
 from .records import check_key, check_ts, message_id, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -125,6 +126,8 @@ class Messages:
         M = tables.models.message
         self._model = M
         self._fields = [f for c in self._table.spec.columns for f in M._meta.sorted_fields if f.column_name == c]
+        self._id_index = list(self._table.spec.columns).index("id")
+        self._exists = compile_statement(self._db, M.select(M.id).where(M.id == marker("id")))
 
         # The first message of a run in the listing order (createdAt, then id).
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
@@ -245,13 +248,14 @@ class Messages:
                 chunk, count, size = [], 0, 0
         if count:
             chunks.append((count, chunk))
+        first_id = rows[0][self._id_index]
         try:
             if len(chunks) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round trips
-                self._executor.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False)
+                # After a lost reply the first message's id (a key) tells whether it was applied.
+                self._executor.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False,
+                                       resolve=lambda: self._read_back(first_id, len(rows)))
             else:
-                with self._executor.transaction():
-                    for count, params in chunks:
-                        self._executor.execute(self._rows_statement(count), params)
+                self._insert_chunks(chunks, first_id, len(rows))
         except peewee.IntegrityError as exc:
             if self._dialect.is_foreign_key_violation(exc):
                 raise NotFoundError(_THREADS, thread_id,
@@ -263,6 +267,29 @@ class Messages:
             if self._dialect.rejected_json_column(exc) is None:
                 raise
             raise json_refused(_MESSAGES, "message", exc) from exc
+
+    def _insert_chunks(self, chunks: List[Tuple[int, List[Any]]], first_id: str, total: int) -> None:
+        """Several INSERTs in one transaction; a connection lost on the way is settled by reading
+        back the first message (outside a caller's transaction) and the batch stored again if absent."""
+        lost_since: Optional[float] = None
+        while True:
+            outermost = not self._db.in_transaction()
+            try:
+                with self._executor.transaction():
+                    for count, params in chunks:
+                        self._executor.execute(self._rows_statement(count), params)
+                return
+            except ConnectionLostError as exc:
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if not outermost or now - lost_since > self._executor.reconnect_window:
+                    raise
+                if exc.maybe_applied and self._read_back(first_id, total) is not None:
+                    return
+
+    def _read_back(self, first_id: str, count: int) -> Optional[Applied]:
+        row = first_row(self._executor.execute(self._exists.sql, self._exists.params({"id": first_id})))
+        return None if row is None else Applied(count)
 
     def _rows_statement(self, count: int) -> str:
         sql = self._rows_sql.get(count)

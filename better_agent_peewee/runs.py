@@ -13,11 +13,12 @@ from __future__ import annotations
 import datetime
 import enum
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence
 
 import peewee
 
 from .errors import ConflictError, NotFoundError, RecordError
+from .executor import Applied
 from .prune import PruneReport, prune_runs, reap_stale
 from .query import compile_statement, first_row, marker
 from .records import FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
@@ -68,6 +69,7 @@ class Runs:
         self._db: peewee.Database = tables.executor.database
         self._table: TableAdapter = tables.table(_RUNS)
         self._encode_ts = tables.executor.dialect.encode_ts
+        self._decode_ts = tables.executor.dialect.decode_ts
         self._check_json = make_json_check(tables.executor.dialect)
         R = tables.models.run
         # Only a running run that was not asked yet: the WHERE clause decides who wins a race.
@@ -112,8 +114,10 @@ class Runs:
             return record
         row = self._table.to_row(run_id, record)  # validates: bad input raises before any write
         try:
-            # Not idempotent: after a lost reply a second run would find its own row and refuse.
-            stored = self._executor.execute(self._insert.sql, row, idempotent=False).rowcount == 1
+            # Not idempotent: after a lost reply a second run would find its own row and refuse;
+            # so the row is read back instead: ours (same start stamp and agent) means stored.
+            stored = self._executor.execute(self._insert.sql, row, idempotent=False, resolve=lambda: self._read_back(
+                run_id, lambda r: r["startedAt"] == now and r["agentName"] == agent_name)).rowcount == 1
         except peewee.IntegrityError:  # MySQL: the duplicate raises instead of being skipped
             stored = False
         if not stored:
@@ -149,11 +153,15 @@ class Runs:
                 raise RecordError(_RUNS, "finalEvent", f"a {status} run ends with a {FINISHED[status]} event, "
                                                        f"got {kind}")
             final = self._check_json(_RUNS, "finalEvent", dict(final_event))
-        params = self._finish.params({"status": status, "final": final, "now": self._encode_ts(now_ms()),
+        stamp = now_ms()
+        params = self._finish.params({"status": status, "final": final, "now": self._encode_ts(stamp),
                                       "run": run_id})
         # Not idempotent: after a lost reply a second run would find the run ended and say False.
         # (The status changes from running, so even MySQL, which counts changed rows, says 1.)
-        if self._executor.execute(self._finish.sql, params, idempotent=False).rowcount == 1:
+        # After a lost reply the run is read back: ended with our stamp means this call did it.
+        if self._executor.execute(self._finish.sql, params, idempotent=False, resolve=lambda: self._read_back(
+                run_id, lambda r: r["status"] == status and r.get("finishedAt") == stamp,
+                pending=lambda r: r["status"] == "running")).rowcount == 1:
             return True
         if self.get(run_id) is None:
             raise NotFoundError(_RUNS, run_id, f"runs: cannot finish run {run_id!r}: it does not exist")
@@ -171,9 +179,12 @@ class Runs:
         :raises NotFoundError: there is no run `run_id`.
         """
         run_id = check_key(_RUNS, "runId", run_id)
-        params = self._abort.params({"now": self._encode_ts(now_ms()), "run": run_id})
-        # Not idempotent: a second run after a lost reply would answer False to the winner.
-        if self._executor.execute(self._abort.sql, params, idempotent=False).rowcount == 1:
+        stamp = now_ms()
+        params = self._abort.params({"now": self._encode_ts(stamp), "run": run_id})
+        # Not idempotent: a second run after a lost reply would answer False to the winner. So
+        # after a lost reply the stamp is read back: ours means this call made the request.
+        if self._executor.execute(self._abort.sql, params, idempotent=False,
+                                  resolve=lambda: self._abort_read_back(run_id, stamp)).rowcount == 1:
             logger.debug("abort requested for run %r", run_id)
             return AbortRequest.REQUESTED
         run = self.get(run_id)
@@ -182,6 +193,23 @@ class Runs:
         if run["status"] == "running":
             return AbortRequest.ALREADY_REQUESTED
         return AbortRequest.NOT_RUNNING
+
+    def _read_back(self, run_id: str, ours: Callable[[Dict[str, Any]], bool],
+                   pending: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Optional[Applied]:
+        """After a lost reply: Applied(1) when the run shows our write, None when the statement
+        should run again (no run yet, or still `pending`), else Applied(0)."""
+        run = self.get(run_id)
+        if run is None:
+            return None if pending is None else Applied(0)
+        if ours(run):
+            return Applied(1)
+        return None if pending is not None and pending(run) else Applied(0)
+
+    def _abort_read_back(self, run_id: str, stamp: int) -> Optional[Applied]:
+        row = first_row(self._executor.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
+        if row is None or row[0] is None:
+            return None  # not stamped (or no such run): the UPDATE can run again
+        return Applied(1 if self._decode_ts(row[0]) == stamp else 0)
 
     def abort_requested(self, run_id: str) -> bool:
         """True once an abort of `run_id` was requested: the check a worker makes between steps.

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .dialects import Dialect, detect_dialect, unwrap
 from .errors import UnsupportedTableError
-from .executor import Executor
+from .executor import RECONNECT_WINDOW, Executor
 from .memory import Memory
 from .models import Models, build_models
 from .runs import Runs
@@ -29,12 +29,13 @@ class Storage:
     keeps one connection per thread, and the object itself holds only compiled SQL.
     """
 
-    def __init__(self, database: Any, dialect: Optional[str] = None) -> None:
+    def __init__(self, database: Any, dialect: Optional[str] = None, *,
+                 reconnect_window: float = RECONNECT_WINDOW, causal_reads: bool = True) -> None:
         self.database = unwrap(database)
         self.dialect: Dialect = detect_dialect(database, dialect)
-        self.dialect.prepare()
+        self.dialect.prepare(causal_reads=causal_reads)
         self.models: Models = build_models(self.database, self.dialect)
-        self.executor = Executor(self.database, self.dialect)
+        self.executor = Executor(self.database, self.dialect, reconnect_window=reconnect_window)
         parts = Tables(self.executor, self.models)
         self.tables: Dict[str, TableAdapter] = parts.by_name
         self.memory = Memory(parts)
@@ -85,14 +86,20 @@ class Storage:
             raise UnsupportedTableError(table) from None
         return adapter.list(query)
 
-    def transaction(self) -> Any:
+    def transaction(self, retries: int = 0) -> Any:
         """A transaction for several storage calls (on SQLite it takes the write lock up front).
 
         Nested calls make savepoints. If the connection is lost inside it, the block raises
         ConnectionLostError and nothing of it is applied (unless the loss hit COMMIT itself:
         then it may have been); the next call on this storage reconnects.
+
+        ``@storage.transaction(retries=3)`` decorates a function instead: each call runs it
+        in a transaction, and runs it again (up to 3 more times) when the server rolled the
+        transaction back as a conflict (deadlock, serialization failure, Galera certification
+        failure) or the connection was lost before COMMIT. The function must be safe to run
+        again: everything it did in the database was rolled back, but not its other effects.
         """
-        return self.executor.transaction()
+        return self.executor.transaction(retries)
 
     def connection(self) -> Any:
         """The calling thread's driver connection, opened (or taken from the pool) if needed.
@@ -110,11 +117,18 @@ class Storage:
         return self.executor.execute(sql, params, idempotent=idempotent)
 
 
-def peewee_storage(db: Any, dialect: Optional[str] = None) -> Storage:
+def peewee_storage(db: Any, dialect: Optional[str] = None, *, reconnect_window: float = RECONNECT_WINDOW,
+                   causal_reads: bool = True) -> Storage:
     """The Better Agent storage object over `db`.
 
     :param db: any Peewee database (plain, `*Ext`, pooled) or an initialised `DatabaseProxy`.
     :param dialect: "postgres", "mysql" or "sqlite"; inferred when omitted, an error when it
         contradicts `db`.
+    :param reconnect_window: seconds an operation outside a transaction keeps reconnecting
+        (with backoff) while the server is unreachable, as during a restart or a failover,
+        before it raises ConnectionLostError; 0 turns the waiting off.
+    :param causal_reads: on a Galera cluster, make every connection read what any node has
+        committed before it (``wsrep_sync_wait``), so a write on one node is seen by the next
+        read on another; False trades that for a little latency per read. Ignored elsewhere.
     """
-    return Storage(db, dialect)
+    return Storage(db, dialect, reconnect_window=reconnect_window, causal_reads=causal_reads)

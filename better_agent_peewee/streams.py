@@ -25,18 +25,19 @@ cost of a poll does not grow with the stream's length.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import peewee
 from playhouse.pool import PooledDatabase
 
-from .errors import ConflictError, NotFoundError, RecordError
-from .executor import json_refused
+from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
+from .executor import Applied, json_refused
 from .query import compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -107,6 +108,9 @@ class Streams:
         # The last seq of a stream (0 when it has no event); no row when there is no stream.
         self._last_seq = compile_statement(
             self._db, S.select(last_seq).where(S.id == marker("run")))
+        # Read-back after a lost reply: the event stored under (run, seq), if any.
+        self._event_at = compile_statement(self._db, E.select(d.select_json(E.event)).where(
+            (E.run_id == marker("run")) & (E.seq == marker("seq"))))
         self._close_sql = compile_statement(
             self._db, S.update({S.status: marker("status"), S.updated_at: marker("now"),
                                 S.closed_at: marker("now")}).where(S.id == marker("run")))
@@ -188,6 +192,8 @@ class Streams:
         """Store encoded events as the next of the stream, trying numbers until one holds."""
         failed: Optional[int] = None
         transient = 0
+        lost_since: Optional[float] = None
+        seq = 0
         turn: Any
         if self._db.in_transaction():
             # It may hold database locks that a thread holding the turn waits for: no queueing.
@@ -198,19 +204,40 @@ class Streams:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 with turn:
-                    seq = self._next.get(run_id)
-                    if seq is None or seq == failed:
+                    seq = self._next.get(run_id) or 0
+                    if not seq or seq == failed:
                         seq = self._last_event(run_id) + 1
-                        if seq == failed:  # the number is right, yet the row cannot go in
+                        if seq == failed and not transient:  # the number is right, yet the row cannot go in
                             raise self._stuck(run_id, seq)
                     if batch:
                         stored = self._insert_batch(run_id, seq, encoded)
                     else:
                         stored = self._insert_first(run_id, seq, *encoded[0])
-            except peewee.DatabaseError as exc:
-                transient += 1
-                if transient > MAX_TRANSIENT or self._db.in_transaction() or not self._dialect.is_transient(exc):
+            except ConnectionLostError as exc:
+                # append_many's own transaction lost its connection: rolled back, or (lost at
+                # COMMIT) maybe committed. Settle it by reading back the first event, then go on.
+                if self._db.in_transaction() or not batch:
                     raise
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > self._executor.reconnect_window:
+                    raise
+                self._next.pop(run_id, None)
+                if exc.maybe_applied and self._stored_as(run_id, seq, encoded[0][1]):
+                    self._remember(run_id, seq + len(encoded))
+                    return list(range(seq, seq + len(encoded)))
+                continue
+            except peewee.DatabaseError as exc:
+                if self._db.in_transaction() or not self._executor.rerunnable(exc):
+                    raise
+                # A conflict: another writer (or node) got in first. Go on while the stream
+                # moves on; give up only after MAX_TRANSIENT conflicts in a row at one number.
+                transient = 1 if seq != failed else transient + 1
+                failed = seq
+                if transient > MAX_TRANSIENT:
+                    raise ContentionError(f"{_EVENTS}: appending to stream {run_id!r} conflicted {transient} "
+                                          f"times at seq {seq} (last: {exc}); nothing was stored: retry later",
+                                          getattr(exc, "orig", exc)) from exc
                 logger.debug("append to %r: %s; retrying", run_id, exc)
                 self._next.pop(run_id, None)
                 _backoff(attempt)
@@ -219,7 +246,7 @@ class Streams:
                 self._remember(run_id, seq + len(encoded))
                 return list(range(seq, seq + len(encoded)))
             # Another writer took `seq` (or the stream is gone): look again.
-            failed = seq
+            failed, transient = seq, 0
             self._next.pop(run_id, None)
             _backoff(attempt)
         raise ConflictError(f"{_EVENTS}: gave up appending to stream {run_id!r} after {MAX_ATTEMPTS} attempts; "
@@ -265,10 +292,25 @@ class Streams:
             # under the next number. The executor reconnects but raises ConnectionLostError instead.
             cursor = self._execute(statement.sql, statement.params(
                 {"id": event_id, "run": run_id, "seq": seq, "ts": stamp, "event": body, "prev": seq - 1}),
-                idempotent=False)
+                idempotent=False, resolve=lambda: self._read_back(run_id, seq, body))
         except peewee.IntegrityError:  # MySQL: a duplicate raises rather than being skipped
             return False
         return bool(cursor.rowcount == 1)
+
+    def _read_back(self, run_id: str, seq: int, body: str) -> Optional[Applied]:
+        """After a lost reply to the insert of event `seq`: Applied(1) if it is stored,
+        Applied(0) if another event holds the number, None if nothing does (run it again)."""
+        row = first_row(self._execute(self._event_at.sql, self._event_at.params({"run": run_id, "seq": seq})))
+        if row is None:
+            return None
+        return Applied(1 if self._load_json(row[0]) == json.loads(body) else 0)
+
+    def _stored_as(self, run_id: str, seq: int, body: str) -> bool:
+        """True when event `seq` of the stream is the event `body` (read back after a lost COMMIT)."""
+        if seq <= 0:
+            return False
+        outcome = self._read_back(run_id, seq, body)
+        return outcome is not None and outcome.rowcount == 1
 
     def _insert_rest(self, run_id: str, seq: int, encoded: Sequence[Tuple[Any, str]]) -> None:
         """Store events numbered from `seq` with multi-row INSERTs (inside append_many's transaction)."""
@@ -335,9 +377,10 @@ class Streams:
             self._next.clear()
         self._next[run_id] = next_seq
 
-    def _execute(self, sql: str, params: Any, idempotent: bool = True) -> Any:
+    def _execute(self, sql: str, params: Any, idempotent: bool = True,
+                 resolve: Optional[Callable[[], Any]] = None) -> Any:
         try:
-            return self._executor.execute(sql, params, idempotent=idempotent)
+            return self._executor.execute(sql, params, idempotent=idempotent, resolve=resolve)
         except peewee.OperationalError as exc:
             if self._dialect.rejected_json_column(exc) is None:
                 raise

@@ -197,7 +197,19 @@ def wait_synced(node: Server, timeout: float = STARTUP_TIMEOUT) -> None:
                       f"{_tail(node.log_path) if node.log_path else ''}")
 
 
-def start_galera(size: int = 3, workdir: Path | None = None) -> GaleraCluster:
+def start_galera(size: int = 3, workdir: Path | None = None, attempts: int = 3) -> GaleraCluster:
+    """`_start_galera`, again on fresh ports when a port picked as free was taken meanwhile
+    (other test processes start servers too; Galera needs four ports per node)."""
+    for attempt in range(attempts):
+        try:
+            return _start_galera(size, workdir)
+        except ServerError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_galera(size: int = 3, workdir: Path | None = None) -> GaleraCluster:
     """A `size`-node Galera cluster on 127.0.0.1 with haproxy in front; database ``bap_test``.
 
     Node 1 bootstraps the cluster and is set up (users, database) like

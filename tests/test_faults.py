@@ -50,14 +50,15 @@ def _own_server(server: Any) -> None:
         pytest.skip(f"{server.dialect} server given by URL: not ours to restart")
 
 
-def make_storage(make_database: Callable[..., peewee.Database], dialect: str, pooled: bool) -> Any:
+def make_storage(make_database: Callable[..., peewee.Database], dialect: str, pooled: bool,
+                 **options: Any) -> Any:
     if pooled:
         cls = PooledPostgresqlDatabase if dialect == "postgres" else PooledMySQLDatabase
         db = make_database(cls, max_connections=12, timeout=10)
     else:
         db = make_database()
     create_tables(db)
-    return peewee_storage(db)
+    return peewee_storage(db, **options)
 
 
 # -- the workload -------------------------------------------------------------------------------
@@ -312,9 +313,9 @@ def test_transaction_is_never_retried(dialect: str, server: Any, database: peewe
 
 
 def test_server_down_then_back(dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
-    """While the server is down every call raises ConnectionLostError (no hang, no other error);
-    once it is back, the very next call of every kind works."""
-    storage = make_storage(make_database, dialect, pooled=False)
+    """With the reconnect window off, while the server is down every call raises ConnectionLostError
+    (no hang, no other error); once it is back, the very next call of every kind works."""
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0)
     storage.memory.threads.set("t", thread("t"))
     storage.streams.open("r")
     calls: List[Tuple[str, Callable[[], Any]]] = [
@@ -390,7 +391,8 @@ def test_a_tracked_run_through_a_server_outage(dialect: str, server: Any,
     """`storage.runs.track`: a restart between two events goes unnoticed by the block; a server that
     stays down fails the block with ConnectionLostError, its end cannot be written, and once the
     server is back `reap_stale` finds the run and ends its stream."""
-    storage = make_storage(make_database, dialect, pooled=False)
+    # Reconnect window off: the server that stays down fails the block at once instead of after it.
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0)
     with storage.runs.track("survivor", "worker", thread_id="t") as run:
         run.emit({"type": "CUSTOM", "k": 1})
         server.restart()
@@ -411,3 +413,36 @@ def test_a_tracked_run_through_a_server_outage(dialect: str, server: Any,
     assert reap_stale(storage, dt.timedelta(minutes=1), now_ms=now_ms() + 120_000) == 1
     assert [e["type"] for e in storage.streams.resume("stranded", timeout=0)] == ["RUN_STARTED", "CUSTOM",
                                                                                  "RUN_ERROR"]
+
+
+def test_calls_wait_for_the_server_within_the_reconnect_window(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """The default reconnect window: calls made while the server is down wait for it and succeed;
+    a follower sees a delay, not an error."""
+    storage = make_storage(make_database, dialect, pooled=False)
+    storage.memory.threads.set("t", thread("t"))
+    storage.streams.open("r")
+    storage.runs.start("run", "agent")
+    results: Dict[str, Any] = {}
+
+    def calls() -> None:  # the calls run while the main thread brings the server back
+        try:
+            results["append"] = storage.streams.append("r", {"type": "A"})
+            results["get"] = storage.get("memoryThreads", "t") is not None
+            storage.memory.messages.append("t", [{"role": "user", "content": "c"}])
+            results["append_many"] = storage.streams.append_many("r", [{"type": "B"}] * 3)
+            results["abort"] = bool(storage.runs.request_abort("run"))
+            storage.streams.close("r")
+        except BaseException as exc:
+            results["error"] = exc
+
+    server._shutdown()
+    worker = threading.Thread(target=calls)
+    worker.start()
+    time.sleep(1.0)
+    server._launch(server)  # from the main thread: the test servers die with the thread that started them
+    worker.join(60)
+    assert "error" not in results, results.get("error")
+    assert results == {"append": 1, "get": True, "append_many": [2, 3, 4], "abort": True}
+    assert [e["seq"] for e in storage.streams.resume("r")] == [1, 2, 3, 4]
+    assert len(storage.memory.messages.list("t")) == 1

@@ -6,12 +6,14 @@ cluster suite (tests/cluster_suite/).
 """
 from __future__ import annotations
 
-from typing import Callable
+import json
+import threading
+from typing import Any, Callable, List
 
 import peewee
 import pytest
 
-from better_agent_peewee import check_schema, create_tables, peewee_storage
+from better_agent_peewee import ReadOnlyError, StorageError, check_schema, create_tables, peewee_storage
 from better_agent_peewee.cli import DatabaseURLError, open_database
 from tests.samples import run
 from tests.servers import Server, _free_port
@@ -83,3 +85,132 @@ def test_multi_host_url_skips_an_unreachable_host(server: Server,
         db.close()
 
 
+
+
+# -- writes refused by a read-only server ------------------------------------------------------
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgres"], indirect=True)
+def test_write_on_a_read_only_postgres_session_raises_read_only_error(
+        make_database: Callable[..., peewee.Database]) -> None:
+    """A hot standby refuses writes with SQLSTATE 25006; default_transaction_read_only gives the same."""
+    create_tables(make_database())
+    storage = peewee_storage(make_database(options="-c default_transaction_read_only=on"))
+    assert storage.get("runs", "r1") is None  # reads work
+    with pytest.raises(ReadOnlyError, match="takes no writes") as caught:
+        storage.set("runs", "r1", run("r1"))
+    assert isinstance(caught.value, StorageError)
+    storage.streams  # noqa: B018 (the storage stays usable)
+    with pytest.raises(ReadOnlyError):
+        storage.streams.open("r1")
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
+def test_write_on_a_read_only_mariadb_raises_read_only_error(server: Server, database: peewee.Database) -> None:
+    create_tables(database)
+    storage = peewee_storage(database)
+    server.admin_execute("SET GLOBAL read_only = 1")
+    try:
+        assert storage.get("runs", "r1") is None
+        with pytest.raises(ReadOnlyError, match="takes no writes"):
+            storage.set("runs", "r1", run("r1"))
+    finally:
+        server.admin_execute("SET GLOBAL read_only = 0")
+    storage.set("runs", "r1", run("r1"))
+
+
+# -- conflicts ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres),
+                                     pytest.param("mysql", marks=pytest.mark.mysql)], indirect=True)
+def test_transaction_retries_reruns_a_block_that_deadlocked(make_database: Callable[..., peewee.Database]) -> None:
+    """Two transactions lock two rows in opposite orders: the server kills one as a deadlock;
+    @transaction(retries=...) runs it again and both blocks end up applied."""
+    create_tables(make_database())
+    storages = [peewee_storage(make_database()) for _ in range(2)]
+    storages[0].set("runs", "a", run("a"))
+    storages[0].set("runs", "b", run("b"))
+    barrier = threading.Barrier(2, timeout=30)
+    calls = [0, 0]
+    errors: List[BaseException] = []
+
+    def worker(k: int) -> None:
+        s = storages[k]
+        first, second = ("a", "b") if k == 0 else ("b", "a")
+
+        @s.transaction(retries=3)
+        def block() -> None:
+            calls[k] += 1
+            s.set("runs", first, run(first, status="completed", config={"by": k}))
+            if calls[k] == 1:
+                barrier.wait()  # both hold their first row: the second set deadlocks one of them
+            s.set("runs", second, run(second, status="completed", config={"by": k}))
+        try:
+            block()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(calls) == [1, 2]  # the deadlock victim ran twice
+    winner = calls.index(2)  # ran last: both rows are its
+    assert [storages[0].get("runs", r)["config"] for r in ("a", "b")] == [{"by": winner}] * 2
+
+
+def test_transaction_retries_is_for_decorators_only(database: peewee.Database) -> None:
+    create_tables(database)
+    storage = peewee_storage(database)
+    with pytest.raises(TypeError, match="decorator"):
+        with storage.transaction(retries=2):
+            pass
+    with pytest.raises(ValueError, match="retries"):
+        storage.transaction(retries=-1)
+
+
+def test_reconnect_window_must_be_a_number_of_seconds(database: peewee.Database) -> None:
+    with pytest.raises(ValueError, match="reconnect_window"):
+        peewee_storage(database, reconnect_window=-1)
+
+
+# -- reading back after a lost reply -----------------------------------------------------------
+
+def test_append_read_back_tells_stored_taken_and_absent(database: peewee.Database) -> None:
+    """What an append reads back after losing the reply: its event (stored), another (taken), none."""
+    create_tables(database)
+    storage = peewee_storage(database)
+    storage.streams.open("r")
+    event = {"type": "T", "nested": {"b": 1, "a": [1.5, None, "x"]}}
+    assert storage.streams.append("r", event) == 1
+    streams: Any = storage.streams
+    body = json.dumps(event)
+    assert streams._read_back("r", 1, body).rowcount == 1
+    assert streams._read_back("r", 1, json.dumps({"type": "other"})).rowcount == 0
+    assert streams._read_back("r", 2, body) is None
+
+
+def test_request_abort_read_back(database: peewee.Database) -> None:
+    create_tables(database)
+    storage = peewee_storage(database)
+    storage.runs.start("r", "agent")
+    runs: Any = storage.runs
+    assert runs._abort_read_back("r", 5) is None  # not stamped: the UPDATE may run again
+    assert storage.runs.request_abort("r") is True
+    stamp = storage.runs.get("r")["abortRequestedAt"]
+    assert runs._abort_read_back("r", stamp).rowcount == 1
+    assert runs._abort_read_back("r", stamp + 1).rowcount == 0
+
+
+def test_message_read_back(database: peewee.Database) -> None:
+    create_tables(database)
+    storage = peewee_storage(database)
+    storage.memory.threads.set("t", {"agentName": "a", "createdAt": 1, "updatedAt": 1})
+    stored = storage.memory.messages.append("t", [{"id": "m1", "role": "user", "content": "c"}] * 1)
+    messages: Any = storage.memory.messages
+    (first,), = database.execute_sql("SELECT id FROM messages").fetchall()
+    assert stored and messages._read_back(first, 1).rowcount == 1
+    assert messages._read_back("t:0:absent", 1) is None
