@@ -199,7 +199,7 @@ def test_request_abort_read_back(database: peewee.Database) -> None:
     storage.runs.start("r", "agent")
     runs: Any = storage.runs
     assert runs._abort_read_back("r", 5) is None  # not stamped: the UPDATE may run again
-    assert storage.runs.request_abort("r") is True
+    assert storage.runs.request_abort("r")  # REQUESTED
     stamp = storage.runs.get("r")["abortRequestedAt"]
     assert runs._abort_read_back("r", stamp).rowcount == 1
     assert runs._abort_read_back("r", stamp + 1).rowcount == 0
