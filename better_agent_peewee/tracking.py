@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import peewee
 
-from .errors import ConflictError, RunAborted
+from .errors import ConflictError, RecordError, RunAborted
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ class TrackedRun:
         self.run_id: str = check_key(_RUNS, "runId", run_id)
         self.agent_name = agent_name
         self.thread_id = thread_id
+        if messages is not None and (isinstance(messages, (str, bytes, Mapping))
+                                     or not isinstance(messages, Sequence)):
+            raise RecordError("memoryMessages", None, f"messages must be a list of message dicts, "
+                                                      f"got {type(messages).__name__}")
         if messages and thread_id is None:
             raise ValueError(f"runs: run {run_id!r} has input messages but no thread_id to store them in")
         if isinstance(abort_check_interval, bool) or not isinstance(abort_check_interval, (int, float)) or \

@@ -270,6 +270,8 @@ def test_entry_refuses_a_running_id_and_writes_nothing_on_bad_input(storage: Any
         storage.runs.track("new", "support", thread_id="t1", config={"x": float("nan")}).start()
     with pytest.raises(RecordError, match="runId"):
         storage.runs.track("", "support")
+    with pytest.raises(RecordError, match="list of message dicts"):
+        storage.runs.track("new", "support", thread_id="t1", messages={"role": "user"})  # type: ignore[arg-type]
     assert snapshot(storage.database) == before
 
 
