@@ -21,11 +21,8 @@ run that says `running`: `reap_stale` marks it failed and ends its stream.
 from __future__ import annotations
 
 import logging
-import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
-
-import peewee
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from .errors import ConflictError, RecordError, RunAborted
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
@@ -43,9 +40,8 @@ __all__ = ["TrackedRun"]
 _RUNS = "runs"
 #: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
 ABORT_CHECK_INTERVAL = 0.2
-#: Tries of the start and end transactions when the server rolls one back (deadlock, serialization).
-_ATTEMPTS = 5
-_T = TypeVar("_T")
+#: Reruns of the start and end transactions when the server rolls one back (deadlock, serialization).
+_RETRIES = 4
 
 
 class TrackedRun:
@@ -107,34 +103,35 @@ class TrackedRun:
         """
         if self.status is not None:
             raise ConflictError(f"runs: run {self.run_id!r} was already started ({self.status})")
-        self.record = self._retrying(self._start)
+        # Run again when the server rolls it back (a deadlock: runs of one thread starting and
+        # ending at once) or the connection is lost before COMMIT: nothing of a failed try remains.
+        self.record = self._executor.transaction(retries=_RETRIES)(self._start)()
         self.status = "running"
         return self
 
     def _start(self) -> Dict[str, Any]:
-        """The entry transaction; the running record."""
+        """The entry, inside its transaction; the running record."""
         memory, streams = self._memory, self._streams
-        with self._executor.transaction():
-            thread = memory.threads.get(self.thread_id) if self.thread_id is not None else None
-            scope = self._scope
-            if scope is None and thread is not None:
-                scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
-            record = self._claim(scope)
-            now: int = record["startedAt"]  # as Better Agent: one clock reading for the whole start
-            if self.thread_id is not None:
-                if thread is None:
-                    new: Dict[str, Any] = {"id": self.thread_id, "agentName": self.agent_name,
-                                           "createdAt": now, "updatedAt": now}
-                    if scope is not None:
-                        new["scope"] = scope
-                    memory.threads.set(self.thread_id, new)
-                else:
-                    memory.threads.touch(self.thread_id, now)
-                if self._messages:
-                    memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
-            streams.open(self.run_id)
-            streams.append(self.run_id, {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
-                                           "threadId": self.thread_id or ""})
+        thread = memory.threads.get(self.thread_id) if self.thread_id is not None else None
+        scope = self._scope
+        if scope is None and thread is not None:
+            scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
+        record = self._claim(scope)
+        now: int = record["startedAt"]  # as Better Agent: one clock reading for the whole start
+        if self.thread_id is not None:
+            if thread is None:
+                new: Dict[str, Any] = {"id": self.thread_id, "agentName": self.agent_name,
+                                       "createdAt": now, "updatedAt": now}
+                if scope is not None:
+                    new["scope"] = scope
+                memory.threads.set(self.thread_id, new)
+            else:
+                memory.threads.touch(self.thread_id, now)
+            if self._messages:
+                memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
+        streams.open(self.run_id)
+        streams.append(self.run_id, {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
+                                     "threadId": self.thread_id or ""})
         return record
 
     def _claim(self, scope: Optional[str]) -> Dict[str, Any]:
@@ -276,38 +273,22 @@ class TrackedRun:
 
     def _end(self, status: str, final: Dict[str, Any]) -> bool:
         """Write the end of the run in one transaction; False if it had already ended."""
-        if not self._retrying(lambda: self._finish(status, final)):
+        if not self._executor.transaction(retries=_RETRIES)(self._finish)(status, final):
             self.status = "ended elsewhere"
             return False
         self.status, self.final_event = status, final
         return True
 
     def _finish(self, status: str, final: Dict[str, Any]) -> bool:
-        streams = self._streams
-        with self._executor.transaction():
-            if not self._runs.finish(self.run_id, status, final):
-                return False
-            # The thread before the stream, as on entry: both transactions lock in one order.
-            if self.thread_id is not None and status in ("completed", "interrupted"):
-                self._memory.threads.touch(self.thread_id, now_ms())
-            streams.append(self.run_id, final)
-            streams.close(self.run_id)
+        """The end, inside its transaction; False if the run had already ended."""
+        if not self._runs.finish(self.run_id, status, final):
+            return False
+        # The thread before the stream, as on entry: both transactions lock in one order.
+        if self.thread_id is not None and status in ("completed", "interrupted"):
+            self._memory.threads.touch(self.thread_id, now_ms())
+        self._streams.append(self.run_id, final)
+        self._streams.close(self.run_id)
         return True
-
-    def _retrying(self, transaction: Callable[[], _T]) -> _T:
-        """`transaction()`, run again when the server rolled it back for a deadlock or a
-        serialization failure (concurrent runs of one thread lock the thread row and
-        neighbouring index ranges of the events table); nothing of a rolled-back try remains."""
-        for attempt in range(_ATTEMPTS):
-            try:
-                return transaction()
-            except peewee.DatabaseError as exc:
-                if attempt == _ATTEMPTS - 1 or not self._executor.dialect.is_transient(exc) or \
-                        self._executor.database.in_transaction():
-                    raise
-                logger.debug("run %r: %s; running the transaction again", self.run_id, exc)
-                time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-        raise AssertionError("unreachable")
 
     def _require_running(self, what: str) -> None:
         if self.status != "running":
