@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, Optional, Union
 
 import peewee
-from flask import Flask, Response, abort, jsonify, request, stream_with_context
+from flask import Flask, Response, jsonify, request, stream_with_context
 from playhouse.pool import PooledDatabase
 
 from better_agent_peewee import (
@@ -112,7 +112,7 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
     def show_thread(thread_id: str) -> Any:
         thread = storage.memory.threads.get(thread_id)
         if thread is None:
-            abort(404)
+            return jsonify(error=f"no thread {thread_id!r}"), 404
         messages = storage.memory.messages.list(thread_id, limit=request.args.get("limit", type=int))
         return jsonify(thread=thread, messages=messages)
 
@@ -131,7 +131,7 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
     def show_run(run_id: str) -> Any:
         run = storage.runs.get(run_id)
         if run is None:
-            abort(404)
+            return jsonify(error=f"no run {run_id!r}"), 404
         return jsonify(run)
 
     @app.post("/runs/<run_id>/abort")

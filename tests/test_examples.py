@@ -189,7 +189,7 @@ def test_flask_threads_and_messages(app: Any) -> None:
     assert [m["content"] for m in shown["messages"]] == [f"hello {i}" for i in range(5)]
     assert [m["id"] for m in client.get("/threads/t0?limit=2").json["messages"]] == ["m3", "m4"]
 
-    assert client.get("/threads/nope").status_code == 404
+    assert client.get("/threads/nope").status_code == 404 and "nope" in client.get("/threads/nope").json["error"]
     bad = client.get("/threads?limit=-1")
     assert bad.status_code == 400 and "limit" in bad.json["error"]
 
@@ -206,7 +206,7 @@ def test_flask_abort_and_run(app: Any) -> None:
     assert storage.runs.abort_requested("r1")
     missing = client.post("/runs/nope/abort")
     assert missing.status_code == 404 and "nope" in missing.json["error"]
-    assert client.get("/runs/nope").status_code == 404
+    assert client.get("/runs/nope").status_code == 404 and "nope" in client.get("/runs/nope").json["error"]
 
 
 def test_flask_sse_of_a_closed_stream(app: Any) -> None:
