@@ -9,6 +9,11 @@ Environment:
 * ``BAP_TEST_POSTGRES_URL`` / ``BAP_TEST_MYSQL_URL`` -- use an existing server
   (``postgresql://user:pw@host:port/db``, ``mysql://...``) instead of starting
   a throwaway one.  Its database is wiped before every test.
+* ``BAP_TEST_PG_DRIVER=psycopg3`` -- PostgreSQL databases use psycopg 3 (with its
+  prepared statements off, as pgbouncer's transaction mode needs) instead of psycopg2.
+
+The cluster suite (tests/cluster_suite, marker ``cluster``) starts replicated topologies
+and runs only with ``--cluster``; without it those tests are deselected.
 """
 
 from __future__ import annotations
@@ -42,7 +47,33 @@ def selected_dialects() -> set[str]:
     return names
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cluster", action="store_true", default=False,
+                     help="run the cluster suite (tests/cluster_suite): Galera, standby, pgbouncer")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The cluster suite is a separate run (.ci/run): deselected, not skipped, in the default one.
+    if config.getoption("--cluster"):
+        return
+    keep = [item for item in items if not item.get_closest_marker("cluster")]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("cluster")])
+        items[:] = keep
+
+
+def pg_driver_options() -> dict[str, object]:
+    """Connect options of the PostgreSQL driver chosen by ``BAP_TEST_PG_DRIVER``."""
+    driver = os.environ.get("BAP_TEST_PG_DRIVER", "psycopg2").lower()
+    if driver == "psycopg3":
+        return {"prefer_psycopg3": True, "prepare_threshold": None}
+    if driver != "psycopg2":
+        raise pytest.UsageError(f"BAP_TEST_PG_DRIVER: {driver!r}; choose psycopg2 or psycopg3")
+    return {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: cluster suite test (runs with --cluster)")
     for name in DIALECTS:
         config.addinivalue_line("markers", f"{name}: test runs against {name}")
     config.addinivalue_line("markers", "slow: slow test")
@@ -216,6 +247,8 @@ def make_database(
                 else peewee.MySQLDatabase
             )
             params = srv.connect_kwargs()
+            if dialect == "postgres":
+                params.update(pg_driver_options())
             params.update(kwargs)
             db = (cls or default)(params.pop("database"), **params)
         made.append(db)
