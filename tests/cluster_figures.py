@@ -235,6 +235,105 @@ def pgbouncer_restart(seconds: float) -> dict[str, Any]:
         pair.stop()
 
 
+def _timed(call: Callable[[int], Any], n: int) -> float:
+    """Median seconds of `call(k)` over n calls."""
+    times = []
+    for k in range(n):
+        t0 = time.perf_counter()
+        call(k)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _op_costs(storage: Any, n: int, tag: str) -> dict[str, float]:
+    """Median ms of a read by key, an upsert and a stream append on `storage`."""
+    storage.streams.open(f"cost-{tag}")
+    storage.set("runs", f"cost-{tag}", {"runId": f"cost-{tag}", "agentName": "a", "status": "running",
+                                         "startedAt": 1, "updatedAt": 1})
+    return {
+        "get_ms": round(_timed(lambda k: storage.get("runs", f"cost-{tag}"), n) * 1000, 3),
+        "set_ms": round(_timed(lambda k: storage.set("runs", f"cost-{tag}", {
+            "runId": f"cost-{tag}", "agentName": "a", "status": "running", "startedAt": 1, "updatedAt": k}), n)
+            * 1000, 3),
+        "append_ms": round(_timed(lambda k: storage.streams.append(f"cost-{tag}", {"type": "T", "k": k}), n)
+                           * 1000, 3),
+    }
+
+
+def costs(seconds: float, n: int = 400) -> dict[str, Any]:
+    """Median cost per operation on each topology, and Galera's causal reads on and off
+    (measured interleaved in rounds: the machine is shared)."""
+    from tests.servers import start_mariadb, start_postgres
+
+    out: dict[str, Any] = {}
+    single_pg = start_postgres()
+    pair = start_pg_replicated()
+    bouncer = start_pgbouncer(pair.primary)
+    try:
+        for name, srv in (("postgres_single", single_pg), ("postgres_sync_standby", pair.primary),
+                          ("pgbouncer_transaction", bouncer.server)):
+            db = pg_db(srv)
+            create_tables(db)
+            out[name] = _op_costs(peewee_storage(db), n, name)
+            load.close(db)
+        # One primary's append rate: 8 writers, one stream each (the number a shard starts from).
+        for name, srv in (("postgres_single", single_pg), ("postgres_sync_standby", pair.primary)):
+            rate_dbs = [pg_db(srv) for _ in range(8)]
+            out[f"{name}_appends_per_s_8_writers"] = _append_rate([peewee_storage(db) for db in rate_dbs], seconds)
+            for db in rate_dbs:
+                load.close(db)
+    finally:
+        bouncer.stop()
+        pair.stop()
+        single_pg.stop()
+    single_my = start_mariadb()
+    g = start_galera()
+    try:
+        db = mysql_db(single_my)
+        create_tables(db)
+        out["mariadb_single"] = _op_costs(peewee_storage(db), n, "single")
+        create_tables(mysql_db(g.nodes[0]))
+        for name, srv in (("galera_node", g.nodes[1]), ("galera_haproxy", g.proxy)):
+            out[name] = _op_costs(peewee_storage(mysql_db(srv)), n, name)
+        on = peewee_storage(mysql_db(g.nodes[1]))
+        off = peewee_storage(mysql_db(g.nodes[1]), causal_reads=False)
+        on.set("runs", "causal", {"runId": "causal", "agentName": "a", "status": "running", "startedAt": 1,
+                                  "updatedAt": 1})
+        rounds: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(5):
+            rounds["on"].append(_timed(lambda k: on.get("runs", "causal"), n // 4))
+            rounds["off"].append(_timed(lambda k: off.get("runs", "causal"), n // 4))
+        out["galera_get_ms_causal_reads_on"] = round(sorted(rounds["on"])[2] * 1000, 3)
+        out["galera_get_ms_causal_reads_off"] = round(sorted(rounds["off"])[2] * 1000, 3)
+    finally:
+        g.stop()
+        single_my.stop()
+    return report("costs", out)
+
+
+def _append_rate(storages: list[Any], seconds: float) -> float:
+    for i, s in enumerate(storages):
+        s.streams.open(f"rate-{i}")
+    import threading
+
+    stop = threading.Event()
+    counts = [0] * 8
+
+    def writer(i: int) -> None:
+        while not stop.is_set():
+            storages[i].streams.append(f"rate-{i}", {"type": "T"})
+            counts[i] += 1
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return round(sum(counts) / seconds, 1)
+
+
 SCENARIOS: dict[str, Callable[[float], dict[str, Any]]] = {
     "galera_writers": galera_writers,
     "galera_read_your_writes": lambda _s: galera_read_your_writes(),
@@ -242,6 +341,7 @@ SCENARIOS: dict[str, Callable[[float], dict[str, Any]]] = {
     "pg_failover": pg_failover,
     "pg_standby_follower": lambda _s: pg_standby_follower(),
     "pgbouncer_restart": pgbouncer_restart,
+    "costs": costs,
 }
 
 
