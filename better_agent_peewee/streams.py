@@ -17,10 +17,13 @@ number per stream, so the common case (one writer per stream) is that single
 statement: one round trip per event. Threads of one process appending to the same
 stream take turns on a lock first, so only other processes ever make an append retry.
 
-`resume` follows a stream by polling. Each poll is one statement that reads, in one
-snapshot, the stream's status, its last seq and the events in the next window of seqs
-after the last one seen (a range scan on (run_id, seq) bounded on both sides), so the
-cost of a poll does not grow with the stream's length.
+`resume` follows a stream without a connection of its own: the storage's one poller
+thread (`followers.Poller`) reads every followed stream of the process together, and is
+woken at once by this process's appends (and, on PostgreSQL, by other processes' through
+LISTEN/NOTIFY). A poll reads, in one snapshot per statement, each stream's status, its
+last seq and the events in the next window of seqs after the last one seen (a range scan
+on (run_id, seq) bounded on both sides), so its cost does not grow with the streams' length.
+An append or close on a closed stream is refused: a follower that saw the close has every event.
 """
 from __future__ import annotations
 
@@ -31,27 +34,25 @@ import math
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import peewee
-from playhouse.pool import PooledDatabase
 
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
 from .executor import Applied, json_refused
+from .followers import HEARTBEAT, POLL_BATCH, Follower, Poller, notify_sql
 from .query import compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Streams"]
+__all__ = ["Streams", "Follower", "HEARTBEAT", "POLL_BATCH"]
 
 _EVENTS = "streamEvents"
 _STREAMS = "streams"
 _CLOSED_STATUSES = tuple(s for s in STREAM_STATUSES if s != "open")
 
-#: Width of the seq window one poll of `resume` reads; more is read at once by the next poll.
-POLL_BATCH = 500
 #: Most rows (and about the most bytes of JSON) in one multi-row INSERT of `append_many`.
 _CHUNK_ROWS = 100
 _CHUNK_BYTES = 1 << 20
@@ -83,8 +84,6 @@ class Streams:
         self._check_json = make_json_check(self._dialect)
         self._encode_ts = self._dialect.encode_ts
         self._load_json = self._dialect.load_json
-        # Release a pooled connection between polls (see resume); a plain connection is kept.
-        self._pooled = isinstance(self._db, PooledDatabase)
         # run id -> the seq its next event most likely gets. Only a hint: the insert checks it.
         self._next: Dict[str, int] = {}
         # This process's appenders to one stream take turns on a lock of their own, so they
@@ -96,6 +95,7 @@ class Streams:
         d = self._dialect
         S, E = tables.models.stream, tables.models.stream_event
         self._event_model = E
+        self._models = tables.models
         self._event_fields = [E.id, E.run_id, E.seq, E.timestamp, E.event]
 
         last_seq = E.select(peewee.fn.COALESCE(peewee.fn.MAX(E.seq), 0)).where(E.run_id == marker("run"))
@@ -103,31 +103,33 @@ class Streams:
         checked = S.select(marker("id"), marker("run"), marker("seq"), marker("ts"),
                            d.json_param(marker("event"))).where(
             (S.id == marker("run")) & (last_seq == marker("prev")))
-        insert = d.skip_duplicates(E.insert_from(checked, self._event_fields)).returning()
-        self._insert_checked = compile_statement(self._db, insert)
-        # The last seq of a stream (0 when it has no event); no row when there is no stream.
+        checked = checked.where(S.status == "open")  # a closed stream takes no more events
+        if d.name != "sqlite":
+            # Lock the stream row shared: a close racing this append waits for it to commit, or it
+            # sees the close (READ COMMITTED re-reads the locked row) and stores nothing. Without
+            # the lock an append begun before the close could commit after it, unseen by the
+            # followers that ended at the close. (SQLite has one writer at a time anyway.)
+            checked = checked.for_update("FOR SHARE" if d.name == "postgres" else "LOCK IN SHARE MODE")
+        # On PostgreSQL the same statement NOTIFYs the pollers of all processes (followers.notify_sql).
+        notify = d.name == "postgres"
+        insert = d.skip_duplicates(E.insert_from(checked, self._event_fields))
+        statement = compile_statement(self._db, insert.returning(E.run_id) if notify else insert.returning())
+        self._insert_checked = statement._replace(sql=notify_sql(d.name, statement.sql, "run_id"))
+        # The status and last seq of a stream (0 when it has no event); no row when there is no stream.
         self._last_seq = compile_statement(
-            self._db, S.select(last_seq).where(S.id == marker("run")))
+            self._db, S.select(S.status, last_seq).where(S.id == marker("run")))
         # Read-back after a lost reply: the event stored under (run, seq), if any.
         self._event_at = compile_statement(self._db, E.select(d.select_json(E.event)).where(
             (E.run_id == marker("run")) & (E.seq == marker("seq"))))
-        self._close_sql = compile_statement(
-            self._db, S.update({S.status: marker("status"), S.updated_at: marker("now"),
-                                S.closed_at: marker("now")}).where(S.id == marker("run")))
+        close = S.update({S.status: marker("status"), S.updated_at: marker("now"),
+                          S.closed_at: marker("now")}).where(S.id == marker("run"))
+        statement = compile_statement(self._db, close.returning(S.id) if notify else close)
+        self._close_sql = statement._replace(sql=notify_sql(d.name, statement.sql, "id"))
 
-        # A poll, in one statement and so one snapshot: the stream's status, its last seq, and
-        # its events in the window (after, upto] -- a range scan on (run_id, seq) bounded on
-        # both sides, whatever the stream's length (MariaDB picks a slow plan for an open-ended
-        # `seq > after ORDER BY seq LIMIT n`). No row at all: the stream is gone.
-        Last = E.alias("last_event")
-        newest = Last.select(peewee.fn.MAX(Last.seq)).where(Last.run_id == marker("run2"))
-        poll = (S.select(S.status, newest, E.seq, d.select_json(E.event))
-                .join(E, peewee.JOIN.LEFT_OUTER,
-                      on=((E.run_id == S.id) & (E.seq > marker("after")) & (E.seq <= marker("upto"))))
-                .where(S.id == marker("run")))
-        self._poll_sql = compile_statement(self._db, poll)
         self._rows_sql: Dict[int, Any] = {}
         self._rows_lock = threading.Lock()
+        self._poller: Optional[Poller] = None  # made by the first resume
+        self._poller_lock = threading.Lock()
 
     # -- the stream record ---------------------------------------------------------------
 
@@ -157,6 +159,9 @@ class Streams:
             return
         self._execute(self._close_sql.sql, self._close_sql.params(
             {"status": status, "now": self._encode_ts(now_ms()), "run": run_id}))
+        poller = self._poller
+        if poller is not None:
+            poller.poke(run_id)  # followers in this process see it now
 
     # -- appending -----------------------------------------------------------------------
 
@@ -168,6 +173,7 @@ class Streams:
         seqs are 1, 2, 3 ... with no gap or duplicate. One statement in the common case.
 
         :raises NotFoundError: the stream does not exist (call `open` first).
+        :raises ConflictError: the stream is closed (nothing is written).
         :raises RecordError: the event is not a JSON object every dialect can store.
         """
         run_id = check_key(_EVENTS, "runId", run_id)
@@ -179,6 +185,7 @@ class Streams:
         All are stored with consecutive seqs, or none is. Returns their seqs.
 
         :raises NotFoundError: the stream does not exist.
+        :raises ConflictError: the stream is closed (nothing is written).
         :raises RecordError: an event cannot be stored (nothing is written).
         """
         run_id = check_key(_EVENTS, "runId", run_id)
@@ -244,6 +251,9 @@ class Streams:
                 continue
             if stored:
                 self._remember(run_id, seq + len(encoded))
+                poller = self._poller
+                if poller is not None:
+                    poller.poke(run_id)  # a follower in this process gets it now, not at the next poll
                 return list(range(seq, seq + len(encoded)))
             # Another writer took `seq` (or the stream is gone): look again.
             failed, transient = seq, 0
@@ -365,12 +375,16 @@ class Streams:
             "appended to the stream after the transaction began")
 
     def _last_event(self, run_id: str) -> int:
-        """The last seq of the stream (0 when it has none), or NotFoundError when there is no stream."""
+        """The last seq of the stream (0 when it has none); NotFoundError when there is no stream,
+        ConflictError when it is closed."""
         row = first_row(self._execute(self._last_seq.sql, self._last_seq.params({"run": run_id})))
         if row is None:
             raise NotFoundError(_STREAMS, run_id,
                                 f"streams: no stream for run {run_id!r}; open it first (storage.streams.open)")
-        return int(row[0])
+        if row[0] != "open":
+            raise ConflictError(f"{_EVENTS}: stream {run_id!r} is {row[0]}: a closed stream takes no more "
+                                f"events (its followers have ended); nothing was appended")
+        return int(row[1])
 
     def _remember(self, run_id: str, next_seq: int) -> None:
         if len(self._next) >= _MAX_REMEMBERED:
@@ -389,20 +403,29 @@ class Streams:
     # -- following ------------------------------------------------------------------------
 
     def resume(self, run_id: str, after_seq: int = 0, *, poll_interval: float = 0.025,
-               timeout: Optional[float] = None, stop: Optional[threading.Event] = None
-               ) -> Iterator[Dict[str, Any]]:
+               timeout: Optional[float] = None, stop: Optional[threading.Event] = None,
+               heartbeat: Optional[float] = None) -> Follower:
         """Follow the stream of `run_id`: yield each event with seq > `after_seq`, in order.
 
-        Each item is the stored event object plus its ``"seq"``. The iterator ends when
-        the stream is closed and every event has been yielded, ends quietly when the stream
-        is deleted, and stops when `stop` is set or `timeout` seconds have passed. It polls
-        every `poll_interval` seconds while there is nothing new; between polls it holds no
-        transaction, and on a pooled database it returns the connection it took to the pool.
+        Each item is the stored event object plus its ``"seq"``. The iterator ends when the
+        stream is closed and every event stored before the close has been yielded, ends
+        quietly when the stream is deleted, and stops when `stop` is set or `timeout`
+        seconds have passed; its ``reason`` then says which ("closed", "deleted",
+        "stopped", "timeout"). With `heartbeat` seconds it also yields `HEARTBEAT` (an
+        empty dict: test ``item is HEARTBEAT``) after each such quiet spell.
 
-        Call it outside a transaction: inside one, MySQL/MariaDB (REPEATABLE READ) would keep
-        showing the snapshot the transaction began with.
+        The follower holds no connection and runs no statement: the storage's poller thread
+        reads all followed streams together on one connection, at once when this process
+        appends or closes (on PostgreSQL, any process), else every `poll_interval` seconds
+        (every ``followers.PUSH_FALLBACK`` seconds while PostgreSQL push works). It never
+        holds a transaction between polls. A follower dropped without being closed costs
+        nothing once garbage-collected.
+
+        Call it outside a transaction: the poller sees only committed events.
 
         :raises NotFoundError: (at once) the stream does not exist.
+        :raises ConnectionLostError: (at once) the database cannot be reached now; a follower
+            already following waits through a lost connection instead.
         """
         if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
             raise ValueError(f"after_seq must be a non-negative integer, got {after_seq!r:.80}")
@@ -413,68 +436,27 @@ class Streams:
                                     or not timeout >= 0):
             raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r:.80}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        first = self._poll(run_id, after_seq) if storable_key(run_id) else None
-        if first is None:
+        if not storable_key(run_id):
             raise NotFoundError(_STREAMS, run_id, f"streams: no stream for run {run_id!r} to resume")
-        return self._follow(run_id, after_seq, first, poll_interval, deadline, stop)
+        poller = self.poller()
+        watch = poller.follow(run_id, after_seq, float(poll_interval), stop)
+        if watch.error is not None or (watch.end == "deleted" and not watch.queue):
+            poller.leave(watch)
+            if watch.error is not None:
+                raise watch.error
+            raise NotFoundError(_STREAMS, run_id, f"streams: no stream for run {run_id!r} to resume")
+        return Follower(run_id, after_seq, self._load_json, deadline, stop,
+                        None if heartbeat is None else float(heartbeat), watch, poller.wait, poller.leave)
 
-    def _follow(self, run_id: str, cursor: int, batch: Tuple[str, int, List[Tuple[int, Any]]],
-                poll_interval: float, deadline: Optional[float], stop: Optional[threading.Event]
-                ) -> Iterator[Dict[str, Any]]:
-        load = self._load_json
-        while True:
-            status, last, events = batch
-            window_end = cursor + POLL_BATCH
-            for seq, raw in events:
-                if stop is not None and stop.is_set():
-                    return
-                item = load(raw)
-                item["seq"] = seq
-                cursor = seq
-                yield item
-            if not events and last > window_end:
-                cursor = window_end  # a gap in the numbering: nothing to read in this window
-            # Status and last seq come from the same snapshot as the events: once closed and
-            # read up to its last seq, the stream is drained.
-            caught_up = cursor >= last
-            if caught_up and status != "open":
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            if caught_up:
-                pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
-                if stop is not None:
-                    if stop.wait(max(pause, 0)):
-                        return
-                elif pause > 0:
-                    time.sleep(pause)
-            elif stop is not None and stop.is_set():
-                return
-            polled = self._poll(run_id, cursor)
-            if polled is None:
-                return  # the stream was deleted
-            batch = polled
-
-    def _poll(self, run_id: str, after: int) -> Optional[Tuple[str, int, List[Tuple[int, Any]]]]:
-        """(status, last seq, [(seq, event JSON), ...] in (after, after + POLL_BATCH]), or None
-        when the stream does not exist."""
-        db = self._db
-        opened = self._pooled and db.is_closed()
-        try:
-            rows = self._executor.execute(self._poll_sql.sql, self._poll_sql.params(
-                {"run": run_id, "run2": run_id, "after": after, "upto": after + POLL_BATCH})).fetchall()
-        finally:
-            if opened and not db.is_closed() and not db.in_transaction():
-                db.close()  # back to the pool: an idle follower must not hold a connection
-        if not rows:
-            return None
-        events = [(seq, event) for _status, _last, seq, event in rows if seq is not None]
-        events.sort(key=_first)  # (no ORDER BY: it costs MariaDB a temporary table per poll)
-        return rows[0][0], rows[0][1] or 0, events
-
-
-def _first(item: Tuple[int, Any]) -> int:
-    return item[0]
+    def poller(self) -> Poller:
+        """This storage's poller (made on first use; a new one in a forked child)."""
+        poller = self._poller
+        if poller is None:
+            with self._poller_lock:
+                if self._poller is None:
+                    self._poller = Poller(self._executor, self._models)
+                poller = self._poller
+        return poller
 
 
 def _backoff(attempt: int) -> None:

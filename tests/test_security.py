@@ -32,6 +32,13 @@ PACKAGE = Path(better_agent_peewee.__file__).resolve().parent
 #: identifiers or constants of the fixed schema, never a value from a caller.
 REVIEWED = {
     ("dialects.py", 'peewee.SQL(f"DEFAULT {self.now_default}")'),  # a class constant per dialect
+    # The stream poller's PostgreSQL session setup: module constants (channel, statement name) and
+    # the poll statement, which formats only the models' table names.
+    ("followers.py", 'self._storage.execute(f"LISTEN {CHANNEL}")'),
+    ("followers.py", 'self._storage.execute(f"UNLISTEN {CHANNEL}")'),
+    ("followers.py", 'self._storage.execute(f"DEALLOCATE {_PREPARED}")'),
+    ("followers.py", 'self._storage.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", arrays)'),
+    ("followers.py", 'self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
 }
 
 SQL_CALLS = {"execute_sql", "execute", "SQL", "raw", "executemany"}

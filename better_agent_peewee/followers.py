@@ -1,0 +1,673 @@
+"""Following streams: one background poller per storage serves every `resume` of the process.
+
+A follower (the iterator `Streams.resume` returns) holds no connection and runs no
+statement. It registers a watch -- run id, the last seq it has, a queue -- with the
+storage's `Poller` and waits on it. The poller is one thread with one connection; it is
+started by the first follower and ends shortly after the last one leaves. Each round it
+reads every followed stream with one statement (per `STREAMS_PER_POLL` streams):
+
+    the followed (run id, seq after which something is wanted) pairs, passed as ONE parameter
+    (an array on PostgreSQL, a JSON array elsewhere, so the statement text never changes)
+    LEFT JOIN streams            -> the status (NULL: the stream was deleted)
+    the stream's last seq        -> one probe of the (run_id, seq) index
+    LEFT JOIN stream_events      -> the events in a bounded window after that seq
+
+and the server returns rows only for streams where something happened: an event after
+the seq asked for, a status other than open, or no stream any more. An idle round
+returns no row at all. Status, last seq and events come from one statement and so one
+snapshot: a follower ends "closed" only after it has every event stored before the close.
+
+Wake-ups: an append or close by this process pokes the poller (a byte down a pipe), which
+polls the streams poked right away. On PostgreSQL the poller also LISTENs, and appends
+and closes NOTIFY in the statement that writes them (no extra round trip), so appends by
+other processes arrive at once too; the timed poll then only backs that up (every
+`PUSH_FALLBACK` seconds) for writers that do not notify. Elsewhere the timed poll, every
+`poll_interval` of the most eager follower, is how other processes' appends are seen.
+
+After `fork()` the child starts its own poller with its own connection; the parent's
+inherited connection is made inert first, so the child can never talk on it.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
+
+import peewee
+from playhouse.pool import PooledDatabase
+
+from .errors import ConnectionLostError, PoolExhaustedError
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .models import Models
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HEARTBEAT", "Follower", "Poller", "POLL_BATCH", "PUSH_FALLBACK", "STREAMS_PER_POLL", "notify_sql",
+           "in_memory_sqlite"]
+
+#: Widest seq window a poll reads for one stream; more is read by the next poll, at once.
+POLL_BATCH = 500
+#: Most streams one poll statement reads; more followed streams take more statements per round.
+STREAMS_PER_POLL = 500
+#: About the most event rows one poll statement may return (the window shrinks as streams add up).
+ROWS_PER_POLL = 10_000
+#: Seconds between timed polls while PostgreSQL push (LISTEN/NOTIFY) works.
+PUSH_FALLBACK = 0.5
+#: Seconds the poller stays after its last follower left (a quick next `resume` reuses it).
+LINGER = 1.0
+#: The NOTIFY channel of appends and closes (payload: the run id; empty: "look at all").
+CHANNEL = "better_agent_streams"
+#: Longest run id sent as a NOTIFY payload (PostgreSQL allows under 8000 bytes).
+_PAYLOAD_BYTES = 7000
+_PREPARED = "better_agent_follow"
+
+Row = Tuple[Any, ...]
+
+
+class _Heartbeat(dict):  # type: ignore[type-arg]
+    """The item a follower yields after `heartbeat` seconds without an event (test with `is`)."""
+
+    def __repr__(self) -> str:
+        return "HEARTBEAT"
+
+
+#: What `resume(..., heartbeat=...)` yields while the stream is quiet: an empty dict, no "seq".
+HEARTBEAT: Dict[str, Any] = _Heartbeat()
+
+
+class _Watch:
+    """What the poller knows about one follower; shared by the two threads."""
+
+    __slots__ = ("run_id", "cursor", "queue", "end", "error", "checked", "event", "stop", "interval", "full",
+                 "__weakref__")
+
+    def __init__(self, run_id: str, cursor: int, interval: float, stop: Optional[threading.Event]) -> None:
+        self.run_id = run_id
+        #: Every event with seq <= cursor is in `queue` or was taken from it (written by the poller only).
+        self.cursor = cursor
+        self.queue: Deque[Tuple[int, Any]] = collections.deque()
+        self.end: Optional[str] = None  # "closed" / "deleted", once the queue has everything
+        self.error: Optional[BaseException] = None
+        self.checked = False  # the poller has looked at the stream once (resume waits for that)
+        self.event = threading.Event()
+        self.stop = stop
+        self.interval = interval
+        self.full = False  # the queue holds a window's worth: not polled until the follower drains it
+
+
+class Follower(Iterator[Dict[str, Any]]):
+    """The iterator `storage.streams.resume` returns: each event (with its "seq") once, in order.
+
+    ``reason`` is None while it runs and says why it ended: ``"closed"`` (the stream was
+    closed and every event was yielded), ``"deleted"`` (the stream disappeared), ``"timeout"``
+    or ``"stopped"`` (`stop` was set, or `close()` was called). ``last_seq`` is the seq of
+    the last event yielded (or the `after_seq` it started from).
+    """
+
+    def __init__(self, run_id: str, after_seq: int, load: Callable[[Any], Any], deadline: Optional[float],
+                 stop: Optional[threading.Event], heartbeat: Optional[float], watch: _Watch,
+                 wait: Callable[[_Watch, float], None], leave: Callable[[_Watch], None]) -> None:
+        self.run_id = run_id
+        self.last_seq = after_seq
+        self.reason: Optional[str] = None
+        self._load = load
+        self._deadline = deadline
+        self._stop = stop
+        self._heartbeat = heartbeat
+        self._beat_at = None if heartbeat is None else time.monotonic() + heartbeat
+        self._watch: Optional[_Watch] = watch
+        self._wait = wait
+        # Also when the follower is dropped without being closed: the poller forgets its watch.
+        self._finalizer = weakref.finalize(self, leave, watch)
+
+    def __iter__(self) -> Follower:
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        watch = self._watch
+        if watch is None:
+            raise StopIteration
+        stop = self._stop
+        while True:
+            if stop is not None and stop.is_set():
+                self._finish("stopped")
+            if watch.queue:
+                seq, raw = watch.queue.popleft()
+                if not watch.queue and watch.full:
+                    watch.full = False
+                    watch.event.clear()
+                    self._wait(watch, -1)  # drained: ask the poller for the next window
+                item: Dict[str, Any] = self._load(raw)
+                item["seq"] = seq
+                self.last_seq = seq
+                if self._beat_at is not None:
+                    self._beat_at = time.monotonic() + self._heartbeat  # type: ignore[operator]
+                return item
+            if watch.error is not None:
+                error, watch.error = watch.error, None
+                self._leave(None)
+                raise error
+            if watch.end is not None:
+                self._finish(watch.end)
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                self._finish("timeout")
+            if self._beat_at is not None and now >= self._beat_at:
+                self._beat_at = now + self._heartbeat  # type: ignore[operator]
+                return HEARTBEAT
+            pause = min(t for t in (self._deadline, self._beat_at, now + 3600.0) if t is not None) - now
+            watch.event.clear()
+            if watch.queue or watch.end is not None or watch.error is not None:
+                continue  # arrived between the checks above and the clear
+            try:
+                self._wait(watch, pause)
+            except BaseException:  # (polling on this thread: an in-memory SQLite database)
+                self._leave(None)
+                raise
+
+    def _finish(self, reason: Optional[str]) -> NoReturn:
+        self._leave(reason)
+        raise StopIteration
+
+    def _leave(self, reason: Optional[str]) -> None:
+        self.reason = reason
+        self._watch = None
+        self._finalizer()
+
+    def close(self) -> None:
+        """Stop following (``reason`` becomes "stopped" unless it had ended already)."""
+        if self._watch is not None:
+            self.reason = "stopped"
+            self._watch = None
+            self._finalizer()
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Poller:
+    """The background thread that polls every followed stream of one storage (see the module doc)."""
+
+    def __init__(self, executor: Executor, models: Models) -> None:
+        self._storage = executor  # runs the poll statements on the poller thread's connection
+        self._db: peewee.Database = executor.database
+        self._dialect = executor.dialect
+        self._lock = threading.Lock()
+        self._watches: Dict[str, List[_Watch]] = {}
+        self._dirty: Set[str] = set()
+        self._stoppable = 0  # watches with a stop event: the poller checks those every tick
+        self._thread: Optional[threading.Thread] = None
+        self._pid = os.getpid()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._woken = False
+        self._closed = False
+        #: True while this poller's PostgreSQL connection LISTENs (then appends arrive as NOTIFY).
+        self.listening = False
+        self._conn: Any = None  # the driver connection LISTEN / PREPARE were done on
+        self._prepare = self._dialect.name == "postgres"
+        self._sql = _poll_sql(self._dialect.name, models)
+        self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
+        #: An in-memory SQLite database is per connection: followers poll on their own thread.
+        self.inline = in_memory_sqlite(self._db)
+        self.polls = 0  # statements run (for tests and benchmarks)
+        self._fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
+        self._fds.atexit = False  # daemon poller threads may still be lingering at exit
+        _POLLERS.add(self)
+
+    # -- the followers' side ------------------------------------------------------------------
+
+    @property
+    def followed(self) -> Dict[str, List[_Watch]]:
+        """Run id -> watches (read without the lock on the append path: a stale answer costs a poll)."""
+        return self._watches
+
+    def follow(self, run_id: str, after_seq: int, interval: float, stop: Optional[threading.Event]) -> _Watch:
+        """Register a follower and wait until the poller has looked at its stream once.
+
+        :raises NotFoundError: through the caller, when the stream does not exist (see Streams.resume).
+        """
+        watch = _Watch(run_id, after_seq, interval, stop)
+        with self._lock:
+            self._watches.setdefault(run_id, []).append(watch)
+            if stop is not None:
+                self._stoppable += 1
+            if not self.inline:
+                self._dirty.add(run_id)
+                self._start()
+                self._wake()
+        if self.inline:
+            try:
+                self._poll({run_id})
+            except BaseException:
+                self.leave(watch)
+                raise
+            return watch
+        while not watch.checked and watch.error is None:
+            watch.event.wait(1.0)
+            watch.event.clear()
+            if not watch.checked and watch.error is None:
+                with self._lock:
+                    self._start()  # (cannot stop while it has watches; belt and braces)
+        return watch
+
+    def leave(self, watch: _Watch) -> None:
+        """Forget a follower (it ended, was closed, or was garbage-collected)."""
+        with self._lock:
+            watches = self._watches.get(watch.run_id)
+            if watches is None or watch not in watches:
+                return
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.run_id]
+            if watch.stop is not None:
+                self._stoppable -= 1
+            if not self._watches:
+                self._wake()  # so it starts lingering now
+
+    def wait(self, watch: _Watch, timeout: float) -> None:
+        """Block the follower until its watch changes or `timeout` passes (< 0: poke, no wait)."""
+        if timeout < 0:
+            if not self.inline:
+                self.poke(watch.run_id)
+            return
+        if not self.inline:
+            watch.event.wait(timeout)
+            return
+        pause = min(timeout, watch.interval)
+        if watch.stop is not None:
+            watch.stop.wait(pause)
+        else:
+            time.sleep(pause)
+        if watch.stop is None or not watch.stop.is_set():
+            self._poll({watch.run_id})
+
+    def poke(self, run_id: str) -> None:
+        """Something happened to stream `run_id` (appended, closed): poll it now if it is followed."""
+        if run_id in self._watches:
+            with self._lock:
+                self._dirty.add(run_id)
+                self._wake()
+
+    def poke_all(self) -> None:
+        with self._lock:
+            self._dirty.update(self._watches)
+            self._wake()
+
+    def _wake(self) -> None:  # with the lock held
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wfd, b"\0")
+
+    def _start(self) -> None:  # with the lock held
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="better-agent-poller", daemon=True)
+            self._thread.start()
+
+    # -- the poller thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        next_full = 0.0
+        idle_since: Optional[float] = None
+        failures = 0
+        try:
+            while True:
+                now = time.monotonic()
+                with self._lock:
+                    if self._thread is not me:
+                        return
+                    if self._watches:
+                        idle_since = None
+                        interval = min(w.interval for ws in self._watches.values() for w in ws)
+                    else:
+                        idle_since = now if idle_since is None else idle_since
+                        if now - idle_since >= LINGER:
+                            self._thread = None
+                            return
+                        interval = LINGER
+                    stoppable = self._stoppable
+                fallback = max(interval, PUSH_FALLBACK) if self.listening else interval
+                pause = next_full - now if idle_since is None else LINGER - (now - idle_since)
+                if stoppable:
+                    pause = min(pause, interval)
+                if failures:
+                    pause = max(pause, min(0.05 * 2 ** min(failures, 5), 1.0))
+                self._sleep(pause)
+                now = time.monotonic()
+                with self._lock:
+                    if self._stoppable:
+                        for ws in self._watches.values():
+                            for w in ws:
+                                if w.stop is not None and w.stop.is_set():
+                                    w.event.set()
+                    if now >= next_full and self._watches:
+                        targets = set(self._watches)
+                        next_full = now + fallback
+                    else:
+                        targets = self._dirty & self._watches.keys()
+                    self._dirty.clear()
+                if not targets:
+                    continue
+                try:
+                    self._poll(targets)
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    self._failed(targets, exc)
+        except BaseException:  # pragma: no cover - a bug; followers must not hang on a dead poller
+            logger.exception("stream poller crashed")
+            with self._lock:
+                if self._thread is me:
+                    self._thread = None
+                for ws in self._watches.values():
+                    for w in ws:
+                        w.error = RuntimeError("the stream poller crashed; see the log")
+                        w.event.set()
+            raise
+        finally:
+            self._release()
+
+    def _sleep(self, pause: float) -> None:
+        """Wait up to `pause` seconds for a poke (the pipe) or a NOTIFY (the connection's socket)."""
+        poll = select.poll()
+        poll.register(self._rfd, select.POLLIN)
+        conn = self._conn if self.listening else None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                poll.register(conn.fileno(), select.POLLIN)
+        if pause > 0:
+            with contextlib.suppress(InterruptedError):
+                poll.poll(pause * 1000)
+        with self._lock:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._rfd, 4096):
+                    pass
+            self._woken = False
+        if conn is not None:
+            self._notified(conn)
+
+    def _notified(self, conn: Any) -> None:
+        """Mark the streams named by NOTIFYs received on `conn` (none read: nothing happens)."""
+        try:
+            conn.poll()
+        except Exception:  # a dead connection: the next poll finds out and reconnects
+            self.listening = False
+            return
+        if not conn.notifies:
+            return
+        runs = set()
+        everything = False
+        while conn.notifies:
+            payload = conn.notifies.pop(0).payload
+            if payload:
+                runs.add(payload)
+            else:
+                everything = True
+        with self._lock:
+            self._dirty.update(self._watches if everything else runs & self._watches.keys())
+
+    def _connect(self) -> Any:
+        """The poller's connection, set up (LISTEN, PREPARE) whenever it is a new one."""
+        conn = self._storage.connection()
+        if conn is not self._conn:
+            if self._conn is not None:  # reconnected: what happened meanwhile sent no NOTIFY here
+                self.poke_all()
+            self._conn = conn
+            self.listening = False
+            if self._dialect.name == "postgres":
+                self._setup_postgres(conn)
+        return conn
+
+    def _setup_postgres(self, conn: Any) -> None:
+        if hasattr(conn, "notifies") and hasattr(conn, "poll"):  # psycopg2
+            try:
+                self._storage.execute(f"LISTEN {CHANNEL}")
+                self.listening = True
+            except peewee.DatabaseError as exc:
+                logger.info("stream poller: LISTEN failed, following by polling only: %s", exc)
+        if self._prepare:
+            try:
+                self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")
+            except peewee.DatabaseError as exc:
+                if _pg_code(exc) != "42P05":  # 42P05: prepared by an earlier poller on this pooled connection
+                    logger.info("stream poller: PREPARE failed, polling with plain statements: %s", exc)
+                    self._prepare = False
+
+    def _release(self) -> None:
+        """Give the connection back (a pooled one clean: no LISTEN, no prepared statement)."""
+        db, conn = self._db, self._conn
+        self._conn = None
+        self.listening = False
+        if db.is_closed() or os.getpid() != self._pid or self.inline:
+            return
+        try:
+            if conn is not None and isinstance(db, PooledDatabase) and self._dialect.name == "postgres" and \
+                    not db.in_transaction():
+                self._storage.execute(f"UNLISTEN {CHANNEL}")
+                if self._prepare:
+                    self._storage.execute(f"DEALLOCATE {_PREPARED}")
+        except Exception:
+            logger.debug("stream poller: cleaning up the connection failed", exc_info=True)
+        with contextlib.suppress(Exception):
+            db.close()
+
+    def _failed(self, targets: Set[str], exc: Exception) -> None:
+        """A poll failed: followers not yet started get the error; the others just wait longer,
+        unless it is not a lost connection (then they get it too: retrying would not help)."""
+        lost = isinstance(exc, (ConnectionLostError, PoolExhaustedError)) or (
+            isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)) and self._dialect.is_connection_lost(exc))
+        if lost:
+            logger.warning("stream poller: %s; retrying", str(exc).strip().splitlines()[0] if str(exc) else exc)
+            with contextlib.suppress(Exception):
+                if not self._db.is_closed() and not self._db.in_transaction():
+                    self._db.close()  # a fresh connection next round (and LISTEN again)
+            self._conn = None
+            self.listening = False
+        else:
+            logger.error("stream poller: polling failed: %s", exc)
+        with self._lock:
+            for run_id in targets:
+                for w in self._watches.get(run_id, ()):
+                    if not lost or not w.checked:
+                        w.error = exc
+                        w.event.set()
+            self._dirty.update(targets)  # try those again
+
+    def _poll(self, targets: Set[str]) -> None:
+        """One round: read the `targets` streams (chunks of STREAMS_PER_POLL) and feed their watches."""
+        self._connect()
+        with self._lock:
+            wanted: List[Tuple[str, int, List[_Watch]]] = []
+            for run_id in targets:
+                hungry = [w for w in self._watches.get(run_id, ()) if not w.full and w.end is None]
+                if hungry:
+                    wanted.append((run_id, min(w.cursor for w in hungry), hungry))
+        for start in range(0, len(wanted), STREAMS_PER_POLL):
+            chunk = wanted[start:start + STREAMS_PER_POLL]
+            window = max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
+            rows = self._read([(run_id, after, after + window) for run_id, after, _ in chunk])
+            self._deliver(chunk, window, rows)
+
+    def _read(self, entries: List[Tuple[str, int, int]]) -> List[Row]:
+        self.polls += 1
+        if self._dialect.name != "postgres":
+            params = (json.dumps(entries, ensure_ascii=False, separators=(",", ":")),)
+            return list(self._storage.execute(self._sql, params).fetchall())
+        arrays = ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+        if not self._prepare:
+            return list(self._storage.execute(self._plain_sql, arrays).fetchall())
+        try:
+            return list(self._storage.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", arrays).fetchall())
+        except peewee.DatabaseError as exc:
+            if _pg_code(exc) != "26000":  # 26000: no such prepared statement
+                raise
+        if self._db.connection() is self._conn:
+            # Same connection, yet the statement is gone: a pooler (pgbouncer) hands our statements
+            # to other server sessions. Plain statements from now on.
+            logger.info("stream poller: prepared statements do not stick to this connection; not preparing")
+            self._prepare = False
+        else:
+            self._connect()  # a reconnect inside execute: prepare (and LISTEN) on the new connection
+        return self._read(entries)
+
+    def _deliver(self, chunk: List[Tuple[str, int, List[_Watch]]], window: int, rows: List[Row]) -> None:
+        found: Dict[str, Tuple[Any, int, List[Tuple[int, Any]]]] = {}
+        for run_id, status, last, seq, raw in rows:
+            got = found.get(run_id)
+            if got is None:
+                got = found[run_id] = (status, int(last or 0), [])
+            if seq is not None:
+                got[2].append((seq, raw))
+        again = []
+        for run_id, after, watches in chunk:
+            got = found.get(run_id)
+            if got is None:  # open, nothing after `after`: only new followers need to hear that
+                for w in watches:
+                    if not w.checked:
+                        w.checked = True
+                        w.event.set()
+                continue
+            status, last, events = got
+            events.sort(key=_first)  # (no ORDER BY: it costs MariaDB a temporary table per poll)
+            reach = min(last, after + window)  # every event up to here has been read
+            for w in watches:
+                if status is None:
+                    w.end = "deleted"  # (events left without their stream are not delivered)
+                else:
+                    if events and events[-1][0] > w.cursor:
+                        w.queue.extend(e for e in events if e[0] > w.cursor)
+                    if reach > w.cursor:
+                        w.cursor = reach
+                    if status != "open" and w.cursor >= last:
+                        w.end = "closed"
+                    elif len(w.queue) >= POLL_BATCH:
+                        w.full = True
+                    elif w.cursor < last:
+                        again.append(run_id)  # more to read: next round, without waiting
+                w.checked = True
+                w.event.set()
+        if again:
+            with self._lock:
+                self._dirty.update(again)
+                self._wake()
+
+    # -- fork ----------------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's thread and make its connection inert."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _INHERITED.append(conn)  # never closed here: closing would tell the server to end it
+            with contextlib.suppress(Exception):
+                fd = _fileno(conn)
+                if fd is not None:
+                    null = os.open(os.devnull, os.O_RDWR)
+                    os.dup2(null, fd)  # whatever the child's copy might send goes nowhere
+                    os.close(null)
+        self._lock = threading.Lock()
+        self._thread = None
+        self._watches = {}
+        self._dirty = set()
+        self._stoppable = 0
+        self.listening = False
+        self._pid = os.getpid()
+        self._fds()  # the pipe is shared with the parent: a new one
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
+        self._fds.atexit = False
+        self._woken = False
+        # peewee's per-thread state of the poller thread may hold the same connection: a new
+        # poller thread in the child gets a fresh state, and this one is never used again.
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _fileno(conn: Any) -> Optional[int]:
+    if hasattr(conn, "fileno"):  # psycopg2
+        return int(conn.fileno())
+    sock = getattr(conn, "_sock", None)  # PyMySQL
+    return None if sock is None else int(sock.fileno())
+
+
+_POLLERS: weakref.WeakSet[Poller] = weakref.WeakSet()
+_INHERITED: List[Any] = []
+
+
+def _reinit_after_fork() -> None:
+    for poller in list(_POLLERS):
+        poller._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _first(item: Tuple[int, Any]) -> int:
+    return item[0]
+
+
+def _pg_code(exc: BaseException) -> Optional[str]:
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+
+
+def notify_sql(dialect_name: str, returning_sql: str, column: str) -> str:
+    """`returning_sql` (an INSERT/UPDATE ... RETURNING `column`, the run id) made to NOTIFY the
+    pollers of every process, in the same statement; its row count stays the rows written."""
+    if dialect_name != "postgres":
+        return returning_sql
+    return (f"WITH written AS ({returning_sql}) SELECT pg_notify('{CHANNEL}', "
+            f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END) FROM written")
+
+
+def _poll_sql(name: str, models: Models) -> str:
+    """The poll statement of dialect `name` (see the module doc); PostgreSQL's uses $1..$3."""
+    streams = models.stream._meta.table_name
+    events = models.stream_event._meta.table_name
+    tail = (f"LEFT JOIN {streams} s ON s.id = w.run "
+            f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+            f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+    if name == "postgres":
+        return (f"SELECT w.run, s.status, w.last, e.seq, e.event::text FROM "
+                f"(SELECT j.run, j.since, j.upto, (SELECT max(x.seq) FROM {events} x WHERE x.run_id = j.run) "
+                f"AS last FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS j(run, since, upto)) w " + tail)
+    if name == "mysql":
+        return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
+                f"(SELECT j.run, j.since, j.upto, (SELECT MAX(x.seq) FROM {events} x WHERE x.run_id = j.run) "
+                f"AS last FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 "
+                f"COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j) w "
+                + tail)
+    return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
+            f"(SELECT json_extract(j.value, '$[0]') AS run, json_extract(j.value, '$[1]') AS since, "
+            f"json_extract(j.value, '$[2]') AS upto, (SELECT MAX(x.seq) FROM {events} x "
+            f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w " + tail)
+
+
+def in_memory_sqlite(database: peewee.Database) -> bool:
+    """True for an in-memory SQLite database: another thread's connection would see another database."""
+    if not isinstance(database, peewee.SqliteDatabase):
+        return False
+    name = str(database.database or "")
+    return name in ("", ":memory:") or "mode=memory" in name
+
