@@ -390,7 +390,7 @@ class Poller:
         if conn is not None:
             with contextlib.suppress(Exception):
                 poll.register(conn.fileno(), select.POLLIN)
-        if pause > 0:
+        if pause > 0 and not (conn is not None and conn.notifies):  # (those came in with a poll's reply)
             with contextlib.suppress(InterruptedError):
                 poll.poll(pause * 1000)
         with self._lock:

@@ -435,6 +435,9 @@ class Streams:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout >= 0):
             raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r:.80}")
+        if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
+                                      or not heartbeat > 0):
+            raise ValueError(f"heartbeat must be None or a positive number of seconds, got {heartbeat!r:.80}")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not storable_key(run_id):
             raise NotFoundError(_STREAMS, run_id, f"streams: no stream for run {run_id!r} to resume")
