@@ -32,7 +32,7 @@ def _log(message: str) -> None:
 def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[str], None] = _log,
                 only: Optional[List[str]] = None) -> Dict[str, Any]:
     """Every workload on one dialect: ``{"server": version, "rows": [Row, ...], ...}``."""
-    from . import prune_memory
+    from . import followers, prune_memory
 
     started = time.perf_counter()
     with open_target(dialect, log) as target:
@@ -43,7 +43,9 @@ def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[s
         rows: List[Row] = []
         steps = [("W1", w.w1_set), ("W2", w.w2_get), ("W3", w.w3_latest), ("W4", w.w4_append),
                  ("W5", w.w5_list), ("W6", w.w6_append), ("W7", w.w7_append_many), ("W8", w.w8_poll),
-                 ("W9", w.w9_latency), ("W10", lambda: prune_memory.measure(w))]
+                 ("W9", w.w9_latency), ("W10", lambda: prune_memory.measure(w)),
+                 ("W12", lambda: followers.w12_idle(w, settings.quick)),
+                 ("W13", lambda: followers.w13_live(w, settings.quick))]
         for name, step in steps:
             if only and name not in only:
                 continue
@@ -73,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved A/B rounds per workload (default 15, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default: bench/results/...)")
     parser.add_argument("--only", metavar="W", action="append",
-                        help="run only this workload (W1 ... W10); repeatable")
+                        help="run only this workload (W1 ... W10, W12, W13); repeatable")
     args = parser.parse_args(argv)
 
     settings = Settings(quick=args.quick)

@@ -1,0 +1,83 @@
+"""Server-Sent Events for a run's stream, framework-free: any WSGI app can return it.
+
+    from better_agent_peewee.sse import SSE_HEADERS, event_stream, resume_point
+
+    # Flask
+    @app.get("/runs/<run_id>/events")
+    def events(run_id):
+        after = resume_point(request.headers.get("Last-Event-ID"), request.args.get("after"))
+        return Response(event_stream(storage, run_id, after), headers=SSE_HEADERS)
+
+    # Django
+    def events(request, run_id):
+        after = resume_point(request.headers.get("Last-Event-ID"), request.GET.get("after"))
+        return StreamingHttpResponse(event_stream(storage, run_id, after), headers=SSE_HEADERS)
+
+Each stored event becomes one ``message`` whose ``id:`` is its seq, so a browser's
+EventSource that reconnects sends ``Last-Event-ID`` and `resume_point` turns it into the
+seq to resume after. While the stream is quiet a comment line goes out every `heartbeat`
+seconds (proxies keep the connection). When the stream is closed and every event was sent
+(or it was deleted), an ``end`` event comes last, with ``{"runId", "lastSeq", "reason"}``,
+and the response ends: call ``source.close()`` on it, or EventSource reconnects. After
+`max_seconds` the response ends without ``end``; the browser reconnects and resumes.
+
+The response body holds no database connection: the storage's poller serves it.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterator, Optional
+
+from .followers import HEARTBEAT, Follower
+
+__all__ = ["SSE_HEADERS", "event_stream", "frames", "resume_point"]
+
+#: Headers of an SSE response (``X-Accel-Buffering: no`` stops nginx from buffering it).
+SSE_HEADERS: Dict[str, str] = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                               "X-Accel-Buffering": "no"}
+
+
+def resume_point(last_event_id: Optional[str], after: Optional[str] = None) -> int:
+    """The seq to resume after: the ``Last-Event-ID`` header if any, else `after` (e.g. ``?after=``), else 0.
+
+    :raises ValueError: a value that is not a non-negative integer (e.g. an HTTP 400).
+    """
+    for name, value in (("Last-Event-ID", last_event_id), ("after", after)):
+        if value is None or value == "":
+            continue
+        text = str(value).strip()
+        if not text.isdigit() or not text.isascii() or len(text) > 18:
+            raise ValueError(f"{name} must be a non-negative integer (an event seq), got {value!r:.40}")
+        return int(text)
+    return 0
+
+
+def event_stream(storage: Any, run_id: str, after_seq: int = 0, *, heartbeat: float = 15.0,
+                 max_seconds: Optional[float] = 300.0, poll_interval: float = 0.025,
+                 retry_ms: Optional[int] = 2000) -> Iterator[str]:
+    """The ``text/event-stream`` body following the stream of `run_id` after `after_seq`.
+
+    Starts following at once, so a missing stream raises here, before any byte is sent.
+
+    :raises NotFoundError: the stream does not exist (e.g. an HTTP 404).
+    """
+    follower = storage.streams.resume(run_id, after_seq, heartbeat=heartbeat, timeout=max_seconds,
+                                      poll_interval=poll_interval)
+    return frames(follower, retry_ms=retry_ms)
+
+
+def frames(follower: Follower, *, retry_ms: Optional[int] = 2000) -> Iterator[str]:
+    """SSE frames of a `resume` follower: events, heartbeat comments, then ``end`` (unless it timed out)."""
+    try:
+        if retry_ms is not None:
+            yield f"retry: {int(retry_ms)}\n\n"  # how long the browser waits before reconnecting
+        for item in follower:
+            if item is HEARTBEAT:
+                yield ": heartbeat\n\n"
+                continue
+            yield f"id: {item['seq']}\ndata: {json.dumps(item, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        if follower.reason in ("closed", "deleted"):
+            end = {"runId": follower.run_id, "lastSeq": follower.last_seq, "reason": follower.reason}
+            yield f"event: end\ndata: {json.dumps(end, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    finally:
+        follower.close()  # the client went away (the server closed this generator): stop following
