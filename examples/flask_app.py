@@ -14,11 +14,12 @@ Routes:
     POST /runs/<run_id>/abort             ask the worker running it to stop: {"requested": bool, "abort":
                                           "requested" | "already_requested" | "not_running"}
     GET  /runs/<run_id>/events            Server-Sent Events: the run's stream, live
+    GET  /runs/<run_id>/watch             a page whose EventSource shows those events as they come
 
-The events endpoint follows the stream by polling (`storage.streams.resume`). Each SSE
-message carries the event's seq as its id, so a browser's EventSource that reconnects
-sends ``Last-Event-ID`` and picks up where it left off (``?after=N`` does the same by
-hand). When the stream is closed and every event was sent, the endpoint sends an
+The events endpoint is `better_agent_peewee.sse.event_stream` over `storage.streams.resume`.
+Each SSE message carries the event's seq as its id, so a browser's EventSource that
+reconnects sends ``Last-Event-ID`` and picks up where it left off (``?after=N`` does the
+same by hand). When the stream is closed and every event was sent, the endpoint sends an
 ``end`` event and the response ends; call ``source.close()`` on it, or EventSource
 reconnects. While the stream is idle it sends a comment line every
 ``SSE_HEARTBEAT_SECONDS`` (so proxies keep the connection), and after
@@ -30,9 +31,11 @@ followed and aborted at once, and a pool of worker threads (``AGENT_WORKERS``) e
 it inside ``with run:`` (`storage.runs.track`), which records how it ended.
 
 Connections: the database is pooled (`open_database(url, pooled=True)`), each request
-takes a connection when it first queries and gives it back when it ends, and a
-follower between polls holds none, so a thousand idle SSE clients do not need a
-thousand database connections.
+takes a connection when it first queries and gives it back when it ends (for the events
+endpoint: when the view returns, before the stream is sent), and followers hold none:
+the storage's one poller thread reads for all of them on one connection. Served by a
+threaded server (``app.run(threaded=True)``: a thread per open response), one process
+follows a thousand runs for a thousand browser tabs.
 """
 from __future__ import annotations
 
@@ -42,11 +45,10 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import peewee
-from flask import Flask, Response, jsonify, request, stream_with_context
-from playhouse.pool import PooledDatabase
+from flask import Flask, Response, jsonify, request
 
 from better_agent_peewee import (
     ConnectionLostError,
@@ -58,6 +60,7 @@ from better_agent_peewee import (
     peewee_storage,
 )
 from better_agent_peewee.cli import open_database
+from better_agent_peewee.sse import SSE_HEADERS, event_stream, resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +145,18 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
 
     @app.get("/runs/<run_id>/events")
     def run_events(run_id: str) -> Any:
-        after = request.headers.get("Last-Event-ID", type=int)
-        if after is None:
-            after = request.args.get("after", 0, type=int)
+        after = resume_point(request.headers.get("Last-Event-ID"), request.args.get("after"))  # ValueError -> 400
         # Raises NotFoundError (-> 404) now, before any byte is sent, when there is no stream.
-        first = storage.streams.resume(run_id, after, timeout=0)
-        body = _sse(storage, run_id, after, first, app.config)
-        return Response(stream_with_context(body), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        body = event_stream(storage, run_id, after, heartbeat=app.config["SSE_HEARTBEAT_SECONDS"],
+                            max_seconds=app.config["SSE_MAX_SECONDS"], poll_interval=app.config["SSE_POLL_SECONDS"])
+        # No stream_with_context: the body needs no app context, so the request's connection goes
+        # back to the pool as the view returns, and the open response holds none.
+        return Response(body, headers=SSE_HEADERS)
+
+    @app.get("/runs/<run_id>/watch")
+    def watch_run(run_id: str) -> Any:
+        return Response(WATCH_PAGE.replace("RUN_ID_JSON", json.dumps(run_id).replace("<", "\\u003c")),
+                        mimetype="text/html")
 
     return app
 
@@ -178,40 +185,29 @@ def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
     run.append_messages([{"id": message_id, "role": "assistant", "content": reply}])
 
 
-def _sse(storage: Any, run_id: str, after: int, first: Iterator[Dict[str, Any]],
-         config: Dict[str, Any]) -> Iterator[str]:
-    """The SSE body: events as they come, a heartbeat while idle, `end` once closed and drained."""
-    heartbeat, poll = config["SSE_HEARTBEAT_SECONDS"], config["SSE_POLL_SECONDS"]
-    db = storage.database
-    pooled = isinstance(db, PooledDatabase)
-    deadline = time.monotonic() + config["SSE_MAX_SECONDS"]
-    yield "retry: 2000\n\n"  # how long the browser waits before reconnecting
-    events = first
-    while True:
-        for event in events:
-            after = event["seq"]
-            yield f"id: {after}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
-        stream = storage.streams.get(run_id)
-        if pooled and not db.in_transaction():
-            db.close()  # back to the pool while waiting: `resume` then takes one per poll only
-        if stream is None or stream["status"] != "open":
-            if stream is not None:  # closed: send what was appended before it closed, then end
-                try:
-                    for event in storage.streams.resume(run_id, after):
-                        after = event["seq"]
-                        yield f"id: {after}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
-                except NotFoundError:  # deleted meanwhile
-                    pass
-            yield f"event: end\ndata: {json.dumps({'runId': run_id, 'lastSeq': after})}\n\n"
-            return
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return  # the browser reconnects with Last-Event-ID
-        yield ": waiting\n\n"  # a comment: keeps proxies from closing an idle connection
-        try:
-            events = storage.streams.resume(run_id, after, timeout=min(heartbeat, left), poll_interval=poll)
-        except NotFoundError:  # deleted meanwhile: the next round says `end`
-            events = iter(())
+#: The watch page: an EventSource on the events endpoint, one list item per event.
+WATCH_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>run events</title></head>
+<body>
+<h1 id="status">following</h1>
+<ol id="events"></ol>
+<script>
+const runId = RUN_ID_JSON;
+const source = new EventSource("/runs/" + encodeURIComponent(runId) + "/events");
+source.onmessage = (message) => {
+  const event = JSON.parse(message.data);
+  const item = document.createElement("li");
+  item.dataset.seq = event.seq;
+  item.textContent = event.type + (event.delta ? " " + event.delta : "");
+  document.getElementById("events").appendChild(item);
+};
+source.addEventListener("end", (message) => {
+  source.close();  // or EventSource reconnects
+  document.getElementById("status").textContent = "ended: " + JSON.parse(message.data).reason;
+});
+</script>
+</body></html>
+"""
 
 
 if __name__ == "__main__":

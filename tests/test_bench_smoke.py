@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = [f"W{i}" for i in range(1, 11)]
+WORKLOADS = [f"W{i}" for i in range(1, 11)] + ["W12", "W13"]
 
 
 def test_quick_benchmark_prints_table_and_writes_json(dialect: str, database_url: str, tmp_path: Path) -> None:
@@ -51,7 +51,8 @@ def test_quick_benchmark_prints_table_and_writes_json(dialect: str, database_url
         if row["ratio"] is not None:
             assert row["ratio"] > 0 and row["baseline"] > 0, row
     verdicts = [r for r in rows if r["passed"] is not None]
-    assert {r["workload"] for r in verdicts} >= {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10"}
+    assert {r["workload"] for r in verdicts} >= {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10",
+                                                 "W12"}
     prune = [r for r in rows if r["workload"] == "W10"][0]["details"]["report"]
     assert prune["runs"] > 0 and prune["events"] == prune["runs"] * 10
 

@@ -224,7 +224,8 @@ def test_flask_sse_of_a_closed_stream(app: Any) -> None:
     assert [m["id"] for m in data] == ["1", "2", "3"]
     assert [json.loads(m["data"])["type"] for m in data] == ["RUN_STARTED", "TEXT_MESSAGE_CONTENT", "RUN_FINISHED"]
     assert json.loads(data[1]["data"]) == {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi", "seq": 2}
-    assert messages[-1]["event"] == "end" and json.loads(messages[-1]["data"]) == {"runId": "done", "lastSeq": 3}
+    assert messages[-1]["event"] == "end"
+    assert json.loads(messages[-1]["data"]) == {"runId": "done", "lastSeq": 3, "reason": "closed"}
 
     # A reconnecting EventSource sends Last-Event-ID; ?after=N does the same by hand.
     again = sse_messages(client.get("/runs/done/events", headers={"Last-Event-ID": "2"}).get_data())
@@ -256,13 +257,14 @@ def test_flask_sse_follows_a_live_stream_until_it_closes(app: Any) -> None:
                 storage.streams.append("live", {"type": "TEXT_MESSAGE_CONTENT", "delta": "late"})
                 storage.streams.append("live", {"type": "RUN_FINISHED"})
                 storage.streams.close("live")
+                db.close()  # this test's own connection (the appends above), not the response's
     response.close()
     messages = sse_messages(b"".join(received))
     ids = [m["id"] for m in messages if "id" in m]
     assert ids == ["1", "2", "3"], messages
     assert sum("comment" in m for m in messages) >= 2  # heartbeats while idle
     assert messages[-1]["event"] == "end" and json.loads(messages[-1]["data"])["lastSeq"] == 3
-    assert db.is_closed()  # the connection went back to the pool when the response ended
+    assert db.is_closed()  # the response took no connection while it streamed
 
 
 def test_flask_app_with_a_plain_database(database: peewee.Database) -> None:
