@@ -35,6 +35,9 @@ RECONNECT_WINDOW = 10.0
 #: with random backoff growing to 0.2 s; then ContentionError. Also the reruns a
 #: `transaction(retries=...)` block gets at most.
 CONFLICT_RETRIES = 40
+#: ... and for at most this many seconds since the first conflict (a lock wait timeout takes
+#: the server's innodb_lock_wait_timeout, 50 s by default, to report: that one is not rerun).
+CONFLICT_SECONDS = 30.0
 
 
 class Applied:
@@ -325,6 +328,7 @@ class Executor:
         database, dialect = self.database, self.dialect
         conflicts = reconnects = 0
         deadline: Optional[float] = None
+        started = time.monotonic()
         unsure = False  # the statement may have been applied: its reply was lost
         while True:
             if dialect.is_read_only(exc):
@@ -354,7 +358,7 @@ class Executor:
                     logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
             elif dialect.is_transient(exc) and not database.in_transaction():
                 conflicts += 1
-                if conflicts > CONFLICT_RETRIES:
+                if conflicts > CONFLICT_RETRIES or time.monotonic() - started > CONFLICT_SECONDS:
                     raise ContentionError(
                         f"the server rolled the statement back as a conflict {conflicts} times in a row (last: "
                         f"{_first_line(exc)}); nothing of it was applied: retry the operation later",

@@ -214,3 +214,39 @@ def test_message_read_back(database: peewee.Database) -> None:
     (first,), = database.execute_sql("SELECT id FROM messages").fetchall()
     assert stored and messages._read_back(first, 1).rowcount == 1
     assert messages._read_back("t:0:absent", 1) is None
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
+def test_a_lock_wait_timeout_is_retried_then_reported_as_contention(
+        server: Server, make_database: Callable[..., peewee.Database], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row held by another transaction: the upsert's lock wait times out (1205), is run again
+    while the holder keeps it, and succeeds once it lets go; held for good, ContentionError."""
+    from better_agent_peewee import ContentionError, executor
+
+    monkeypatch.setattr(executor, "CONFLICT_SECONDS", 2.5)
+    create_tables(make_database())
+    storage = peewee_storage(make_database(init_command="SET SESSION innodb_lock_wait_timeout = 1"))
+    storage.set("runs", "r1", run("r1"))
+    holder = server.connect()
+    cur = holder.cursor()
+    cur.execute("BEGIN")
+    cur.execute("SELECT * FROM agent_runs WHERE run_id = 'r1' FOR UPDATE")
+    release = threading.Timer(1.5, holder.commit)
+    release.start()
+    try:
+        storage.set("runs", "r1", run("r1", status="completed"))  # waits, times out, runs again, succeeds
+    finally:
+        release.join()
+    assert storage.get("runs", "r1")["status"] == "completed"
+
+    cur.execute("BEGIN")
+    cur.execute("SELECT * FROM agent_runs WHERE run_id = 'r1' FOR UPDATE")
+    try:
+        with pytest.raises(ContentionError, match="retry the operation later") as caught:
+            storage.set("runs", "r1", run("r1", status="failed"))
+        assert isinstance(caught.value, StorageError)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert storage.get("runs", "r1")["status"] == "completed"
