@@ -30,9 +30,10 @@ import peewee
 from playhouse import db_url
 
 from . import __version__
-from .errors import StorageError
+from .errors import StorageError, first_line
 from .prune import FINISHED_STATUSES, PruneReport, prune_runs, reap_stale, stats
 from .schema import check_schema, create_tables
+from .timestamps import ms_to_iso
 
 __all__ = ["main", "open_database", "parse_duration", "DatabaseURLError"]
 
@@ -197,9 +198,9 @@ def _connect(args: argparse.Namespace, create: bool = False) -> peewee.Database:
     try:
         db.connect(reuse_if_open=True)
     except peewee.DatabaseError as exc:  # OperationalError, InterfaceError, ...
-        raise _Failure(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+        raise _Failure(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
     except TypeError as exc:  # a query-string option the driver does not know
-        raise _Failure(f"bad database URL {redact(url)!r}: {_first_line(exc)}", 2) from None
+        raise _Failure(f"bad database URL {redact(url)!r}: {first_line(exc)}", 2) from None
     return db
 
 
@@ -436,10 +437,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except StorageError as exc:
-        _fail(args, _first_line(exc))
+        _fail(args, first_line(exc))
         return 1
     except peewee.DatabaseError as exc:
-        _fail(args, f"database error: {_first_line(exc)}")
+        _fail(args, f"database error: {first_line(exc)}")
         return 1
 
 
@@ -447,15 +448,10 @@ def _fail(args: argparse.Namespace, message: str) -> None:
     sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _iso_or_none(ms: Optional[int]) -> str:
     if ms is None:
         return "-"
-    return (_dt.datetime(1970, 1, 1) + _dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+    return ms_to_iso(ms)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,311 +2,49 @@
 
 A `Dialect` answers three questions for the rest of the package:
 
-* which column types the five tables use (CONTRACT 3 and 3a),
-* how a timestamp (epoch ms) and a JSON value become a driver parameter and back,
-* how a multi-statement transaction is opened, and how a driver error is classified.
+* which column types the five tables use ("Physical schema" and "Encodings" in docs/contract.md),
+* which timestamp and JSON codecs turn record values into driver parameters and back
+  (the codecs themselves live in `timestamps` and `jsoncodec`),
+* how a multi-statement transaction is opened, and what a driver error means (the
+  classifiers live in `driver_errors`).
 
 Nothing outside this module asks "which database am I?".
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
-import math
 import re
-import select
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Set, Tuple, Type, cast
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple, Type, cast
 
 import peewee
 from playhouse.pool import PooledDatabase
 
+from .driver_errors import (
+    MYSQL_GONE,
+    MYSQL_UNREACHABLE,
+    PG_UNREACHABLE,
+    driver_error,
+    mysql_errno,
+    pg_code,
+    pg_gone_code,
+    socket_readable,
+)
 from .errors import DialectError
+from .jsoncodec import dumps, dumps_for_jsonb, load_native, load_text
+from .timestamps import (
+    MAX_TIMESTAMP_MS,
+    datetime_to_ms,
+    mysql_encode_ts,
+    postgres_encode_ts,
+    sqlite_decode_ts,
+    sqlite_encode_ts,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dialect", "detect_dialect", "DIALECT_NAMES"]
+__all__ = ["Dialect", "detect_dialect", "unwrap", "DIALECT_NAMES", "MAX_TIMESTAMP_MS"]
 
 DIALECT_NAMES = ("sqlite", "postgres", "mysql")
-
-_MS = _dt.timedelta(milliseconds=1)
-_EPOCH = _dt.datetime(1970, 1, 1)
-_EPOCH_UTC = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
-
-#: Largest timestamp every dialect can hold: 9999-12-31T23:59:59.999Z.
-MAX_TIMESTAMP_MS = 253402300799999
-
-# Compact JSON, as JSON.stringify writes it; NaN/Infinity are refused (PostgreSQL cannot store them).
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_encode: Callable[[Any], str] = _encoder.encode
-_loads = json.loads
-# The C scanner behind json.loads, called directly on the hot path (row decoding): it skips
-# json.loads' per-call Python layers (type checks, BOM test, two whitespace regexes).
-_scan_once: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON text of `value`, at any nesting depth."""
-    try:
-        return _encode(value)
-    except RecursionError:
-        # The C encoder recurses once per level: deep values (about 1,000 levels, fewer on a
-        # deep call stack) take the iterative path, which writes the very same text.
-        return _dumps_iterative(value, _encode)
-
-
-def _load_text(value: Any) -> Any:
-    """Decode JSON that the driver hands back as text (SQLite, MySQL, MariaDB; PostgreSQL as text)."""
-    if type(value) is str:
-        # Fast path for the text we and the TypeScript adapters write: one JSON document with
-        # no surrounding whitespace. Anything else (whitespace, errors, deep nesting) takes
-        # the general path below, which decides exactly as json.loads does.
-        try:
-            obj, end = _scan_once(value, 0)
-        except (StopIteration, ValueError, RecursionError):
-            pass
-        else:
-            if end == len(value):
-                return obj
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8")
-    if isinstance(value, str):
-        try:
-            return _loads(value)
-        except RecursionError:
-            # Nested deeper than the decoder's recursion allows (possibly written by another
-            # client): decode without recursion rather than make the row unreadable.
-            return _loads_iterative(value)
-    return value  # a driver (or a user's adapter) that already decoded it
-
-
-# -- JSON without recursion (slow paths, only taken when the C codecs hit the recursion limit)
-
-def _json_key(key: Any, scalar: Callable[[Any], str]) -> str:
-    # The C encoder's rules for object keys (JSON.stringify would have had strings only).
-    if isinstance(key, str):
-        return key
-    if key is True or key is False or key is None:
-        return scalar(key)
-    if isinstance(key, (int, float)):
-        return scalar(key)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
-
-
-def _dumps_iterative(value: Any, scalar: Callable[[Any], str]) -> str:
-    """The text `dumps` writes, built with an explicit stack; `scalar` encodes the leaves."""
-    parts: List[str] = []
-    stack: List[Any] = []  # [iterator, closing bracket, is_object, first, id]
-    open_ids: Set[int] = set()
-    item = value
-    while True:
-        if isinstance(item, dict) or isinstance(item, (list, tuple)):
-            marker = id(item)
-            if marker in open_ids:
-                raise ValueError("Circular reference detected")
-            open_ids.add(marker)
-            is_object = isinstance(item, dict)
-            parts.append("{" if is_object else "[")
-            stack.append([iter(cast(Dict[Any, Any], item).items()) if is_object else iter(item),
-                          "}" if is_object else "]",
-                          is_object, True, marker])
-        else:
-            parts.append(scalar(item))
-        while stack:
-            top = stack[-1]
-            try:
-                nxt = next(top[0])
-            except StopIteration:
-                parts.append(top[1])
-                open_ids.discard(top[4])
-                stack.pop()
-                continue
-            if not top[3]:
-                parts.append(",")
-            top[3] = False
-            if top[2]:
-                key, nxt = nxt
-                parts.append(_encode(_json_key(key, scalar)))
-                parts.append(":")
-            item = nxt
-            break
-        else:
-            return "".join(parts)
-
-
-_WS = re.compile(r"[ \t\n\r]*")
-_NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
-_CONSTANTS = (("true", True), ("false", False), ("null", None))
-
-
-def _loads_iterative(text: str) -> Any:
-    """`json.loads(text)` for standard JSON, with an explicit stack instead of recursion."""
-    from json import decoder
-
-    # The str scanner json.decoder uses (C or pure Python): real, but not in the stdlib stubs.
-    scanstring: Callable[[str, int], Tuple[str, int]] = decoder.scanstring  # type: ignore[attr-defined]
-
-    def fail(pos: int) -> ValueError:
-        return ValueError(f"invalid JSON at character {pos}: {text[pos:pos + 20]!r}")
-
-    def read_key(pos: int) -> Tuple[str, int]:
-        if text[pos:pos + 1] != '"':
-            raise fail(pos)
-        key, pos = scanstring(text, pos + 1)
-        pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
-        if text[pos:pos + 1] != ":":
-            raise fail(pos)
-        return key, _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
-
-    stack: List[List[Any]] = []  # [container, key (None in an array)]
-    pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
-    while True:
-        char = text[pos:pos + 1]
-        if char == "{" or char == "[":
-            pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
-            if text[pos:pos + 1] == ("}" if char == "{" else "]"):
-                value: Any = {} if char == "{" else []
-                pos += 1
-            elif char == "{":
-                key, pos = read_key(pos)
-                stack.append([{}, key])
-                continue
-            else:
-                stack.append([[], None])
-                continue
-        elif char == '"':
-            value, pos = scanstring(text, pos + 1)
-        else:
-            match = _NUMBER.match(text, pos)
-            if match is not None:
-                whole, fraction, exponent = match.groups()
-                value = float(whole + (fraction or "") + (exponent or "")) if fraction or exponent else int(whole)
-                pos = match.end()
-            else:
-                for word, constant in _CONSTANTS:
-                    if text.startswith(word, pos):
-                        value, pos = constant, pos + len(word)
-                        break
-                else:
-                    raise fail(pos)
-        while True:  # hand `value` to its container; close the containers that end here
-            if not stack:
-                pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
-                if pos != len(text):
-                    raise fail(pos)
-                return value
-            top = stack[-1]
-            container = top[0]
-            if top[1] is None:
-                container.append(value)
-            else:
-                container[top[1]] = value
-            pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
-            char = text[pos:pos + 1]
-            if char == ",":
-                pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
-                if top[1] is not None:
-                    top[1], pos = read_key(pos)
-                break
-            if char != ("]" if top[1] is None else "}"):
-                raise fail(pos)
-            pos += 1
-            stack.pop()
-            value = container
-
-
-# PostgreSQL's jsonb keeps numbers as `numeric` and prints them without an exponent: the
-# float 1e+23 comes back as the integer 100000000000000000000000 (a different value for
-# Python). Floats that Python writes with a positive exponent are therefore written as
-# their exact integral value plus ".0", which jsonb keeps as it is.
-_POSITIVE_EXPONENT = re.compile(r"[0-9]e\+[0-9]")
-
-
-def _exact_float_scalar(value: Any) -> str:
-    if isinstance(value, float) and math.isfinite(value):
-        text = float.__repr__(value)
-        return f"{int(value)}.0" if "e+" in text else text
-    return _encode(value)
-
-
-def _dumps_for_jsonb(value: Any) -> str:
-    """`dumps`, except that large floats are written so that jsonb keeps them floats."""
-    text = dumps(value)
-    if "e+" in text and _POSITIVE_EXPONENT.search(text):  # cheap test first; rare
-        return _dumps_iterative(value, _exact_float_scalar)
-    return text
-
-
-def _load_native(value: Any) -> Any:
-    """PostgreSQL's drivers decode json/jsonb themselves: a str here is a JSON string value."""
-    return value
-
-
-# -- timestamps ---------------------------------------------------------------------------
-
-_ISO_RE = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|z|[+-]\d{2}:?\d{2}(?::?\d{2})?)?$"
-)
-
-
-_fromisoformat = _dt.datetime.fromisoformat
-
-
-def parse_iso_ms(text: str) -> int:
-    """Epoch ms of an ISO-8601 timestamp: `T` or space, optional fraction, `Z`/offset/none (= UTC)."""
-    if len(text) == 24 and text[23] == "Z" and text[10] == "T":
-        # The exact form we and the TypeScript adapters write: the fast path.
-        return (_dt.datetime.fromisoformat(text[:23]) - _EPOCH) // _MS
-    match = _ISO_RE.match(text.strip())
-    if match is None:
-        raise ValueError(f"not an ISO-8601 timestamp: {text!r}")
-    date, time, fraction, zone = match.groups()
-    fraction = (fraction or "")[:6].ljust(6, "0")
-    stamp = _dt.datetime.fromisoformat(f"{date}T{time}.{fraction}")
-    if zone and zone not in ("Z", "z"):
-        sign = -1 if zone[0] == "-" else 1
-        digits = zone[1:].replace(":", "")
-        offset = _dt.timedelta(hours=int(digits[0:2]), minutes=int(digits[2:4]),
-                               seconds=int(digits[4:6] or 0))
-        stamp -= sign * offset
-    return (stamp - _EPOCH) // _MS
-
-
-def _sqlite_encode_ts(ms: int) -> str:
-    # Exactly YYYY-MM-DDTHH:MM:SS.mmmZ: the TypeScript side orders these as text.
-    return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds") + "Z"
-
-
-def _sqlite_decode_ts(value: Any) -> int:
-    if type(value) is str and len(value) == 24 and value[23] == "Z" and value[10] == "T":
-        # parse_iso_ms's fast path inlined: every timestamp of every row read comes here.
-        return (_fromisoformat(value[:23]) - _EPOCH) // _MS
-    if isinstance(value, str):
-        return parse_iso_ms(value)
-    if isinstance(value, int):
-        return value  # epoch ms written by hand into a TEXT column
-    if isinstance(value, _dt.datetime):
-        return _naive_to_ms(value)
-    raise ValueError(f"cannot read a timestamp from {value!r}")
-
-
-def _naive_to_ms(value: Any) -> int:
-    if isinstance(value, _dt.datetime):
-        if value.tzinfo is not None:
-            return (value - _EPOCH_UTC) // _MS
-        return (value - _EPOCH) // _MS
-    if isinstance(value, str):
-        return parse_iso_ms(value)
-    raise ValueError(f"cannot read a timestamp from {value!r}")
-
-
-def _mysql_encode_ts(ms: int) -> _dt.datetime:
-    # DATETIME(3) holds naive UTC.
-    return _EPOCH + ms * _MS
-
-
-def _postgres_encode_ts(ms: int) -> _dt.datetime:
-    return _EPOCH_UTC + ms * _MS
 
 
 # -- column types -------------------------------------------------------------------------
@@ -320,8 +58,8 @@ class _Column(peewee.Field):
 class _TimestampColumn(_Column):
     """Epoch-ms integers in Python, the dialect's timestamp type in the database."""
 
-    encode: Callable[[int], Any] = staticmethod(_postgres_encode_ts)
-    decode: Callable[[Any], int] = staticmethod(_naive_to_ms)
+    encode: Callable[[int], Any] = staticmethod(postgres_encode_ts)
+    decode: Callable[[Any], int] = staticmethod(datetime_to_ms)
 
     def db_value(self, value: Any) -> Any:
         if value is None or isinstance(value, peewee.Node):
@@ -335,7 +73,7 @@ class _TimestampColumn(_Column):
 class _JSONColumn(_Column):
     """Any JSON value in Python, the dialect's JSON type in the database."""
 
-    load: Callable[[Any], Any] = staticmethod(_load_text)
+    load: Callable[[Any], Any] = staticmethod(load_text)
 
     def db_value(self, value: Any) -> Any:
         if value is None or isinstance(value, peewee.Node):
@@ -345,52 +83,6 @@ class _JSONColumn(_Column):
     def python_value(self, value: Any) -> Any:
         return None if value is None else self.load(value)
 
-
-def _driver_error(exc: BaseException) -> BaseException:
-    """The driver's exception behind a peewee one (peewee passes it as the first argument)."""
-    first = exc.args[0] if exc.args else None
-    if isinstance(first, BaseException):
-        return first
-    return exc.__cause__ or exc.__context__ or exc
-
-
-def _pg_code(exc: BaseException) -> Optional[str]:
-    err = _driver_error(exc)
-    return getattr(err, "pgcode", None) or getattr(err, "sqlstate", None)
-
-
-def _mysql_errno(exc: BaseException) -> Optional[int]:
-    args = getattr(_driver_error(exc), "args", ())
-    return args[0] if args and isinstance(args[0], int) else None
-
-
-def _readable(fd: int) -> bool:
-    # An idle client connection has nothing to read unless the server said something on its
-    # own: a termination notice / end-of-file (or, rarely, a NOTIFY; a false alarm costs a probe).
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def _pg_gone_code(code: Optional[str]) -> bool:
-    # Class 08 (connection exception); 57P01-57P03: admin shutdown, crash shutdown, cannot connect now.
-    return code is not None and (code.startswith("08") or code in ("57P01", "57P02", "57P03"))
-
-
-_PG_UNREACHABLE = re.compile(
-    r"connection refused|could not connect|server closed the connection|terminating connection|"
-    r"the database system is (?:starting up|shutting down|not yet accepting|in recovery)|"
-    r"could not (?:send|receive) data|timeout expired|no connection to the server|"
-    r"could not translate host name|no route to host|network is unreachable|"
-    r"SSL (?:connection has been closed|SYSCALL error)|"
-    # pgbouncer while its server is down or restarting (server_login_retry)
-    r"server login has been failing|pgbouncer cannot connect to server|server conn crashed|"
-    r"no more connections allowed", re.IGNORECASE)
-
-#: MySQL/MariaDB client and server errors meaning the connection is gone: server has gone
-#: away, lost connection during query / at handshake, server shutdown in progress, connection
-#: killed (MariaDB), disconnected for inactivity (MySQL 8).
-_MYSQL_GONE = frozenset((2006, 2013, 2055, 1053, 1927, 4031))
-#: ... and that the server cannot be reached: can't connect (socket / TCP), plus the above.
-_MYSQL_UNREACHABLE = _MYSQL_GONE | {2002, 2003}
 
 
 # -- the dialects -------------------------------------------------------------------------
@@ -410,12 +102,12 @@ class Dialect:
     #: threads for it rather than leave them to the busy timeout, which grants no turn order.
     single_writer = False
 
-    encode_ts: Callable[[int], Any] = staticmethod(_postgres_encode_ts)
-    decode_ts: Callable[[Any], int] = staticmethod(_naive_to_ms)
+    encode_ts: Callable[[int], Any] = staticmethod(postgres_encode_ts)
+    decode_ts: Callable[[Any], int] = staticmethod(datetime_to_ms)
     #: Decodes a JSON column as our statements select it (see `select_json`).
-    load_json: Callable[[Any], Any] = staticmethod(_load_text)
+    load_json: Callable[[Any], Any] = staticmethod(load_text)
     #: Decodes a JSON column as the driver returns it for a plain peewee query.
-    field_load_json: Callable[[Any], Any] = staticmethod(_load_text)
+    field_load_json: Callable[[Any], Any] = staticmethod(load_text)
     dump_json: Callable[[Any], str] = staticmethod(dumps)
 
     def __init__(self, database: peewee.Database) -> None:
@@ -579,8 +271,8 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     now_default = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
     single_writer = True
-    encode_ts = staticmethod(_sqlite_encode_ts)
-    decode_ts = staticmethod(_sqlite_decode_ts)
+    encode_ts = staticmethod(sqlite_encode_ts)
+    decode_ts = staticmethod(sqlite_decode_ts)
 
     def transaction(self) -> ContextManager[Any]:
         # Take the write lock up front: a deferred transaction that reads and then writes
@@ -597,7 +289,7 @@ class SqliteDialect(Dialect):
         # SQLITE_BUSY once the busy timeout ran out: the writer lock is not granted in any
         # fair order, so a writer among many can miss it for the whole timeout. Nothing was
         # written; a single statement (or a transaction that could not begin) can run again.
-        err = _driver_error(exc)
+        err = driver_error(exc)
         code: Optional[int] = getattr(err, "sqlite_errorcode", None)
         if code is not None:
             return code & 0xFF == 5
@@ -627,10 +319,10 @@ class PostgresDialect(Dialect):
     json_type = "JSONB"
     timestamp_type = "TIMESTAMPTZ"
     now_default = "now()"
-    encode_ts = staticmethod(_postgres_encode_ts)
-    decode_ts = staticmethod(_naive_to_ms)
-    field_load_json = staticmethod(_load_native)
-    dump_json = staticmethod(_dumps_for_jsonb)
+    encode_ts = staticmethod(postgres_encode_ts)
+    decode_ts = staticmethod(datetime_to_ms)
+    field_load_json = staticmethod(load_native)
+    dump_json = staticmethod(dumps_for_jsonb)
 
     def select_json(self, column: peewee.Field) -> peewee.Node:
         # As text, so SQL NULL (absent) and JSON null (None) stay apart: the driver's
@@ -655,15 +347,15 @@ class PostgresDialect(Dialect):
 
     def is_transient(self, exc: BaseException) -> bool:
         # serialization_failure, deadlock_detected
-        return _pg_code(exc) in ("40001", "40P01")
+        return pg_code(exc) in ("40001", "40P01")
 
     def is_read_only(self, exc: BaseException) -> bool:
         # read_only_sql_transaction: a hot standby, or default_transaction_read_only
-        return _pg_code(exc) == "25006"
+        return pg_code(exc) == "25006"
 
     def hung_up(self, conn: Any) -> bool:
         try:
-            return _readable(conn.fileno())
+            return socket_readable(conn.fileno())
         except Exception:  # closed: let the statement find out
             return False
 
@@ -674,18 +366,18 @@ class PostgresDialect(Dialect):
         code = getattr(err, "pgcode", None) or getattr(err, "sqlstate", None)
         # 08P01 (protocol violation) on a connection the driver still holds open is about the
         # statement (pgbouncer refusing a prepared statement), not a dead connection.
-        return code != "08P01" and _pg_gone_code(code)
+        return code != "08P01" and pg_gone_code(code)
 
     def _unreachable(self, err: BaseException) -> bool:
         # libpq reports connection failures without a SQLSTATE: recognise them by their text
         # (a wrong password or database name is not "unreachable").
-        return (_pg_gone_code(getattr(err, "pgcode", None) or getattr(err, "sqlstate", None))
-                or _PG_UNREACHABLE.search(str(err)) is not None)
+        return (pg_gone_code(getattr(err, "pgcode", None) or getattr(err, "sqlstate", None))
+                or PG_UNREACHABLE.search(str(err)) is not None)
 
     def rejected_json_column(self, exc: BaseException) -> Optional[str]:
         # 54001 "stack depth limit exceeded": jsonb parses recursively, and a value nested some
         # tens of thousands of levels deep exhausts max_stack_depth. The message names no column.
-        return "" if _pg_code(exc) == "54001" else None
+        return "" if pg_code(exc) == "54001" else None
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         code: Optional[str] = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "pgcode", None)
@@ -704,8 +396,8 @@ class MySQLDialect(Dialect):
     json_type = "JSON"
     timestamp_type = "DATETIME(3)"
     now_default = "CURRENT_TIMESTAMP(3)"
-    encode_ts = staticmethod(_mysql_encode_ts)
-    decode_ts = staticmethod(_naive_to_ms)
+    encode_ts = staticmethod(mysql_encode_ts)
+    decode_ts = staticmethod(datetime_to_ms)
 
     def __init__(self, database: peewee.Database) -> None:
         super().__init__(database)
@@ -741,15 +433,15 @@ class MySQLDialect(Dialect):
         # ER_LOCK_DEADLOCK (also Galera's certification failure), ER_LOCK_WAIT_TIMEOUT: InnoDB
         # rolled the statement or transaction back. ER_UNKNOWN_COM_ERROR 1047: a Galera node
         # that is not synced ("WSREP has not yet prepared node for application use") ran nothing.
-        return _mysql_errno(exc) in (1213, 1205, 1047)
+        return mysql_errno(exc) in (1213, 1205, 1047)
 
     def needs_new_connection(self, exc: BaseException) -> bool:
-        return _mysql_errno(exc) == 1047
+        return mysql_errno(exc) == 1047
 
     def is_read_only(self, exc: BaseException) -> bool:
         # ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,
         # ER_READ_ONLY_MODE
-        return _mysql_errno(exc) in (1290, 1792, 1836)
+        return mysql_errno(exc) in (1290, 1792, 1836)
 
     #: wsrep_sync_wait bits for causal reads: 1 reads (and BEGIN), 2 UPDATE/DELETE, 4 INSERT/REPLACE
     #: (the stream append's INSERT ... SELECT and a message's foreign-key check read through these).
@@ -814,12 +506,12 @@ class MySQLDialect(Dialect):
 
     def was_not_sent(self, exc: BaseException) -> bool:
         # 2006 "server has gone away" is raised when writing the statement failed.
-        return super().was_not_sent(exc) or _mysql_errno(exc) == 2006
+        return super().was_not_sent(exc) or mysql_errno(exc) == 2006
 
     def hung_up(self, conn: Any) -> bool:
         sock = getattr(conn, "_sock", None)  # PyMySQL
         try:
-            return _readable(sock.fileno() if sock is not None else conn.fileno())
+            return socket_readable(sock.fileno() if sock is not None else conn.fileno())
         except Exception:
             return False
 
@@ -829,11 +521,11 @@ class MySQLDialect(Dialect):
         if not getattr(conn, "open", True):
             return True
         args: Tuple[Any, ...] = getattr(err, "args", ())
-        return bool(args) and args[0] in _MYSQL_GONE
+        return bool(args) and args[0] in MYSQL_GONE
 
     def _unreachable(self, err: BaseException) -> bool:
         args: Tuple[Any, ...] = getattr(err, "args", ())
-        return bool(args) and args[0] in _MYSQL_UNREACHABLE
+        return bool(args) and args[0] in MYSQL_UNREACHABLE
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         args = getattr(getattr(exc, "orig", None), "args", None) or getattr(exc, "args", ())

@@ -10,6 +10,12 @@ from typing import Iterable, Optional
 import peewee
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of `exc`'s message (its class name when it has none), for logs."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class StorageError(Exception):
     """Base class of every error raised by better_agent_peewee."""
 

@@ -20,7 +20,14 @@ import peewee
 from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
 
 from .dialects import Dialect
-from .errors import ConnectionLostError, ContentionError, PoolExhaustedError, ReadOnlyError, RecordError
+from .errors import (
+    ConnectionLostError,
+    ContentionError,
+    PoolExhaustedError,
+    ReadOnlyError,
+    RecordError,
+    first_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +174,6 @@ def pool_exhausted(database: peewee.Database, exc: BaseException) -> PoolExhaust
         f"return connections sooner (db.close() at the end of every request and job): {exc}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class _Transaction(contextlib.ContextDecorator):
     """`Executor.transaction()`: the dialect's transaction, made safe against lost connections.
 
@@ -214,7 +216,7 @@ class _Transaction(contextlib.ContextDecorator):
                         raise
                     attempt += 1
                     logger.info("transaction rolled back (%s); running it again (%d of %d)",
-                                _first_line(exc), attempt, retries)
+                                first_line(exc), attempt, retries)
                     _conflict_pause(attempt)
         return run
 
@@ -235,7 +237,7 @@ class _Transaction(contextlib.ContextDecorator):
             _drop_connection(database)
             inner = dialect.transaction()
             entered = _or_lost(database, dialect, "reconnecting failed", inner.__enter__)
-            logger.warning("database connection lost before BEGIN (%s); reconnected", _first_line(exc))
+            logger.warning("database connection lost before BEGIN (%s); reconnected", first_line(exc))
         self._inner = inner
         return entered
 
@@ -333,7 +335,7 @@ class Executor:
         while True:
             if dialect.is_read_only(exc):
                 raise ReadOnlyError(f"the {database.__class__.__name__} server takes no writes (a read-only "
-                                    f"standby or replica; connect writers to the primary): {_first_line(exc)}",
+                                    f"standby or replica; connect writers to the primary): {first_line(exc)}",
                                     getattr(exc, "orig", exc)) from exc
             if isinstance(exc, ConnectionLostError) or dialect.is_connection_lost(exc):
                 if database.in_transaction():
@@ -355,13 +357,13 @@ class Executor:
                     _reconnect_pause(reconnects, deadline)
                 reconnects += 1
                 if reconnects == 1:
-                    logger.warning("database connection lost (%s); reconnecting", _first_line(exc))
+                    logger.warning("database connection lost (%s); reconnecting", first_line(exc))
             elif dialect.is_transient(exc) and not database.in_transaction():
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES or time.monotonic() - started > CONFLICT_SECONDS:
                     raise ContentionError(
                         f"the server rolled the statement back as a conflict {conflicts} times in a row (last: "
-                        f"{_first_line(exc)}); nothing of it was applied: retry the operation later",
+                        f"{first_line(exc)}); nothing of it was applied: retry the operation later",
                         getattr(exc, "orig", exc)) from exc
                 if dialect.needs_new_connection(exc):
                     _drop_connection(database)  # a node that is not ready: let the proxy pick another

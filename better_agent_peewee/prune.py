@@ -24,12 +24,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import peewee
 
-from .dialects import MAX_TIMESTAMP_MS
 from .errors import QueryError
 from .executor import Executor
 from .records import RUN_STATUSES
 from .streams import Streams
 from .tables import StorageParts, Tables
+from .timestamps import MAX_TIMESTAMP_MS, ms_to_iso
+from .timestamps import now_ms as clock_ms
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class PruneReport:
         """One line for a log or a terminal, e.g. ``pruned 120 runs, 118 streams, ...``."""
         verb = "would prune" if self.dry_run else "pruned"
         return (f"{verb} {self.runs} runs, {self.streams} streams, {self.events} events "
-                f"older than {_iso(self.cutoff_ms)} in {self.batches} batches "
+                f"older than {ms_to_iso(self.cutoff_ms)} in {self.batches} batches "
                 f"({self.seconds:.2f}s){' [dry run]' if self.dry_run else ''}")
 
 
@@ -210,7 +211,7 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     :returns: how many runs were marked failed.
     """
     if now_ms is None:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = clock_ms()
     cutoff = _cutoff(stale_after, now_ms, "stale_after")
     now = now_ms
     executor = storage.executor
@@ -219,7 +220,7 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     final_event = {
         "type": "RUN_ERROR",
         "message": (f"run marked failed by reap_stale: still running but not updated for more than "
-                    f"{_describe(stale_after)} (since {_iso(cutoff)}); its worker is presumed dead"),
+                    f"{_describe(stale_after)} (since {ms_to_iso(cutoff)}); its worker is presumed dead"),
         "code": STALE_RUN_CODE,
         "timestamp": now,
     }
@@ -253,7 +254,7 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
         if len(ids) < batch_size:
             break
     if reaped:
-        logger.warning("reaped %d stale runs (running, no update since %s)", reaped, _iso(cutoff))
+        logger.warning("reaped %d stale runs (running, no update since %s)", reaped, ms_to_iso(cutoff))
     return reaped
 
 
@@ -362,17 +363,9 @@ def _cutoff(delta: Any, now_ms: Optional[int], name: str) -> int:
     if delta < _dt.timedelta(0):
         raise ValueError(f"{name} must not be negative, got {delta}")
     if now_ms is None:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = clock_ms()
     # Stored timestamps lie in 0..MAX_TIMESTAMP_MS (1970..9999); a cutoff outside would not encode.
     return min(max(now_ms - _ms(delta), 0), MAX_TIMESTAMP_MS)
-
-
-def _iso(ms: int) -> str:
-    try:
-        stamp = _dt.datetime(1970, 1, 1) + _dt.timedelta(milliseconds=ms)
-    except OverflowError:  # a cutoff before year 1 (older_than of millennia)
-        return f"{ms} ms since the epoch"
-    return stamp.isoformat(timespec="milliseconds") + "Z"
 
 
 def _describe(delta: _dt.timedelta) -> str:

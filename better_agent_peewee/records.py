@@ -9,13 +9,13 @@ dialect; nothing here knows which database it is.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast
 
-from .dialects import MAX_TIMESTAMP_MS, Dialect
+from .dialects import Dialect
 from .errors import RecordError
+from .timestamps import MAX_TIMESTAMP_MS, now_ms
 
-__all__ = ["TableSpec", "Column", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper"]
+__all__ = ["TableSpec", "Column", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper", "now_ms"]
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "aborted")
 STREAM_STATUSES = ("open", "closed")
@@ -55,11 +55,6 @@ class TableSpec(NamedTuple):
     json_columns: Tuple[str, ...]
     queryable: Mapping[str, Column]
     make_mapper: Callable[[Dialect], Mapper]
-
-
-def now_ms() -> int:
-    """Now in epoch milliseconds (UTC): what Better Agent's ``Date.now()`` writes."""
-    return int(time.time() * 1000)
 
 
 # -- validation helpers (each raises RecordError naming table and field) --------------------

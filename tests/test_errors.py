@@ -22,7 +22,7 @@ from better_agent_peewee import (
     UnsupportedTableError,
     peewee_storage,
 )
-from better_agent_peewee.dialects import MAX_TIMESTAMP_MS
+from better_agent_peewee.timestamps import MAX_TIMESTAMP_MS
 from tests.samples import (
     DIALECT_PARAMS,
     SAMPLES,

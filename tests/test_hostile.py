@@ -35,7 +35,8 @@ from better_agent_peewee import (
     UnsupportedTableError,
     peewee_storage,
 )
-from better_agent_peewee.dialects import MAX_TIMESTAMP_MS, dumps
+from better_agent_peewee.jsoncodec import dumps
+from better_agent_peewee.timestamps import MAX_TIMESTAMP_MS
 from tests.samples import (
     DIALECT_PARAMS,
     T0,

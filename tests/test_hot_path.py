@@ -1,7 +1,7 @@
 """The hot-path shortcuts of issue 5 behave exactly like the slow paths they skip.
 
 `fast_execute_sql` skips peewee's per-call layers only when they would do nothing; the
-row decoders (`_load_text`, the SQLite timestamp reader) take a fast path for the text
+row decoders (`load_text`, the SQLite timestamp reader) take a fast path for the text
 this package writes and must agree with the general path on everything else.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import peewee
 import pytest
 
 from better_agent_peewee import create_tables, peewee_storage
-from better_agent_peewee.dialects import _load_text, _sqlite_decode_ts, parse_iso_ms
 from better_agent_peewee.executor import fast_execute_sql
+from better_agent_peewee.jsoncodec import load_text
+from better_agent_peewee.timestamps import parse_iso_ms, sqlite_decode_ts
 from tests.samples import T0, run
 
 # -- JSON: the scanner fast path agrees with json.loads --------------------------------------
@@ -28,9 +29,9 @@ _BROKEN = ['', ' ', '{"a":1} x', '{"a":1}{}', '\ufeff{"a":1}', '{"a":', "{'a':1}
 
 
 @pytest.mark.parametrize("text", _SAME)
-def test_load_text_decodes_like_json_loads(text: str) -> None:
+def testload_text_decodes_like_json_loads(text: str) -> None:
     expected = json.loads(text)
-    got = _load_text(text)
+    got = load_text(text)
     if isinstance(expected, list) and expected and isinstance(expected[0], float) and math.isinf(expected[0]):
         assert got == expected
     elif expected != expected:  # NaN
@@ -40,25 +41,25 @@ def test_load_text_decodes_like_json_loads(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", _BROKEN)
-def test_load_text_refuses_what_json_loads_refuses(text: str) -> None:
+def testload_text_refuses_what_json_loads_refuses(text: str) -> None:
     with pytest.raises(json.JSONDecodeError) as expected:
         json.loads(text)
     with pytest.raises(json.JSONDecodeError) as got:
-        _load_text(text)
+        load_text(text)
     assert (got.value.msg, got.value.pos) == (expected.value.msg, expected.value.pos)
 
 
-def test_load_text_decodes_json_nested_deeper_than_the_recursion_limit() -> None:
+def testload_text_decodes_json_nested_deeper_than_the_recursion_limit() -> None:
     depth = 100_000
-    value = _load_text("[" * depth + "]" * depth)
+    value = load_text("[" * depth + "]" * depth)
     for _ in range(depth - 1):
         value = value[0]
     assert value == []
 
 
-def test_load_text_passes_bytes_and_decoded_values() -> None:
-    assert _load_text(b'{"a":1}') == {"a": 1}
-    assert _load_text({"already": "decoded"}) == {"already": "decoded"}
+def testload_text_passes_bytes_and_decoded_values() -> None:
+    assert load_text(b'{"a":1}') == {"a": 1}
+    assert load_text({"already": "decoded"}) == {"already": "decoded"}
 
 
 # -- SQLite timestamps: the inlined fast path agrees with parse_iso_ms -----------------------
@@ -67,7 +68,7 @@ def test_load_text_passes_bytes_and_decoded_values() -> None:
                                   "2024-02-29T12:00:00.500Z", "2023-11-14 22:13:20.123Z", "2023-11-14T22:13:20.123",
                                   "2023-11-14T22:13:20.123+02:00", "2023-11-14T22:13:20Z", "2023-11-14T22:13:20.1234Z"])
 def test_sqlite_timestamp_reader_agrees_with_parse_iso_ms(text: str) -> None:
-    assert _sqlite_decode_ts(text) == parse_iso_ms(text)
+    assert sqlite_decode_ts(text) == parse_iso_ms(text)
 
 
 @pytest.mark.parametrize("text", ["2023-11-14X22:13:20.123Z", "2023-13-14T22:13:20.123Z", "not a timestamp, 24 ch"])
@@ -75,7 +76,7 @@ def test_sqlite_timestamp_reader_refuses_like_parse_iso_ms(text: str) -> None:
     with pytest.raises(ValueError):
         parse_iso_ms(text)
     with pytest.raises(ValueError):
-        _sqlite_decode_ts(text)
+        sqlite_decode_ts(text)
 
 
 # -- fast_execute_sql ------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from better_agent_peewee import peewee_storage
-from better_agent_peewee.dialects import MAX_TIMESTAMP_MS
 from better_agent_peewee.records import MAX_SEQ
+from better_agent_peewee.timestamps import MAX_TIMESTAMP_MS
 from tests.samples import DIALECT_PARAMS, message_key, module_database, wipe
 from tests.test_hostile import canonical
 

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from better_agent_peewee import RecordError
-from better_agent_peewee.dialects import MAX_TIMESTAMP_MS, Dialect, detect_dialect, parse_iso_ms
+from better_agent_peewee.dialects import Dialect, detect_dialect
 from better_agent_peewee.records import TABLES, message_id
+from better_agent_peewee.timestamps import MAX_TIMESTAMP_MS, parse_iso_ms
 from tests.samples import SAMPLES, TABLE_NAMES, expected_read, fresh, thread
 
 # Unconnected database objects: building a dialect must not need a server.

@@ -8,8 +8,8 @@ import peewee
 import pytest
 
 from better_agent_peewee import RecordError, UnsupportedTableError, peewee_storage
-from better_agent_peewee.dialects import MAX_TIMESTAMP_MS
 from better_agent_peewee.records import TABLES
+from better_agent_peewee.timestamps import MAX_TIMESTAMP_MS
 from tests.conftest import close_database
 from tests.samples import (
     DIALECT_PARAMS,
