@@ -26,8 +26,7 @@ from typing import Any, Dict, List, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from better_agent_peewee import create_tables, peewee_storage  # noqa: E402
-from better_agent_peewee.cli import open_database  # noqa: E402
+from better_agent_peewee import create_tables, open_database, peewee_storage  # noqa: E402
 
 DAY = 86_400_000
 

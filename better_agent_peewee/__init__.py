@@ -1,9 +1,11 @@
 """Better Agent's storage contract (memory, runs, replayable streams) on Peewee.
 
-    from better_agent_peewee import peewee_storage, create_tables
+    from better_agent_peewee import create_tables, open_database, peewee_storage
+    db = open_database("sqlite:///agent.db")
     create_tables(db)
     storage = peewee_storage(db)
 """
+from .database_url import DatabaseURLError, open_database
 from .errors import (
     ConflictError,
     ConnectionLostError,
@@ -37,6 +39,7 @@ from .types import (
 
 __all__ = [
     "peewee_storage",
+    "open_database",
     "create_tables",
     "drop_tables",
     "check_schema",
@@ -55,6 +58,7 @@ __all__ = [
     "SchemaError",
     "RunAborted",
     "AbortRequest",
+    "DatabaseURLError",
     "prune_runs",
     "reap_stale",
     "PruneReport",

@@ -57,9 +57,9 @@ from better_agent_peewee import (
     StorageError,
     TrackedRun,
     create_tables,
+    open_database,
     peewee_storage,
 )
-from better_agent_peewee.cli import open_database
 from better_agent_peewee.sse import SSE_HEADERS, event_stream, resume_point
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import logging
 import os
 import sys
 
-from better_agent_peewee import peewee_storage
-from better_agent_peewee.cli import open_database, parse_duration
+from better_agent_peewee import open_database, peewee_storage
+from better_agent_peewee.cli import parse_duration
 
 log = logging.getLogger("prune_cron")
 

@@ -25,8 +25,8 @@ import time
 import uuid
 from typing import Any, Dict, List
 
-from better_agent_peewee import create_tables, peewee_storage
-from better_agent_peewee.cli import open_database, redact
+from better_agent_peewee import create_tables, open_database, peewee_storage
+from better_agent_peewee.database_url import redact
 
 
 def database_url(argv: List[str]) -> str:

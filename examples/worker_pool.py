@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional
 
 from playhouse.pool import PooledDatabase
 
-from better_agent_peewee import TrackedRun, create_tables, peewee_storage
-from better_agent_peewee.cli import open_database, redact
+from better_agent_peewee import TrackedRun, create_tables, open_database, peewee_storage
+from better_agent_peewee.database_url import redact
 
 
 def execute_run(db: Any, run: TrackedRun, steps: int, step_seconds: float) -> Dict[str, Any]:
