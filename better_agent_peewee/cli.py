@@ -30,6 +30,7 @@ import peewee
 from . import __version__
 from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, open_database, redact
 from .errors import StorageError, first_line
+from .models import PHYSICAL_TABLES
 from .prune import FINISHED_STATUSES, PruneReport, prune_runs, reap_stale, stats
 from .schema import check_schema, create_tables
 from .storage import Storage, peewee_storage
@@ -41,8 +42,6 @@ __all__ = ["main", "open_database", "parse_duration", "DatabaseURLError", "redac
 
 PROG = "better-agent-peewee"
 
-#: The physical tables, as `create_tables` builds them.
-TABLES = ("threads", "messages", "agent_runs", "streams", "stream_events")
 
 class _Failure(Exception):
     """An expected failure: one line on stderr and an exit code, no traceback."""
@@ -118,10 +117,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     db = _connect(args, create=True)
     before = set(db.get_tables())
     create_tables(db)
-    created = [t for t in TABLES if t not in before]
+    created = [t for t in PHYSICAL_TABLES if t not in before]
     if created:
-        print(f"created {', '.join(created)}" + (f"; {len(TABLES) - len(created)} already present"
-                                                  if len(created) < len(TABLES) else ""))
+        print(f"created {', '.join(created)}" + (f"; {len(PHYSICAL_TABLES) - len(created)} already present"
+                                                  if len(created) < len(PHYSICAL_TABLES) else ""))
     else:
         print("all tables already present")
     return 0
@@ -167,7 +166,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     db = _connect(args)
-    _require_tables(db, TABLES)
+    _require_tables(db, PHYSICAL_TABLES)
     numbers = stats(_storage(db))
     if args.json:
         print(json.dumps(numbers, indent=2))

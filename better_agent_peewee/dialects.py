@@ -42,20 +42,21 @@ from .timestamps import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dialect", "detect_dialect", "unwrap", "DIALECT_NAMES", "MAX_TIMESTAMP_MS"]
+__all__ = ["Dialect", "detect_dialect", "unwrap", "DIALECT_NAMES", "MAX_TIMESTAMP_MS", "DialectField", "TimestampField",
+           "JSONField"]
 
 DIALECT_NAMES = ("sqlite", "postgres", "mysql")
 
 
 # -- column types -------------------------------------------------------------------------
 
-class _Column(peewee.Field):
+class DialectField(peewee.Field):
     """A column whose DDL type is given verbatim by the dialect, converting nothing itself."""
 
     field_type = "TEXT"
 
 
-class _TimestampColumn(_Column):
+class TimestampField(DialectField):
     """Epoch-ms integers in Python, the dialect's timestamp type in the database."""
 
     encode: Callable[[int], Any] = staticmethod(postgres_encode_ts)
@@ -70,7 +71,7 @@ class _TimestampColumn(_Column):
         return None if value is None else self.decode(value)
 
 
-class _JSONColumn(_Column):
+class JSONField(DialectField):
     """Any JSON value in Python, the dialect's JSON type in the database."""
 
     load: Callable[[Any], Any] = staticmethod(load_text)
@@ -121,19 +122,19 @@ class Dialect:
     def _make_field_classes(self) -> Dict[str, Type[peewee.Field]]:
         dialect = self
 
-        class TimestampColumn(_TimestampColumn):
+        class TimestampColumn(TimestampField):
             field_type = dialect.timestamp_type
             encode = staticmethod(dialect.encode_ts)
             decode = staticmethod(dialect.decode_ts)
 
-        class JSONColumn(_JSONColumn):
+        class JSONColumn(JSONField):
             field_type = dialect.json_type
             load = staticmethod(dialect.field_load_json)
 
-        class KeyColumn(_Column):
+        class KeyColumn(DialectField):
             field_type = dialect.key_type
 
-        class TextColumn(_Column):
+        class TextColumn(DialectField):
             field_type = dialect.text_type
 
         return {"ts": TimestampColumn, "json": JSONColumn, "key": KeyColumn, "text": TextColumn}

@@ -13,9 +13,18 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Name
 
 from .dialects import Dialect
 from .errors import RecordError
+from .models import (
+    REFERENCE_MODELS,
+    json_columns,
+    key_column,
+    logical_name,
+    queryable_columns,
+    record_fields,
+    row_columns,
+)
 from .timestamps import MAX_TIMESTAMP_MS, now_ms
 
-__all__ = ["TableSpec", "Column", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper", "now_ms"]
+__all__ = ["TableSpec", "QueryField", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper", "now_ms"]
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "aborted")
 STREAM_STATUSES = ("open", "closed")
@@ -29,7 +38,7 @@ Row = Tuple[Any, ...]
 Record = Dict[str, Any]
 
 
-class Column(NamedTuple):
+class QueryField(NamedTuple):
     """A record field stored in its own column, so `list` may filter and order on it."""
 
     field: str
@@ -45,7 +54,10 @@ class Mapper(NamedTuple):
 
 
 class TableSpec(NamedTuple):
-    """One logical table: names, key, columns, the fields `list` accepts, and its mapper."""
+    """One logical table: names, key, columns, the fields `list` accepts, and its mapper.
+
+    Derived from the table's model (`models.build_models`), never written by hand.
+    """
 
     name: str
     table: str
@@ -53,7 +65,10 @@ class TableSpec(NamedTuple):
     key_column: str
     columns: Tuple[str, ...]
     json_columns: Tuple[str, ...]
-    queryable: Mapping[str, Column]
+    queryable: Mapping[str, QueryField]
+    #: The record fields stored in columns of their own (a record may hold no others,
+    #: except a message, whose other fields go to its JSON column).
+    fields: FrozenSet[str]
     make_mapper: Callable[[Dialect], Mapper]
 
 
@@ -231,18 +246,18 @@ def _same_key(table: str, field: str, given: Any, key: str) -> None:
 
 # -- the five mappers ------------------------------------------------------------------------
 
-_THREAD_FIELDS = frozenset(("id", "agentName", "scope", "title", "state", "metadata", "createdAt", "updatedAt"))
 
 
 def thread_mapper(dialect: Dialect) -> Mapper:
     """memoryThreads <-> threads(id, agent_name, scope, title, state, metadata, created_at, updated_at)."""
     T = "memoryThreads"
+    fields = TABLES[T].fields
     ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
     check_json = make_json_check(dialect)
 
     def to_row(key: str, value: Any) -> Row:
         r = _record(T, value)
-        _no_unknown(T, r, _THREAD_FIELDS)
+        _no_unknown(T, r, fields)
         key = check_key(T, "id", key)
         if "id" in r:
             _same_key(T, "id", r["id"], key)
@@ -343,14 +358,13 @@ def message_mapper(dialect: Dialect) -> Mapper:
     return Mapper(to_row, from_row)
 
 
-_RUN_FIELDS = frozenset(("runId", "agentName", "threadId", "scope", "status", "abortRequestedAt",
-                         "finalEvent", "config", "startedAt", "updatedAt", "finishedAt"))
 
 
 def run_mapper(dialect: Dialect) -> Mapper:
     """runs <-> agent_runs(run_id, agent_name, thread_id, scope, status, abort_requested_at,
     final_event, config, started_at, updated_at, finished_at)."""
     T = "runs"
+    fields = TABLES[T].fields
     ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
     check_json = make_json_check(dialect)
 
@@ -360,7 +374,7 @@ def run_mapper(dialect: Dialect) -> Mapper:
 
     def to_row(key: str, value: Any) -> Row:
         r = _record(T, value)
-        _no_unknown(T, r, _RUN_FIELDS)
+        _no_unknown(T, r, fields)
         key = check_key(T, "runId", key)
         if "runId" in r:
             _same_key(T, "runId", r["runId"], key)
@@ -410,17 +424,17 @@ def run_mapper(dialect: Dialect) -> Mapper:
     return Mapper(to_row, from_row)
 
 
-_STREAM_FIELDS = frozenset(("id", "runId", "status", "createdAt", "updatedAt", "closedAt"))
 
 
 def stream_mapper(dialect: Dialect) -> Mapper:
     """streams <-> streams(id, run_id, status, created_at, updated_at, closed_at); id = runId."""
     T = "streams"
+    fields = TABLES[T].fields
     ts_in, ts_out = dialect.encode_ts, dialect.decode_ts
 
     def to_row(key: str, value: Any) -> Row:
         r = _record(T, value)
-        _no_unknown(T, r, _STREAM_FIELDS)
+        _no_unknown(T, r, fields)
         key = check_key(T, "id", key)
         if "id" in r:
             _same_key(T, "id", r["id"], key)
@@ -447,7 +461,6 @@ def stream_mapper(dialect: Dialect) -> Mapper:
     return Mapper(to_row, from_row)
 
 
-_EVENT_FIELDS = frozenset(("id", "runId", "seq", "timestamp", "event"))
 
 
 def check_seq(table: str, value: Any) -> int:
@@ -460,12 +473,13 @@ def check_seq(table: str, value: Any) -> int:
 def stream_event_mapper(dialect: Dialect) -> Mapper:
     """streamEvents <-> stream_events(id, run_id, seq, timestamp, event); id = f"{runId}:{seq}"."""
     T = "streamEvents"
+    fields = TABLES[T].fields
     ts_in, ts_out, load = dialect.encode_ts, dialect.decode_ts, dialect.load_json
     check_json = make_json_check(dialect)
 
     def to_row(key: str, value: Any) -> Row:
         r = _record(T, value)
-        _no_unknown(T, r, _EVENT_FIELDS)
+        _no_unknown(T, r, fields)
         key = check_key(T, "id", key)
         if "id" in r:
             _same_key(T, "id", r["id"], key)
@@ -486,48 +500,24 @@ def stream_event_mapper(dialect: Dialect) -> Mapper:
     return Mapper(to_row, from_row)
 
 
-def _cols(*items: Tuple[str, str, str]) -> Mapping[str, Column]:
-    return {f: Column(f, c, k) for f, c, k in items}
-
-
-TABLES: Mapping[str, TableSpec] = {
-    "memoryThreads": TableSpec(
-        "memoryThreads", "threads", "id", "id",
-        ("id", "agent_name", "scope", "title", "state", "metadata", "created_at", "updated_at"),
-        ("state", "metadata"),
-        _cols(("id", "id", "text"), ("agentName", "agent_name", "text"), ("scope", "scope", "text"),
-              ("title", "title", "text"), ("createdAt", "created_at", "ts"), ("updatedAt", "updated_at", "ts")),
-        thread_mapper),
-    "memoryMessages": TableSpec(
-        "memoryMessages", "messages", "id", "id",
-        ("id", "thread_id", "run_id", "message", "created_at"),
-        ("message",),
-        _cols(("threadId", "thread_id", "text"), ("runId", "run_id", "text"),
-              ("createdAt", "created_at", "ts")),
-        message_mapper),
-    "runs": TableSpec(
-        "runs", "agent_runs", "runId", "run_id",
-        ("run_id", "agent_name", "thread_id", "scope", "status", "abort_requested_at", "final_event",
-         "config", "started_at", "updated_at", "finished_at"),
-        ("final_event", "config"),
-        _cols(("runId", "run_id", "text"), ("agentName", "agent_name", "text"),
-              ("threadId", "thread_id", "text"), ("scope", "scope", "text"), ("status", "status", "text"),
-              ("abortRequestedAt", "abort_requested_at", "ts"), ("startedAt", "started_at", "ts"),
-              ("updatedAt", "updated_at", "ts"), ("finishedAt", "finished_at", "ts")),
-        run_mapper),
-    "streams": TableSpec(
-        "streams", "streams", "id", "id",
-        ("id", "run_id", "status", "created_at", "updated_at", "closed_at"),
-        (),
-        _cols(("id", "id", "text"), ("runId", "run_id", "text"), ("status", "status", "text"),
-              ("createdAt", "created_at", "ts"), ("updatedAt", "updated_at", "ts"),
-              ("closedAt", "closed_at", "ts")),
-        stream_mapper),
-    "streamEvents": TableSpec(
-        "streamEvents", "stream_events", "id", "id",
-        ("id", "run_id", "seq", "timestamp", "event"),
-        ("event",),
-        _cols(("id", "id", "text"), ("runId", "run_id", "text"), ("seq", "seq", "int"),
-              ("timestamp", "timestamp", "ts")),
-        stream_event_mapper),
+#: Each logical table's mapper pair; everything else about the table comes from its model.
+_MAPPERS: Mapping[str, Callable[[Dialect], Mapper]] = {
+    "memoryThreads": thread_mapper,
+    "memoryMessages": message_mapper,
+    "runs": run_mapper,
+    "streams": stream_mapper,
+    "streamEvents": stream_event_mapper,
 }
+
+
+def _spec(model: Any) -> TableSpec:
+    name = logical_name(model)
+    key = key_column(model)
+    queryable = {f: QueryField(f, column, kind) for f, (column, kind) in queryable_columns(model).items()}
+    key_field = next((f for f, q in queryable.items() if q.column == key), "id")
+    return TableSpec(name, model._meta.table_name, key_field, key, row_columns(model), json_columns(model),
+                     queryable, frozenset(record_fields(model)), _MAPPERS[name])
+
+
+#: logical table name -> its spec, in creation order, derived from the models' declaration.
+TABLES: Mapping[str, TableSpec] = {spec.name: spec for spec in map(_spec, REFERENCE_MODELS.in_dependency_order())}

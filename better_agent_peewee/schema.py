@@ -1,4 +1,4 @@
-"""create_tables / drop_tables / check_schema for the five tables of CONTRACT section 3."""
+"""create_tables / drop_tables / check_schema for the five tables ("Physical schema" in docs/contract.md)."""
 from __future__ import annotations
 
 import logging
@@ -8,28 +8,11 @@ import peewee
 from playhouse.schema_diff import diff_models
 
 from .dialects import detect_dialect, unwrap
-from .models import Models, build_models
+from .models import Models, build_models, expected_indexes, foreign_keys, key_column, primary_key_columns
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_tables", "drop_tables", "check_schema", "EXPECTED_INDEXES"]
-
-#: (table, index name, columns, unique) as CONTRACT 3 names them. The UNIQUE column
-#: constraints on run_id are listed with name None: any unique index on the column serves.
-EXPECTED_INDEXES: Tuple[Tuple[str, Optional[str], Tuple[str, ...], bool], ...] = (
-    ("threads", "threads_agent_name_scope_idx", ("agent_name", "scope"), False),
-    ("messages", "messages_thread_id_idx", ("thread_id",), False),
-    ("agent_runs", None, ("run_id",), True),
-    ("agent_runs", "agent_runs_run_id_scope_idx", ("run_id", "scope"), False),
-    ("streams", None, ("run_id",), True),
-    ("stream_events", "stream_events_run_id_idx", ("run_id",), False),
-    ("stream_events", "stream_events_run_id_seq_unique", ("run_id", "seq"), True),
-)
-
-#: The primary key of each table; agent_runs has either none (run_id UNIQUE) or run_id, which
-#: `create_tables` makes on servers that require a primary key on every table.
-_PRIMARY_KEYS = {"threads": [["id"]], "messages": [["id"]], "agent_runs": [[], ["run_id"]], "streams": [["id"]],
-                 "stream_events": [["id"]]}
+__all__ = ["create_tables", "drop_tables", "check_schema"]
 
 
 def _models(database: Any, dialect: Optional[str]) -> Tuple[peewee.Database, Models]:
@@ -96,22 +79,36 @@ def check_schema(database: Any, dialect: Optional[str] = None) -> List[str]:
                 want = "nullable" if field.null else "NOT NULL"
                 problems.append(f"column {table}.{column.name} should be {want}")
         primary = sorted(real.get_primary_keys(table))
-        if primary not in _PRIMARY_KEYS[table]:
-            want = " or ".join(f"({', '.join(keys) or 'none'})" for keys in _PRIMARY_KEYS[table])
+        allowed = _primary_keys(model)
+        if primary not in allowed:
+            want = " or ".join(f"({', '.join(keys) or 'none'})" for keys in allowed)
             problems.append(f"table {table} primary key is ({', '.join(primary) or 'none'}), expected {want}")
 
-    problems += _index_problems(real, missing_tables)
-    if "messages" not in missing_tables and "threads" not in missing_tables:
-        fks = detect_dialect(real, dialect).foreign_keys("messages")  # readable by a non-owner role too
-        if ("thread_id", "threads", "id") not in fks:
-            problems.append("missing foreign key messages.thread_id -> threads.id")
+    problems += _index_problems(real, models, missing_tables)
+    for model in models.in_dependency_order():
+        table = model._meta.table_name
+        for reference in foreign_keys(model):
+            source, target, target_column = reference
+            if table in missing_tables or target in missing_tables:
+                continue
+            found = detect_dialect(real, dialect).foreign_keys(table)  # readable by a non-owner role too
+            if reference not in found:
+                problems.append(f"missing foreign key {table}.{source} -> {target}.{target_column}")
     return problems
 
 
-def _index_problems(database: peewee.Database, missing_tables: Set[str]) -> List[str]:
+def _primary_keys(model: Any) -> List[List[str]]:
+    """The primary keys `model`'s table may have: its own, and for a table without one (agent_runs)
+    also its key column, which `create_tables` makes the primary key on servers that require one."""
+    own = primary_key_columns(model)
+    return [own] if own else [own, [key_column(model)]]
+
+
+def _index_problems(database: peewee.Database, models: Models, missing_tables: Set[str]) -> List[str]:
     found: Dict[str, List[Any]] = {}
     problems = []
-    for table, name, columns, unique in EXPECTED_INDEXES:
+    expected = [index for model in models.in_dependency_order() for index in expected_indexes(model)]
+    for table, name, columns, unique in expected:
         if table in missing_tables:
             continue
         if table not in found:

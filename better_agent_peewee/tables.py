@@ -8,7 +8,7 @@ import peewee
 
 from .errors import ConflictError, NotFoundError, UnsupportedTableError
 from .executor import Executor, json_refused
-from .models import Models
+from .models import Models, logical_name
 from .query import ListCompiler, compile_statement, marker, select_columns
 from .records import TABLES, TableSpec, storable_key
 
@@ -112,16 +112,10 @@ class Tables:
     def __init__(self, executor: Executor, models: Models) -> None:
         self.executor = executor
         self.models = models
-        by_table = {
-            "memoryThreads": models.thread,
-            "memoryMessages": models.message,
-            "runs": models.run,
-            "streams": models.stream,
-            "streamEvents": models.stream_event,
-        }
-        self.by_name: Dict[str, TableAdapter] = {
-            name: TableAdapter(executor, by_table[name], spec) for name, spec in TABLES.items()
-        }
+        self.by_name: Dict[str, TableAdapter] = {}
+        for model in models.in_dependency_order():
+            spec = TABLES[logical_name(model)]
+            self.by_name[spec.name] = TableAdapter(executor, model, spec)
 
     def table(self, name: Any) -> TableAdapter:
         """The adapter of logical table `name`, or UnsupportedTableError."""
