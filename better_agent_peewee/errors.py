@@ -44,13 +44,18 @@ class QueryError(StorageError, ValueError):
 
 
 class RecordError(StorageError, ValueError):
-    """A record that cannot be stored: missing field, wrong type, unstorable value."""
+    """A record that cannot be stored: missing field, wrong type, unstorable value.
 
-    def __init__(self, table: str, field: Optional[str], message: str) -> None:
+    `table` and `field` say where (`field` None: the record as a whole), `reason` what is
+    wrong; the message is ``"table.field: reason"``.
+    """
+
+    def __init__(self, table: str, field: Optional[str], reason: str) -> None:
         self.table = table
         self.field = field
+        self.reason = reason
         where = f"{table}.{field}" if field else table
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {reason}")
 
 
 class NotFoundError(StorageError, LookupError):

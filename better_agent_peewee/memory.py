@@ -18,7 +18,7 @@ import peewee
 
 from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError
 from .executor import Applied, json_refused
-from .query import compile_statement, first_row, marker, select_columns
+from .query import MultiRowInsert, compile_statement, first_row, marker, select_columns
 from .records import check_key, check_ts, message_id, now_ms, storable_key
 from .tables import TableAdapter, Tables
 
@@ -30,9 +30,6 @@ _THREADS = "memoryThreads"
 _MESSAGES = "memoryMessages"
 #: Keys of a message record that come from where it is stored, not from the message itself.
 _PLACEMENT = ("threadId", "runId", "createdAt")
-#: Most rows (and about the most bytes of JSON) in one multi-row INSERT.
-_CHUNK_ROWS = 100
-_CHUNK_BYTES = 1 << 20
 
 Record = Dict[str, Any]
 
@@ -125,7 +122,7 @@ class Messages:
         self._from_row = self._table.from_row
         M = tables.models.message
         self._model = M
-        self._fields = [f for c in self._table.spec.columns for f in M._meta.sorted_fields if f.column_name == c]
+        self._rows = MultiRowInsert(self._db, M, M._meta.sorted_fields)  # the mapper's row order
         self._id_index = list(self._table.spec.columns).index("id")
         self._exists = compile_statement(self._db, M.select(M.id).where(M.id == marker("id")))
 
@@ -147,9 +144,7 @@ class Messages:
                 self._db, base.order_by(M.created_at.desc(), M.id.desc()).limit(marker("limit")))
         # thread id -> the last createdAt this process gave a message of it (see append).
         self._last_created: Dict[str, int] = {}
-        self._clock = threading.Lock()
-        self._rows_sql: Dict[int, str] = {}
-        self._rows_lock = threading.Lock()
+        self._created_at_lock = threading.Lock()  # guards _last_created
 
     def list(self, thread_id: str, limit: Optional[int] = None,
              before_run_id: Optional[str] = None) -> List[Record]:
@@ -198,7 +193,7 @@ class Messages:
                                                f"got {type(messages).__name__}")
         if not messages:
             return []
-        with self._clock:
+        with self._created_at_lock:
             # now + i as Better Agent writes, but never before what this process last gave the
             # thread: two appends within a few ms would otherwise interleave in createdAt order.
             now = max(now_ms(), self._last_created.get(thread_id, -1) + 1)
@@ -225,7 +220,7 @@ class Messages:
                 rows.append(self._to_row(message_id(thread_id, now + i, record["id"]), record))
             except RecordError as exc:
                 field = f"messages[{i}]" + (f".{exc.field}" if exc.field else "")
-                raise RecordError(_MESSAGES, field, str(exc).partition(": ")[2]) from None
+                raise RecordError(_MESSAGES, field, exc.reason) from None
             records.append(record)
         self._insert(thread_id, rows)
         return records
@@ -236,23 +231,12 @@ class Messages:
         The foreign key to the thread is the existence check: a missing thread fails the
         first INSERT, which rolls everything back.
         """
-        chunks: List[Tuple[int, List[Any]]] = []
-        chunk: List[Any] = []
-        count = size = 0
-        for row in rows:
-            chunk.extend(row)
-            count += 1
-            size += len(row[3])
-            if count == _CHUNK_ROWS or size >= _CHUNK_BYTES:
-                chunks.append((count, chunk))
-                chunk, count, size = [], 0, 0
-        if count:
-            chunks.append((count, chunk))
+        chunks = list(MultiRowInsert.chunks(rows, sized_by=3))  # 3: the message JSON
         first_id = rows[0][self._id_index]
         try:
             if len(chunks) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round trips
                 # After a lost reply the first message's id (a key) tells whether it was applied.
-                self._executor.execute(self._rows_statement(chunks[0][0]), chunks[0][1], idempotent=False,
+                self._executor.execute(self._rows.sql(chunks[0][0]), chunks[0][1], idempotent=False,
                                        resolve=lambda: self._read_back(first_id, len(rows)))
             else:
                 self._insert_chunks(chunks, first_id, len(rows))
@@ -277,7 +261,7 @@ class Messages:
             try:
                 with self._executor.transaction():
                     for count, params in chunks:
-                        self._executor.execute(self._rows_statement(count), params)
+                        self._executor.execute(self._rows.sql(count), params)
                 return
             except ConnectionLostError as exc:
                 now = time.monotonic()
@@ -290,19 +274,6 @@ class Messages:
     def _read_back(self, first_id: str, count: int) -> Optional[Applied]:
         row = first_row(self._executor.execute(self._exists.sql, self._exists.params({"id": first_id})))
         return None if row is None else Applied(count)
-
-    def _rows_statement(self, count: int) -> str:
-        sql = self._rows_sql.get(count)
-        if sql is None:
-            names = self._table.spec.columns
-            rows = [{f: marker(f"{n}{i}") for f, n in zip(self._fields, names)} for i in range(count)]
-            statement = compile_statement(self._db, self._model.insert_many(rows).returning())
-            if statement.names != tuple(f"{n}{i}" for i in range(count) for n in names):
-                raise AssertionError(f"multi-row insert parameters out of order: {statement.plan[:10]}")
-            sql = statement.sql
-            with self._rows_lock:
-                self._rows_sql[count] = sql
-        return sql
 
 
 class Memory:

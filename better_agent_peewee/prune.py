@@ -26,7 +26,7 @@ import peewee
 
 from .errors import QueryError
 from .executor import Executor
-from .records import RUN_STATUSES
+from .records import FINISHED_STATUSES, RUN_STATUSES
 from .streams import Streams
 from .tables import StorageParts, Tables
 from .timestamps import MAX_TIMESTAMP_MS, ms_to_iso
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PruneReport", "prune_runs", "reap_stale", "stats", "FINISHED_STATUSES", "STALE_RUN_CODE"]
 
-#: Statuses a run can end in. `running` is never pruned (see `reap_stale`).
-FINISHED_STATUSES = ("completed", "failed", "aborted", "interrupted")
 #: The `code` of the RUN_ERROR final event `reap_stale` writes.
 STALE_RUN_CODE = "STALE_RUN"
 

@@ -8,15 +8,15 @@ resulting SQL (CONTRACT 1; issue: building queries per call costs ~15x the SQL i
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type
 
 import peewee
 
 from .dialects import Dialect
 from .errors import QueryError
-from .records import TableSpec, check_ts
+from .records import TableSpec, check_ts, string_problem
 
-__all__ = ["Statement", "compile_statement", "marker", "ListCompiler"]
+__all__ = ["Statement", "compile_statement", "marker", "ListCompiler", "MultiRowInsert"]
 
 _MARK = "\x00bap-param-"
 
@@ -111,15 +111,12 @@ class ListCompiler:
             return value
         if not isinstance(value, str):
             raise self._error(f"where.{field} must be a string or None, got {value!r:.80}", False)
-        if "\x00" in value:  # PostgreSQL's driver cannot even bind it: refuse alike everywhere
-            raise self._error(f"where.{field} contains a NUL character (U+0000), which no record can hold",
-                              False)
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # no driver can send it
-                raise self._error(f"where.{field} contains a lone surrogate, which is not valid Unicode",
-                                  False) from None
+        if "\x00" in value or not value.isascii():
+            # A NUL: PostgreSQL's driver cannot even bind it; a lone surrogate: no driver can
+            # send it. Refused alike everywhere: no record can hold either.
+            problem = string_problem(value)
+            if problem:
+                raise self._error(f"where.{field} {problem}", False)
         return value
 
     def compile(self, query: Optional[Mapping[str, Any]]) -> Tuple[str, List[Any]]:
@@ -194,6 +191,56 @@ class ListCompiler:
                 self._cache.clear()
             self._cache[shape] = statement
         return statement
+
+
+#: Most rows (and about the most bytes of JSON) in one multi-row INSERT.
+CHUNK_ROWS = 100
+CHUNK_BYTES = 1 << 20
+
+
+class MultiRowInsert:
+    """Multi-row INSERTs into one table: the statement for n rows compiled once per n, and
+    rows cut into chunks of at most `CHUNK_ROWS` rows (or about `CHUNK_BYTES` of JSON)."""
+
+    def __init__(self, database: peewee.Database, model: Type[peewee.Model], fields: Sequence[peewee.Field],
+                 wrap: Callable[[Any], Any] = lambda insert: insert) -> None:
+        """:param fields: the columns each row gives, in row order.
+        :param wrap: turns the INSERT into the statement to run (say, one that skips duplicates)."""
+        self._database = database
+        self._model = model
+        self._fields = list(fields)
+        self._wrap = wrap
+        self._sql: Dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def sql(self, count: int) -> str:
+        """The INSERT of `count` rows, taking their values flattened row after row."""
+        sql = self._sql.get(count)
+        if sql is None:
+            rows = [{f: marker(f"{f.name}.{i}") for f in self._fields} for i in range(count)]
+            statement = compile_statement(self._database, self._wrap(self._model.insert_many(rows)).returning())
+            if statement.names != tuple(f"{f.name}.{i}" for i in range(count) for f in self._fields):
+                raise AssertionError(f"multi-row insert parameters out of order: {statement.plan[:10]}")
+            sql = statement.sql
+            with self._lock:
+                self._sql[count] = sql
+        return sql
+
+    @staticmethod
+    def chunks(rows: Iterable[Sequence[Any]], sized_by: int) -> Iterator[Tuple[int, List[Any]]]:
+        """(row count, flattened values) per chunk of `rows`; `sized_by` is the index of the
+        (JSON text) value whose length counts towards `CHUNK_BYTES`."""
+        chunk: List[Any] = []
+        count = size = 0
+        for row in rows:
+            chunk.extend(row)
+            count += 1
+            size += len(row[sized_by])
+            if count == CHUNK_ROWS or size >= CHUNK_BYTES:
+                yield count, chunk
+                chunk, count, size = [], 0, 0
+        if count:
+            yield count, chunk
 
 
 def first_row(cursor: Any) -> Optional[Sequence[Any]]:

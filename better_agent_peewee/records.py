@@ -9,7 +9,7 @@ dialect; nothing here knows which database it is.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast, get_args
 
 from .dialects import Dialect
 from .errors import RecordError
@@ -23,12 +23,19 @@ from .models import (
     row_columns,
 )
 from .timestamps import MAX_TIMESTAMP_MS, now_ms
+from .types import RunStatus, StreamStatus
 
-__all__ = ["TableSpec", "QueryField", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "Mapper", "now_ms"]
+__all__ = ["TableSpec", "QueryField", "TABLES", "RUN_STATUSES", "STREAM_STATUSES", "FINISHED_STATUSES",
+           "FINAL_EVENT_OF", "Mapper", "now_ms"]
 
-RUN_STATUSES = ("running", "completed", "failed", "interrupted", "aborted")
-STREAM_STATUSES = ("open", "closed")
-FINAL_EVENT_TYPES = ("RUN_FINISHED", "RUN_ERROR")
+#: What a run's and a stream's `status` may be: the `types` literals, as tuples.
+RUN_STATUSES: Tuple[str, ...] = get_args(RunStatus)
+STREAM_STATUSES: Tuple[str, ...] = get_args(StreamStatus)
+#: A finished run's status -> the type of the final event it ends with ("Runs" in docs/contract.md).
+FINAL_EVENT_OF: Mapping[str, str] = {"completed": "RUN_FINISHED", "interrupted": "RUN_FINISHED",
+                                     "failed": "RUN_ERROR", "aborted": "RUN_ERROR"}
+FINISHED_STATUSES: Tuple[str, ...] = tuple(s for s in RUN_STATUSES if s in FINAL_EVENT_OF)
+FINAL_EVENT_TYPES: Tuple[str, ...] = tuple(dict.fromkeys(FINAL_EVENT_OF.values()))
 
 #: Longest id or indexed string: the VARCHAR(255) of MySQL, enforced on every dialect alike.
 MAX_KEY_LENGTH = 255
@@ -78,6 +85,19 @@ def _fail(table: str, field: Optional[str], message: str) -> RecordError:
     return RecordError(table, field, message)
 
 
+def string_problem(value: str) -> Optional[str]:
+    """Why no dialect can store the string `value`, or None: a NUL character (PostgreSQL
+    refuses it, so every dialect does) or a lone surrogate (not valid Unicode)."""
+    if "\x00" in value:
+        return "contains a NUL character (U+0000), which PostgreSQL cannot store"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate, which is not valid Unicode"
+    return None
+
+
 def check_text(table: str, field: str, value: Any, limit: Optional[int] = MAX_KEY_LENGTH,
                allow_empty: bool = True) -> str:
     """`value` if it is a string every dialect can store, else RecordError."""
@@ -90,13 +110,10 @@ def check_text(table: str, field: str, value: Any, limit: Optional[int] = MAX_KE
         raise _fail(table, field, f"is {len(value)} characters long; at most {limit} can be stored")
     if not value and not allow_empty:
         raise _fail(table, field, "must not be empty")
-    if "\x00" in value:
-        raise _fail(table, field, "contains a NUL character (U+0000), which PostgreSQL cannot store")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _fail(table, field, "contains a lone surrogate, which is not valid Unicode") from None
+    if "\x00" in value or not value.isascii():  # the common case (ASCII, no NUL) costs no call
+        problem = string_problem(value)
+        if problem:
+            raise _fail(table, field, problem)
     return cast(str, value)
 
 
@@ -114,14 +131,10 @@ def check_key(table: str, field: str, value: Any) -> str:
 def storable_key(key: Any) -> bool:
     """True when some record could be stored under `key` (see `check_key`); reads of any
     other key find nothing, deletes delete nothing."""
-    if not isinstance(key, str) or "\x00" in key or key.endswith(" "):
+    if not isinstance(key, str) or key.endswith(" "):
         return False
-    if not key.isascii():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: no driver can even send it
-            return False
-    return True
+    # A NUL or a lone surrogate: no record holds one (no driver can even send the latter).
+    return key.isascii() and "\x00" not in key or string_problem(key) is None
 
 
 def check_ts(table: str, field: str, value: Any) -> int:
@@ -145,13 +158,7 @@ def check_choice(table: str, field: str, value: Any, choices: Tuple[str, ...]) -
 
 def _bad_scalar(value: Any) -> Optional[str]:
     if isinstance(value, str):
-        if "\x00" in value:
-            return "contains a NUL character (U+0000), which PostgreSQL cannot store"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "contains a lone surrogate, which is not valid Unicode"
-        return None
+        return string_problem(value)
     if isinstance(value, float) and not math.isfinite(value):
         return f"contains {value!r}; JSON (and PostgreSQL) have no NaN or Infinity"
     if value is None or isinstance(value, (bool, int, float)):

@@ -21,7 +21,7 @@ from .errors import ConflictError, NotFoundError, RecordError
 from .executor import Applied
 from .prune import PruneReport, prune_runs, reap_stale
 from .query import compile_statement, first_row, marker
-from .records import FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
+from .records import FINAL_EVENT_OF, FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
 from .tracking import ABORT_CHECK_INTERVAL, TrackedRun
 
@@ -34,9 +34,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Runs", "AbortRequest"]
 
 _RUNS = "runs"
-#: The final statuses, and the type of final event that goes with each (CONTRACT 4).
-FINISHED = {"completed": "RUN_FINISHED", "interrupted": "RUN_FINISHED",
-            "failed": "RUN_ERROR", "aborted": "RUN_ERROR"}
+#: The final statuses, and the type of final event that goes with each ("Runs" in docs/contract.md).
+FINISHED = FINAL_EVENT_OF
 
 
 class AbortRequest(str, enum.Enum):

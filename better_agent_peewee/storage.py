@@ -29,10 +29,14 @@ class Storage:
     keeps one connection per thread, and the object itself holds only compiled SQL.
     """
 
-    def __init__(self, database: Any, dialect: Optional[str] = None, *,
+    def __init__(self, database: Any, dialect_name: Optional[str] = None, *,
                  reconnect_window: float = RECONNECT_WINDOW, causal_reads: bool = True) -> None:
+        """:param database: any Peewee database or an initialised `DatabaseProxy`.
+        :param dialect_name: "postgres", "mysql" or "sqlite"; inferred when omitted.
+        :param reconnect_window: see `peewee_storage`.
+        :param causal_reads: see `peewee_storage`."""
         self.database = unwrap(database)
-        self.dialect: Dialect = detect_dialect(database, dialect)
+        self.dialect: Dialect = detect_dialect(database, dialect_name)
         self.dialect.prepare(causal_reads=causal_reads)
         self.models: Models = build_models(self.database, self.dialect)
         self.executor = Executor(self.database, self.dialect, reconnect_window=reconnect_window)

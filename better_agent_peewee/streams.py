@@ -41,7 +41,7 @@ import peewee
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
 from .executor import Applied, json_refused
 from .followers import HEARTBEAT, POLL_BATCH, Follower, Poller, notify_sql
-from .query import compile_statement, first_row, marker
+from .query import MultiRowInsert, compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
 
@@ -53,9 +53,6 @@ _EVENTS = "streamEvents"
 _STREAMS = "streams"
 _CLOSED_STATUSES = tuple(s for s in STREAM_STATUSES if s != "open")
 
-#: Most rows (and about the most bytes of JSON) in one multi-row INSERT of `append_many`.
-_CHUNK_ROWS = 100
-_CHUNK_BYTES = 1 << 20
 #: Attempts before an append gives up; each failed attempt means another writer got the number.
 MAX_ATTEMPTS = 1000
 #: Of those, how many may end in a deadlock, serialization failure or (SQLite) busy timeout.
@@ -66,7 +63,7 @@ _MAX_REMEMBERED = 10_000
 _TURNS = 64
 
 
-class _Lost(Exception):
+class _SeqTaken(Exception):
     """Another writer took the seq this attempt used: try again with a fresh number."""
 
 
@@ -94,7 +91,6 @@ class Streams:
 
         d = self._dialect
         S, E = tables.models.stream, tables.models.stream_event
-        self._event_model = E
         self._models = tables.models
         self._event_fields = [E.id, E.run_id, E.seq, E.timestamp, E.event]
 
@@ -126,8 +122,7 @@ class Streams:
         statement = compile_statement(self._db, close.returning(S.id) if notify else close)
         self._close_sql = statement._replace(sql=notify_sql(d.name, statement.sql, "id"))
 
-        self._rows_sql: Dict[int, Any] = {}
-        self._rows_lock = threading.Lock()
+        self._rows = MultiRowInsert(self._db, E, self._event_fields, d.skip_duplicates)
         self._poller: Optional[Poller] = None  # made by the first resume
         self._poller_lock = threading.Lock()
 
@@ -191,7 +186,7 @@ class Streams:
         run_id = check_key(_EVENTS, "runId", run_id)
         encoded = [self._encode_event(event, i) for i, event in enumerate(events)]
         if not encoded:
-            self._last_event(run_id)  # still say so when the stream does not exist
+            self._last_seq_of(run_id)  # still say so when the stream does not exist
             return []
         return self._store(run_id, encoded, batch=True)
 
@@ -213,7 +208,7 @@ class Streams:
                 with turn:
                     seq = self._next.get(run_id) or 0
                     if not seq or seq == failed:
-                        seq = self._last_event(run_id) + 1
+                        seq = self._last_seq_of(run_id) + 1
                         if seq == failed and not transient:  # the number is right, yet the row cannot go in
                             raise self._stuck(run_id, seq)
                     if batch:
@@ -267,11 +262,11 @@ class Streams:
         try:
             with self._executor.transaction():
                 if not self._insert_first(run_id, seq, *encoded[0]):
-                    raise _Lost()
+                    raise _SeqTaken()
                 # The first event holds `seq`: no writer following this protocol can store a
                 # later one before this transaction commits, so the rest go in as they are.
                 self._insert_rest(run_id, seq + 1, encoded[1:])
-        except _Lost:
+        except _SeqTaken:
             return False
         return True
 
@@ -324,42 +319,18 @@ class Streams:
 
     def _insert_rest(self, run_id: str, seq: int, encoded: Sequence[Tuple[Any, str]]) -> None:
         """Store events numbered from `seq` with multi-row INSERTs (inside append_many's transaction)."""
-        rows: List[Any] = []
-        count = size = 0
-        for stamp, body in encoded:
-            rows.extend((check_text(_EVENTS, "id", f"{run_id}:{seq}", allow_empty=False), run_id, seq, stamp,
-                         body))
-            seq += 1
-            count += 1
-            size += len(body)
-            if count == _CHUNK_ROWS or size >= _CHUNK_BYTES:
-                self._insert_rows(run_id, count, rows)
-                rows, count, size = [], 0, 0
-        if count:
-            self._insert_rows(run_id, count, rows)
+        rows = [(check_text(_EVENTS, "id", f"{run_id}:{n}", allow_empty=False), run_id, n, stamp, body)
+                for n, (stamp, body) in enumerate(encoded, seq)]
+        for count, params in MultiRowInsert.chunks(rows, sized_by=4):  # 4: the event JSON
+            self._insert_rows(run_id, count, params)
 
     def _insert_rows(self, run_id: str, count: int, params: List[Any]) -> None:
         try:
-            stored = self._execute(self._rows_statement(count), params).rowcount
+            stored = self._execute(self._rows.sql(count), params).rowcount
         except peewee.IntegrityError as exc:
             raise self._taken(run_id, params, exc) from exc
         if stored != count:
             raise self._taken(run_id, params, None)
-
-    def _rows_statement(self, count: int) -> str:
-        sql = self._rows_sql.get(count)
-        if sql is None:
-            E = self._event_model
-            names = ("id", "run", "seq", "ts", "event")
-            rows = [{f: marker(f"{n}{i}") for f, n in zip(self._event_fields, names)} for i in range(count)]
-            statement = compile_statement(self._db, self._dialect.skip_duplicates(E.insert_many(rows)).returning())
-            expected = tuple(f"{n}{i}" for i in range(count) for n in names)
-            if statement.names != expected:
-                raise AssertionError(f"multi-row insert parameters out of order: {statement.plan[:10]}")
-            sql = statement.sql
-            with self._rows_lock:
-                self._rows_sql[count] = sql
-        return sql
 
     def _taken(self, run_id: str, params: List[Any], exc: Optional[Exception]) -> ConflictError:
         first, last = params[2], params[-3]
@@ -374,7 +345,7 @@ class Streams:
             "row that is not part of this stream, or (inside a transaction on MySQL/MariaDB) another writer "
             "appended to the stream after the transaction began")
 
-    def _last_event(self, run_id: str) -> int:
+    def _last_seq_of(self, run_id: str) -> int:
         """The last seq of the stream (0 when it has none); NotFoundError when there is no stream,
         ConflictError when it is closed."""
         row = first_row(self._execute(self._last_seq.sql, self._last_seq.params({"run": run_id})))
