@@ -98,7 +98,7 @@ class Workloads:
         self.log = log
         self.rng = random.Random(5)
         self.counter = itertools.count()
-        # MariaDB: 1.5, elsewhere 1.3 (issue 5).
+        # MariaDB: 1.5, elsewhere 1.3 (docs/performance.md).
         self.limit = 1.5 if target.dialect == "mysql" else 1.3
         self.has_memory = hasattr(self.storage.memory, "messages")
         self.has_streams = hasattr(self.storage.streams, "append")

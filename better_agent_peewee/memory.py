@@ -2,7 +2,7 @@
 
 `storage.memory.threads` and `storage.memory.messages` mirror Better Agent's
 `memory.threads` / `memory.messages`, and `storage.memory.fork` its `memory.fork`
-(CONTRACT 4). What Better Agent does with several independent writes is done here in
+("Memory" in docs/contract.md). What Better Agent does with several independent writes is done here in
 one transaction each, so a failure part-way leaves nothing half done: deleting a
 thread (its messages, then the thread), appending a batch of messages, and forking.
 """

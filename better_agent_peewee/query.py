@@ -3,7 +3,8 @@
 Peewee's query builder writes every statement (quoting, upsert form, NULLS LAST
 emulation on MySQL), but only once per database and statement shape: each query is
 compiled with placeholder markers, and the hot path just binds values into the
-resulting SQL (CONTRACT 1; issue: building queries per call costs ~15x the SQL itself).
+resulting SQL ("The interface" in docs/contract.md; building queries per call would cost
+about 15 times the SQL itself, see docs/performance.md).
 """
 from __future__ import annotations
 
@@ -120,9 +121,9 @@ class ListCompiler:
         return value
 
     def compile(self, query: Optional[Mapping[str, Any]]) -> Tuple[str, List[Any]]:
-        """SQL and parameters for a `list` query (CONTRACT 1), or QueryError naming the problem."""
+        """SQL and parameters for a `list` query ("The interface" in docs/contract.md), or QueryError."""
         # `type(x) is dict` before each isinstance: isinstance against typing.Mapping costs
-        # ~0.4 us, and this runs on every `list` call (issue 5).
+        # ~0.4 us, and this runs on every `list` call (docs/performance.md).
         if query is None:
             query = {}
         elif type(query) is not dict and not isinstance(query, Mapping):
@@ -180,7 +181,7 @@ class ListCompiler:
         if conditions:
             q = q.where(*conditions)
         if order_shape:
-            # NULLs sort last in both directions on every dialect (CONTRACT 1); text by code point.
+            # NULLs sort last in both directions on every dialect ("The interface"); text by code point.
             q = q.order_by(*[getattr(d.text_order(f[col]) if col in text else f[col], direction)(nulls="last")
                              for col, direction in order_shape])
         if has_take:

@@ -421,7 +421,7 @@ def run_mapper(dialect: Dialect) -> Mapper:
             rec["abortRequestedAt"] = ts_out(abort_at)
         if final is not None:
             rec["finalEvent"] = load(final)
-        rec["config"] = None if config is None else load(config)  # always present (CONTRACT 2)
+        rec["config"] = None if config is None else load(config)  # always present ("Records" in docs/contract.md)
         rec["startedAt"] = ts_out(started)
         rec["updatedAt"] = ts_out(updated)
         if finished is not None:

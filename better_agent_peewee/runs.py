@@ -1,4 +1,4 @@
-"""Run records: start, finish, abort and the two lookups Better Agent makes (CONTRACT 4).
+"""Run records: start, finish, abort and the two lookups Better Agent makes ("Runs" in docs/contract.md).
 
 A run is written `running` when it starts and rewritten when it ends. Aborting is a
 request: it stamps `abortRequestedAt` on a running run, and the worker executing the

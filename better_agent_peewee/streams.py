@@ -1,4 +1,7 @@
-"""Replayable event streams: open, append, close and follow the events of a run (CONTRACT 4).
+"""Replayable event streams: open, append, close and follow the events of a run.
+
+The flow is "Streams" in docs/contract.md; the append protocol, step by step, is
+"How streams.append flows" in docs/architecture.md.
 
 A stream is one `streams` row (id = the run id) and its events, rows of
 `stream_events` numbered 1, 2, 3 ... per run. Better Agent's own adapter numbers an
@@ -292,7 +295,7 @@ class Streams:
         event_id = check_text(_EVENTS, "id", f"{run_id}:{seq}", allow_empty=False)
         statement = self._insert_checked
         try:
-            # idempotent=False (issue 6): after a lost reply the event may be stored already; a
+            # idempotent=False: after a lost reply the event may be stored already; a
             # second run would then report the number taken and the event would be stored again
             # under the next number. The executor reconnects but raises ConnectionLostError instead.
             cursor = self._execute(statement.sql, statement.params(

@@ -1,6 +1,7 @@
 """The five record shapes as `TypedDict`s, for type checkers and editors.
 
-Records are plain dicts at run time; these classes only describe them (CONTRACT 2).
+Records are plain dicts at run time; these classes only describe them ("Records" in
+docs/contract.md).
 Keys are Better Agent's field names (camelCase), timestamps are epoch milliseconds (UTC).
 An optional field is absent when it has no value: it is never present as ``None``, except
 ``config`` on a run, which is always present and may be ``None``.

@@ -1,4 +1,4 @@
-"""Crash safety (issue 6, item 3): a writer process killed with SIGKILL in the middle of a
+"""Crash safety: a writer process killed with SIGKILL in the middle of a
 large `append_many` or of `threads.delete` (a thread with many messages).
 
 The writer prints "begin X" before and "acked X" after each operation. The test lets one

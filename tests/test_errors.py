@@ -1,4 +1,4 @@
-"""Bad input (issue 2, item 6): the right error class, a message naming the culprit, nothing written.
+"""Bad input: the right error class, a message naming the culprit, nothing written.
 
 Every case runs against a database seeded with one full record per table, and compares
 all five tables before and after: a refused `set` must neither insert nor replace.
@@ -212,7 +212,7 @@ BAD_RECORDS = [
     ("message-thread", "memoryMessages", "t2:1700000000000:m1", message(),
      ["memoryMessages.id", "t2:1700000000000:m1", "t1:1700000000000:m1"]),
     ("message-bare-id", "memoryMessages", "m1", message(), ["memoryMessages.id", "'m1'"]),
-    # NUL characters: in ids, in text columns, inside JSON (CONTRACT 3b)
+    # NUL characters: in ids, in text columns, inside JSON ("Values" in docs/contract.md)
     ("nul-id", "memoryThreads", "t\x001", thread("t\x001"), ["memoryThreads.id", "NUL"]),
     ("nul-run-id", "runs", "r\x00", run("r\x00"), ["runs.runId", "NUL"]),
     ("nul-agent", "memoryThreads", "t1", thread(agentName="a\x00"), ["memoryThreads.agentName", "NUL"]),

@@ -1,4 +1,4 @@
-"""Server faults (issue 6, item 2): PostgreSQL and MariaDB restarted under a running workload.
+"""Server faults: PostgreSQL and MariaDB restarted under a running workload.
 
 What is proved, on a plain and on a pooled database:
 

@@ -1,4 +1,4 @@
-"""Hostile input (issue 6, item 4): a catalogue of nasty values, run against every dialect.
+"""Hostile input: a catalogue of nasty values, run against every dialect.
 
 Each case either round-trips exactly (what was stored reads back equal, through `get`,
 `list` and the domain helpers) or fails with the documented error class (RecordError,

@@ -1,4 +1,4 @@
-"""The hot-path shortcuts of issue 5 behave exactly like the slow paths they skip.
+"""The hot-path shortcuts (docs/performance.md) behave exactly like the slow paths they skip.
 
 `fast_execute_sql` skips peewee's per-call layers only when they would do nothing; the
 row decoders (`load_text`, the SQLite timestamp reader) take a fast path for the text

@@ -1,4 +1,4 @@
-"""storage.memory: threads, messages and fork, as Better Agent's memory uses them (issue 3)."""
+"""storage.memory: threads, messages and fork, as Better Agent's memory uses them ("Memory" in docs/contract.md)."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,8 @@
-"""Property tests (issue 6, item 5), with hypothesis, on every dialect.
+"""Property tests, with hypothesis, on every dialect.
 
 1. For generated records of every table, `set` then `get` (and `list`) is the identity.
 2. For generated sets of run records and generated queries, `list` returns exactly what
-   a pure-Python reference of CONTRACT section 1 returns: `where` (all fields match,
+   a pure-Python reference of "The interface" (docs/contract.md) returns: `where` (all fields match,
    None matches an absent field), `orderBy` over several fields in the dict's order with
    NULLs last in both directions, `take`. Where the ordering does not decide between two
    records (ties), any order of the tied records is accepted, and so is any choice among
@@ -152,14 +152,14 @@ def test_set_then_get_is_identity(storage: Any, table: str, strategy: Any) -> No
     check()
 
 
-# -- 2. list equals the reference of CONTRACT section 1 ---------------------------------------------
+# -- 2. list equals the reference of "The interface" ------------------------------------------------
 
 RUN_FIELDS = ("runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "startedAt", "updatedAt",
               "finishedAt")
 
 
 def reference_compare(order: Dict[str, str]) -> Any:
-    """The CONTRACT 1 ordering: fields in dict order, NULL/absent last in both directions."""
+    """The ordering of "The interface": fields in dict order, NULL/absent last in both directions."""
     def compare(a: Dict[str, Any], b: Dict[str, Any]) -> int:
         for field, direction in order.items():
             x, y = a.get(field), b.get(field)

@@ -1,4 +1,4 @@
-"""storage.runs: start, finish, abort and the lookups of CONTRACT 4 (issue 3)."""
+"""storage.runs: start, finish, abort and the lookups of "Runs" in docs/contract.md."""
 from __future__ import annotations
 
 import datetime as dt

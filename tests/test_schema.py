@@ -1,5 +1,6 @@
-"""create_tables / drop_tables / check_schema (CONTRACT 3, 3a), users' own tables, and the databases
-`peewee_storage` accepts (plain, pooled, *Ext, proxies; several dialects in one process)."""
+"""create_tables / drop_tables / check_schema ("Physical schema", "Encodings" in docs/contract.md),
+users' own tables, and the databases `peewee_storage` accepts (plain, pooled, *Ext, proxies; several
+dialects in one process)."""
 from __future__ import annotations
 
 import re
@@ -43,7 +44,7 @@ from tests.samples import (
     thread,
 )
 
-# -- what CONTRACT 3 says, as data ------------------------------------------------------------
+# -- what "Physical schema" says, as data -----------------------------------------------------
 
 # table -> [(column, kind, nullable)] in the contract's order; kinds: key, text, json, ts, int.
 COLUMNS: Dict[str, List[Tuple[str, str, bool]]] = {
@@ -80,7 +81,7 @@ TYPES = {  # full column type per dialect and kind (MariaDB's JSON is LONGTEXT w
               "ts": {"datetime(3)"}, "int": {"int(11)", "int"}},
 }
 
-# CONTRACT section 3 as a user's own PostgreSQL migration would write it.
+# "Physical schema" as a user's own PostgreSQL migration would write it.
 POSTGRES_DDL = """
 CREATE TABLE threads (
   id text PRIMARY KEY,
@@ -156,7 +157,7 @@ def describe(database: peewee.Database) -> Dict[str, Any]:
 
 
 def assert_contract_schema(database: peewee.Database, dialect: str) -> None:
-    """The five tables are exactly CONTRACT 3: columns, types, nullability, keys, indexes, the FK."""
+    """The five tables are exactly "Physical schema": columns, types, nullability, keys, indexes, the FK."""
     assert sorted(database.get_tables()) == sorted(PHYSICAL_TABLES)
     for table, columns in COLUMNS.items():
         found = database.get_columns(table)
@@ -274,9 +275,9 @@ def test_check_schema_reports_an_extra_not_null_column(database: peewee.Database
     assert len(problems) == 1 and "agent_runs.owner" in problems[0], problems
 
 
-# -- users' own tables: CONTRACT 3 in raw PostgreSQL DDL ----------------------------------------
+# -- users' own tables: "Physical schema" in raw PostgreSQL DDL -------------------------------
 
-CONTRACT_CASES = [
+OWN_MIGRATION_CASES = [
     pytest.param(contract.test_set_get_list_delete_round_trip, {"table": t}, id=f"round-trip-{t}")
     for t in SAMPLES
 ] + [
@@ -309,7 +310,7 @@ def user_tables(database: peewee.Database) -> peewee.Database:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("dialect", ["postgres"], indirect=True)
-@pytest.mark.parametrize("case, kwargs", CONTRACT_CASES)
+@pytest.mark.parametrize("case, kwargs", OWN_MIGRATION_CASES)
 def test_contract_on_tables_made_by_raw_postgres_ddl(user_tables: peewee.Database,
                                                      case: Callable[..., None], kwargs: Dict[str, Any]) -> None:
     case(peewee_storage(user_tables), **kwargs)

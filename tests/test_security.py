@@ -1,4 +1,4 @@
-"""Security review (issue 6, item 6), as tests.
+"""Security review (docs/security.md), as tests.
 
 * Static: no SQL in the package is built by string formatting. Every string handed to
   `execute_sql` / `execute` / `peewee.SQL` / `raw` is a constant or a precompiled

@@ -1,4 +1,4 @@
-"""Concurrency soak (issue 6, item 1): many writers and readers on one database at once.
+"""Concurrency soak: many writers and readers on one database at once.
 
 Part 1: 16 threads share ONE storage object and run a mixed workload for a bounded time
 (thread and message writes, run start / abort / finish, an abort race, stream appends

@@ -1,4 +1,4 @@
-"""The four verbs of CONTRACT sections 1 and 2 on every table, on every dialect."""
+"""The four verbs ("The interface", "Records" in docs/contract.md) on every table, on every dialect."""
 from __future__ import annotations
 
 import datetime as dt
@@ -184,7 +184,7 @@ def test_get_of_an_absent_id_is_none(storage: Any) -> None:
 
 
 def test_ids_differing_only_in_case_are_two_records(storage: Any) -> None:
-    """MySQL's default collations are case-insensitive; ours must not be (CONTRACT 3a)."""
+    """MySQL's default collations are case-insensitive; ours must not be ("Encodings" in docs/contract.md)."""
     for table, a, b in (("memoryThreads", thread("Case1"), thread("case1", title="lower")),
                         ("runs", run("Run1"), run("run1", status="failed")),
                         ("streams", stream("Run1"), stream("run1", status="closed")),
@@ -360,7 +360,7 @@ def test_exact_millisecond_round_trip(storage: Any, dialect: str, ms: int) -> No
     stored = raw_column(storage, "memoryThreads", "created_at")[0]
     expected = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)
     if dialect == "sqlite":
-        assert stored == _iso(ms)  # exactly YYYY-MM-DDTHH:MM:SS.mmmZ (CONTRACT 3a)
+        assert stored == _iso(ms)  # exactly YYYY-MM-DDTHH:MM:SS.mmmZ ("Encodings")
         assert len(stored) == 24
     elif dialect == "postgres":
         assert stored == expected.replace(tzinfo=dt.timezone.utc)

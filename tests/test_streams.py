@@ -1,4 +1,4 @@
-"""storage.streams: open / append / append_many / close / resume (CONTRACT 4, issue 3).
+"""storage.streams: open / append / append_many / close / resume ("Streams" in docs/contract.md).
 
 Seq numbering is proven under real concurrency (threads and processes), and `resume`
 against live writers; nothing here asserts a duration.
