@@ -66,7 +66,7 @@ def test_message_row_keeps_columns_out_of_the_json() -> None:
 def test_json_is_compact_and_keeps_unicode() -> None:
     m = mapper("sqlite", "memoryThreads")
     row = m.to_row("t1", thread(state={"a": [1, 2], "s": "é😀"}))
-    assert row[4] == '{"a":[1,2],"s":"é😀"}'
+    assert row[TABLES["memoryThreads"].columns.index("state")] == '{"a":[1,2],"s":"é😀"}'
 
 
 # -- timestamps ------------------------------------------------------------------------------
