@@ -118,12 +118,13 @@ _NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
 _CONSTANTS = (("true", True), ("false", False), ("null", None))
 
 
+# The str scanner json.decoder uses (C or pure Python): real, but not in the stdlib stubs.
+_scanstring: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
 def _loads_iterative(text: str) -> Any:
     """`json.loads(text)` for standard JSON, with an explicit stack instead of recursion."""
-    from json import decoder
-
-    # The str scanner json.decoder uses (C or pure Python): real, but not in the stdlib stubs.
-    scanstring: Callable[[str, int], Tuple[str, int]] = decoder.scanstring  # type: ignore[attr-defined]
+    scanstring = _scanstring
 
     def fail(pos: int) -> ValueError:
         return ValueError(f"invalid JSON at character {pos}: {text[pos:pos + 20]!r}")
@@ -159,7 +160,10 @@ def _loads_iterative(text: str) -> Any:
             match = _NUMBER.match(text, pos)
             if match is not None:
                 whole, fraction, exponent = match.groups()
-                value = float(whole + (fraction or "") + (exponent or "")) if fraction or exponent else int(whole)
+                if fraction or exponent:
+                    value = float(whole + (fraction or "") + (exponent or ""))
+                else:
+                    value = int(whole)
                 pos = match.end()
             else:
                 for word, constant in _CONSTANTS:

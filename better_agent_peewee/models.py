@@ -20,9 +20,9 @@ import peewee
 
 from .dialects import Dialect, JSONField, TimestampField
 
-__all__ = ["Models", "build_models", "REFERENCE_MODELS", "PHYSICAL_TABLES", "IndexSpec", "stores", "logical_name",
-           "row_columns", "key_column", "json_columns", "record_fields", "queryable_columns", "expected_indexes",
-           "primary_key_columns", "foreign_keys"]
+__all__ = ["Models", "build_models", "REFERENCE_MODELS", "PHYSICAL_TABLES", "IndexSpec", "stores",
+           "logical_name", "row_columns", "key_column", "json_columns", "record_fields", "queryable_columns",
+           "expected_indexes", "primary_key_columns", "foreign_keys"]
 
 FieldT = TypeVar("FieldT", bound=peewee.Field)
 
@@ -191,7 +191,8 @@ def queryable_columns(model: Type[peewee.Model]) -> Dict[str, Tuple[str, str]]:
     for f in model._meta.sorted_fields:
         if not hasattr(f, "record_field") or isinstance(f, JSONField):
             continue
-        kind = "ts" if isinstance(f, TimestampField) else "int" if isinstance(f, peewee.IntegerField) else "text"
+        kind = "ts" if isinstance(f, TimestampField) else \
+            "int" if isinstance(f, peewee.IntegerField) else "text"
         found[f.record_field] = (f.column_name, kind)
     return found
 

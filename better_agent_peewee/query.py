@@ -9,7 +9,20 @@ about 15 times the SQL itself, see docs/performance.md).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+)
 
 import peewee
 
@@ -219,7 +232,8 @@ class MultiRowInsert:
         sql = self._sql.get(count)
         if sql is None:
             rows = [{f: marker(f"{f.name}.{i}") for f in self._fields} for i in range(count)]
-            statement = compile_statement(self._database, self._wrap(self._model.insert_many(rows)).returning())
+            insert = self._wrap(self._model.insert_many(rows)).returning()
+            statement = compile_statement(self._database, insert)
             if statement.names != tuple(f"{f.name}.{i}" for i in range(count) for f in self._fields):
                 raise AssertionError(f"multi-row insert parameters out of order: {statement.plan[:10]}")
             sql = statement.sql

@@ -1,0 +1,74 @@
+"""The layering of "Layers" in docs/architecture.md, checked on the source: layers call down.
+
+No module below the storage object imports it; the modules that run SQL do it through the
+executor; no import hides inside a function; every table's facts come from its model.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+from better_agent_peewee.models import (
+    PHYSICAL_TABLES,
+    REFERENCE_MODELS,
+    expected_indexes,
+    logical_name,
+    primary_key_columns,
+)
+from better_agent_peewee.records import TABLES
+
+PACKAGE = Path(__file__).resolve().parent.parent / "better_agent_peewee"
+#: The front and what sits on top of it: only these may import `storage`.
+ABOVE_STORAGE = {"__init__", "storage", "cli", "__main__"}
+
+
+def _trees() -> Dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def _imported(tree: ast.Module) -> Set[str]:
+    """The package modules `tree` imports (``from .x import``), type-only imports included."""
+    found: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.add(node.module or "")
+    return found
+
+
+def test_nothing_below_the_storage_object_imports_it() -> None:
+    offenders = [name for name, tree in _trees().items()
+                 if name not in ABOVE_STORAGE and "storage" in _imported(tree)]
+    assert not offenders, f"modules below the storage object import it: {offenders}"
+
+
+def test_no_import_inside_a_function() -> None:
+    found: List[str] = []
+    for name, tree in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found += [f"{name}.{node.name}: line {inner.lineno}" for inner in ast.walk(node)
+                          if isinstance(inner, (ast.Import, ast.ImportFrom))]
+    assert not found, f"function-level imports (they hide import cycles): {found}"
+
+
+def test_domain_helpers_run_sql_through_the_executor() -> None:
+    """memory, runs, streams and prune never call peewee's own execution paths."""
+    direct = ("execute_sql", ".execute()", ".scalar(", ".count()", ".tuples()")
+    found = [f"{name}: {needle}" for name in ("memory", "runs", "streams", "prune", "tables")
+             for needle in direct if needle in (PACKAGE / f"{name}.py").read_text(encoding="utf-8")]
+    assert not found, f"statements run around the executor: {found}"
+
+
+def test_each_table_is_declared_once_in_the_models() -> None:
+    models = REFERENCE_MODELS.in_dependency_order()
+    assert [logical_name(m) for m in models] == list(TABLES)
+    assert PHYSICAL_TABLES == tuple(spec.table for spec in TABLES.values())
+    for model in models:
+        spec = TABLES[logical_name(model)]
+        assert spec.columns == tuple(f.column_name for f in model._meta.sorted_fields)
+        assert set(spec.queryable) <= spec.fields | {"id"}
+        assert not set(spec.json_columns) & {q.column for q in spec.queryable.values()}
+    indexes = {ix.name for m in models for ix in expected_indexes(m) if ix.name}
+    assert "stream_events_run_id_seq_unique" in indexes and "messages_thread_id_idx" in indexes
+    assert primary_key_columns(REFERENCE_MODELS.run) == []
