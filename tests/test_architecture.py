@@ -53,9 +53,10 @@ def test_no_import_inside_a_function() -> None:
 
 
 def test_domain_helpers_run_sql_through_the_executor() -> None:
-    """memory, runs, streams and prune never call peewee's own execution paths."""
+    """The helpers, prune, tracking and the followers never call peewee's own execution paths."""
     direct = ("execute_sql", ".execute()", ".scalar(", ".count()", ".tuples()")
-    found = [f"{name}: {needle}" for name in ("memory", "runs", "streams", "prune", "tables")
+    modules = ("memory", "runs", "streams", "prune", "tables", "tracking", "followers")
+    found = [f"{name}: {needle}" for name in modules
              for needle in direct if needle in (PACKAGE / f"{name}.py").read_text(encoding="utf-8")]
     assert not found, f"statements run around the executor: {found}"
 
