@@ -351,8 +351,13 @@ class Executor:
                 if deadline is None:
                     deadline = now + self.reconnect_window
                 elif now >= deadline:
-                    raise _lost(database, exc, f"the server stayed unreachable for the reconnect window "
-                                               f"({self.reconnect_window:g} s)") from exc
+                    # Still unsure: the read-back never ran, so the caller must not take this as "not applied".
+                    what = f"the server stayed unreachable for the reconnect window ({self.reconnect_window:g} s)"
+                    if unsure:
+                        what += "; the statement whose reply was lost may or may not have been applied"
+                    lost = _lost(database, exc, what)
+                    lost.maybe_applied = unsure
+                    raise lost from exc
                 if reconnects:
                     _reconnect_pause(reconnects, deadline)
                 reconnects += 1

@@ -446,3 +446,52 @@ def test_calls_wait_for_the_server_within_the_reconnect_window(
     assert results == {"append": 1, "get": True, "append_many": [2, 3, 4], "abort": True}
     assert [e["seq"] for e in storage.streams.resume("r")] == [1, 2, 3, 4]
     assert len(storage.memory.messages.list("t")) == 1
+
+
+def _lock_waits(server: Any) -> int:
+    """Statements of other sessions waiting for a row lock right now."""
+    conn = server.connect(admin=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted" if server.dialect == "postgres" else
+                    "SELECT count(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'")
+        return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_an_append_whose_reply_is_lost_for_good_says_it_may_be_stored(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """The server goes away while an append is on it and stays away past the reconnect window:
+    the append cannot read back what happened, so its ConnectionLostError says the event may
+    have been stored (a caller that retried it blindly could store it twice)."""
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0.5)
+    storage.streams.open("r")
+    holder = server.connect()
+    cur = holder.cursor()
+    cur.execute("BEGIN")
+    cur.execute("SELECT status FROM streams WHERE id = 'r' FOR UPDATE")  # the append waits for it
+    results: Dict[str, Any] = {}
+
+    def append() -> None:
+        try:
+            results["seq"] = storage.streams.append("r", {"type": "A"})
+        except BaseException as exc:
+            results["error"] = exc
+
+    worker = threading.Thread(target=append)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _lock_waits(server):  # the append has reached the server and waits there
+            assert time.monotonic() < deadline, "the append never reached the server"
+            time.sleep(0.01)
+        server._shutdown()
+        worker.join(60)
+    finally:
+        holder.close()
+        server._launch(server)
+    error = results.get("error")
+    assert isinstance(error, ConnectionLostError), results
+    assert error.maybe_applied is True
+    assert "may or may not" in str(error)
