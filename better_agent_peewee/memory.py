@@ -270,6 +270,9 @@ class Messages:
                     raise
                 if exc.maybe_applied and self._read_back(first_id, total) is not None:
                     return
+                # Wait (with the reconnect backoff) for the server before trying again: BEGIN on a
+                # server that is down fails at once, and trying again at once would spin.
+                self._executor.connection()
 
     def _read_back(self, first_id: str, count: int) -> Optional[Applied]:
         row = first_row(self._executor.execute(self._exists.sql, self._exists.params({"id": first_id})))

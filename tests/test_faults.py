@@ -495,3 +495,29 @@ def test_an_append_whose_reply_is_lost_for_good_says_it_may_be_stored(
     assert isinstance(error, ConnectionLostError), results
     assert error.maybe_applied is True
     assert "may or may not" in str(error)
+
+
+def test_a_message_batch_waits_for_the_server_instead_of_spinning(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """A batch of messages too big for one INSERT, appended while the server is down: it waits
+    for the server with the reconnect backoff (a few connection attempts), not in a busy loop
+    of them, and then raises ConnectionLostError with nothing written."""
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=1.0)
+    storage.memory.threads.set("t", thread("t"))
+    database = storage.database
+    attempts: List[int] = []
+    connect = database._connect
+
+    def counted_connect(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        return connect(*args, **kwargs)
+
+    database._connect = counted_connect
+    server._shutdown()
+    try:
+        with pytest.raises(ConnectionLostError):
+            storage.memory.messages.append("t", [{"role": "user", "content": str(k)} for k in range(500)])
+    finally:
+        server._launch(server)
+    assert 0 < len(attempts) <= 50, len(attempts)
+    assert storage.memory.messages.list("t") == []
