@@ -297,7 +297,7 @@ class Streams:
         try:
             # idempotent=False: after a lost reply the event may be stored already; a
             # second run would then report the number taken and the event would be stored again
-            # under the next number. The executor reconnects but raises ConnectionLostError instead.
+            # under the next number. So the executor reconnects and `_read_back` settles it instead.
             cursor = self._execute(statement.sql, statement.params(
                 {"id": event_id, "run": run_id, "seq": seq, "ts": stamp, "event": body, "prev": seq - 1}),
                 idempotent=False, resolve=lambda: self._read_back(run_id, seq, body))
