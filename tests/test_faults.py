@@ -521,3 +521,48 @@ def test_a_message_batch_waits_for_the_server_instead_of_spinning(
         server._launch(server)
     assert 0 < len(attempts) <= 50, len(attempts)
     assert storage.memory.messages.list("t") == []
+
+
+def test_a_tracked_run_waits_for_the_server_at_its_start_and_end(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """The default reconnect window also covers `track`'s own transactions: a block entered
+    while the server is down, and one that ends while it is down, wait for it instead of
+    failing (a lost end would leave a completed run to be reaped as failed)."""
+    storage = make_storage(make_database, dialect, pooled=False)
+    results: Dict[str, Any] = {}
+    inside, leave = threading.Event(), threading.Event()
+
+    def enter_while_down() -> None:
+        try:
+            with storage.runs.track("entered", "worker", thread_id="t") as run:
+                run.emit({"type": "CUSTOM"})
+            results["entered"] = run.status
+        except BaseException as exc:
+            results["entered"] = exc
+
+    def end_while_down() -> None:
+        try:
+            with storage.runs.track("ended", "worker", thread_id="t") as run:
+                run.emit({"type": "CUSTOM"})
+                inside.set()
+                leave.wait(60)
+            results["ended"] = run.status
+        except BaseException as exc:
+            results["ended"] = exc
+
+    ender = threading.Thread(target=end_while_down)
+    ender.start()
+    assert inside.wait(60)
+    server._shutdown()
+    enterer = threading.Thread(target=enter_while_down)
+    enterer.start()
+    leave.set()
+    time.sleep(1.0)  # both threads now wait for the server
+    server._launch(server)  # from the main thread: the test servers die with the thread that started them
+    ender.join(60)
+    enterer.join(60)
+    assert results == {"entered": "completed", "ended": "completed"}
+    for run_id in ("entered", "ended"):
+        assert storage.runs.get(run_id)["status"] == "completed"
+        assert [e["type"] for e in storage.streams.resume(run_id, timeout=0)] == \
+            ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
