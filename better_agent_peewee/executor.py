@@ -14,7 +14,7 @@ import functools
 import logging
 import random
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
@@ -32,7 +32,9 @@ from .errors import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Executor", "Applied", "fast_execute_sql", "json_refused", "pool_exhausted",
-           "RECONNECT_WINDOW", "CONFLICT_RETRIES"]
+           "RECONNECT_WINDOW", "CONFLICT_RETRIES", "read_back_after"]
+
+_T = TypeVar("_T")
 
 #: Seconds a statement outside a transaction keeps trying to reconnect while the server is
 #: unreachable (a restart, a failover, a cluster node rejoining) before ConnectionLostError.
@@ -80,6 +82,18 @@ def json_refused(table: str, field: Optional[str], exc: Exception) -> RecordErro
     return RecordError(table, field, f"the database refused this JSON value, most likely because it is nested "
                                      f"too deeply (MariaDB accepts at most 31 levels; MySQL 100); nothing was "
                                      f"written: {exc}")
+
+
+def read_back_after(lost: ConnectionLostError, read_back: Callable[[], _T]) -> _T:
+    """`read_back()`, run after `lost` (a COMMIT whose reply was lost) to learn what was stored.
+
+    If the server cannot be reached for that read either, `lost` itself is raised: the caller
+    must hear that the write may have been applied, not merely that the server was away.
+    """
+    try:
+        return read_back()
+    except ConnectionLostError:
+        raise lost  # noqa: B904 (its own cause, the lost COMMIT, says it best)
 
 
 _PEEWEE_DEBUG = logging.getLogger("peewee").isEnabledFor

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import peewee
 
 from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError
-from .executor import Applied, json_refused
+from .executor import Applied, json_refused, read_back_after
 from .query import MultiRowInsert, compile_statement, first_row, marker, select_columns
 from .records import check_key, check_ts, message_id, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -268,7 +268,8 @@ class Messages:
                 lost_since = lost_since or now
                 if not outermost or now - lost_since > self._executor.reconnect_window:
                     raise
-                if exc.maybe_applied and self._read_back(first_id, total) is not None:
+                if exc.maybe_applied and read_back_after(
+                        exc, lambda: self._read_back(first_id, total)) is not None:
                     return
                 # Wait (with the reconnect backoff) for the server before trying again: BEGIN on a
                 # server that is down fails at once, and trying again at once would spin.

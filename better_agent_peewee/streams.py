@@ -31,6 +31,7 @@ An append or close on a closed stream is refused: a follower that saw the close 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import peewee
 
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
-from .executor import Applied, json_refused
+from .executor import Applied, json_refused, read_back_after
 from .followers import HEARTBEAT, POLL_BATCH, Follower, Poller, notify_sql
 from .query import MultiRowInsert, compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
@@ -228,7 +229,8 @@ class Streams:
                 if now - lost_since > self._executor.reconnect_window:
                     raise
                 self._next.pop(run_id, None)
-                if exc.maybe_applied and self._stored_as(run_id, seq, encoded[0][1]):
+                if exc.maybe_applied and read_back_after(
+                        exc, functools.partial(self._stored_as, run_id, seq, encoded[0][1])):
                     self._remember(run_id, seq + len(encoded))
                     return list(range(seq, seq + len(encoded)))
                 continue

@@ -566,3 +566,55 @@ def test_a_tracked_run_waits_for_the_server_at_its_start_and_end(
         assert storage.runs.get(run_id)["status"] == "completed"
         assert [e["type"] for e in storage.streams.resume(run_id, timeout=0)] == \
             ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+
+
+@pytest.mark.parametrize("batch", ["events", "messages"])
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_batch_whose_commit_is_lost_for_good_says_it_may_be_stored(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database], batch: str) -> None:
+    """The server goes away during the COMMIT of an append_many or of a message batch too big
+    for one INSERT, and stays away: the batch cannot be read back, so the error says it may
+    have been stored (not that the server was merely unreachable). (A deferred trigger holds
+    the COMMIT open: PostgreSQL's.)"""
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0.5)
+    storage.memory.threads.set("t", thread("t"))
+    storage.streams.open("r")
+    table = "stream_events" if batch == "events" else "messages"
+    storage.execute("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$")
+    storage.execute(f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} DEFERRABLE "
+                    "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+    results: Dict[str, Any] = {}
+
+    def append() -> None:
+        try:
+            if batch == "events":
+                storage.streams.append_many("r", [{"type": "A"}] * 3)
+            else:
+                storage.memory.messages.append("t", [{"role": "user", "content": str(k)} for k in range(150)])
+            results["stored"] = True
+        except BaseException as exc:
+            results["error"] = exc
+
+    worker = threading.Thread(target=append)
+    worker.start()
+    admin = server.connect(admin=True)
+    try:
+        cur = admin.cursor()
+        deadline = time.monotonic() + 30
+        while True:  # until the COMMIT runs (the deferred trigger holds it)
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'")
+            if cur.fetchone()[0]:
+                break
+            assert time.monotonic() < deadline, "the batch never reached its COMMIT"
+            time.sleep(0.01)
+        admin.close()
+        server._shutdown()
+        worker.join(60)
+    finally:
+        admin.close()
+        server._launch(server)
+    error = results.get("error")
+    assert isinstance(error, ConnectionLostError), results
+    assert error.maybe_applied is True
+    assert "may or may not" in str(error)
