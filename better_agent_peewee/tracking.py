@@ -24,7 +24,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
-from .errors import ConflictError, RecordError, RunAborted
+from .errors import ConflictError, ConnectionLostError, RecordError, RunAborted
+from .executor import read_back_after
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
 if TYPE_CHECKING:
@@ -272,8 +273,25 @@ class TrackedRun:
         return isinstance(exc, RunAborted)
 
     def _end(self, status: str, final: Dict[str, Any]) -> bool:
-        """Write the end of the run in one transaction; False if it had already ended."""
-        if not self._executor.transaction(retries=_RETRIES)(self._finish)(status, final):
+        """Write the end of the run in one transaction; False if it had already ended.
+
+        A COMMIT whose reply was lost is settled by reading the run back: ended with this final
+        event means it was written; still running means it was not, and it is written again.
+        """
+        end = self._executor.transaction(retries=_RETRIES)(self._finish)
+        try:
+            done: bool = end(status, final)
+        except ConnectionLostError as lost:
+            if not lost.maybe_applied or self._executor.database.in_transaction():
+                raise
+            run = read_back_after(lost, lambda: self._runs.get(self.run_id))
+            if run is not None and run["status"] == "running":
+                done = end(status, final)
+            else:  # the final event's type and timestamp tell ours from another writer's
+                event = (run or {}).get("finalEvent") or {}
+                done = run is not None and run["status"] == status and \
+                    (event.get("type"), event.get("timestamp")) == (final["type"], final["timestamp"])
+        if not done:
             self.status = "ended elsewhere"
             return False
         self.status, self.final_event = status, final

@@ -618,3 +618,48 @@ def test_a_batch_whose_commit_is_lost_for_good_says_it_may_be_stored(
     assert isinstance(error, ConnectionLostError), results
     assert error.maybe_applied is True
     assert "may or may not" in str(error)
+
+
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_tracked_run_whose_end_commit_is_lost_reads_it_back(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """The server restarts during the COMMIT of a block's end: the block reads the run back once
+    the server answers and, finding it still running, writes the end again; the run is completed
+    (not left running for reap_stale to fail). (A deferred trigger holds the first COMMIT open.)"""
+    storage = make_storage(make_database, dialect, pooled=False)
+    storage.execute("CREATE SEQUENCE slow_once")
+    storage.execute("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN IF nextval('slow_once') = 1 THEN PERFORM pg_sleep(60); END IF; RETURN NULL; END $$")
+    storage.execute("CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON agent_runs DEFERRABLE "
+                    "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+    results: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with storage.runs.track("r", "worker", thread_id="t") as run:
+                run.emit({"type": "CUSTOM"})
+            results["status"] = run.status
+        except BaseException as exc:
+            results["error"] = exc
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    admin = server.connect(admin=True)
+    try:
+        cur = admin.cursor()
+        deadline = time.monotonic() + 30
+        while True:  # until the end's COMMIT runs (the deferred trigger holds it)
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'")
+            if cur.fetchone()[0]:
+                break
+            assert time.monotonic() < deadline, "the block never reached its end's COMMIT"
+            time.sleep(0.01)
+        admin.close()
+        server._shutdown()
+    finally:
+        admin.close()
+        server._launch(server)
+    worker.join(60)
+    assert results == {"status": "completed"}
+    assert storage.runs.get("r")["status"] == "completed"
+    assert [e["type"] for e in storage.streams.resume("r", timeout=0)] == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
