@@ -157,9 +157,11 @@ def test_transaction_retries_reruns_a_block_that_deadlocked(make_database: Calla
     for t in threads:
         t.join(60)
     assert errors == []
-    assert sorted(calls) == [1, 2]  # the deadlock victim ran twice
-    winner = calls.index(2)  # ran last: both rows are its
-    assert [storages[0].get("runs", r)["config"] for r in ("a", "b")] == [{"by": winner}] * 2
+    # The victim ran again; its rerun may beat the survivor to a row and deadlock once more,
+    # so each block may have run more than once.
+    assert max(calls) >= 2 and min(calls) >= 1
+    configs = [storages[0].get("runs", r)["config"] for r in ("a", "b")]
+    assert configs[0] == configs[1] and configs[0] in ({"by": 0}, {"by": 1})  # both rows are one block's
 
 
 def test_transaction_retries_is_for_decorators_only(database: peewee.Database) -> None:
