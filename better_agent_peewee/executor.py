@@ -269,8 +269,10 @@ class _Transaction(contextlib.ContextDecorator):
                 raise
             if self._outermost:
                 _drop_connection(executor.database)
-            if isinstance(exc, ConnectionLostError):
-                # the statement's own report (and its cause) says it best; `from` would replace that cause
+            own_error = exc is not None and not isinstance(exc, peewee.PeeweeException)
+            if own_error or isinstance(exc, ConnectionLostError):
+                # The block's own error (or the statement's report of the loss) says why it failed,
+                # and the transaction is gone either way; `from` would replace that error's cause.
                 raise exc  # noqa: B904
             at_commit = exc_type is None
             what = "the transaction was rolled back" if not at_commit else \

@@ -663,3 +663,24 @@ def test_a_tracked_run_whose_end_commit_is_lost_reads_it_back(
     assert results == {"status": "completed"}
     assert storage.runs.get("r")["status"] == "completed"
     assert [e["type"] for e in storage.streams.resume("r", timeout=0)] == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+
+
+def test_a_block_that_raised_keeps_its_error_when_its_rollback_finds_the_server_gone(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+    """A transaction block raises its own error after the server restarted under it: that error
+    reaches the caller (the transaction is gone either way), and `retries` does not run the
+    block again as if the connection loss had been what failed it."""
+    storage = make_storage(make_database, dialect, pooled=False)
+    calls: List[int] = []
+
+    @storage.transaction(retries=2)
+    def block() -> None:
+        calls.append(1)
+        storage.memory.threads.set("t", thread("t"))
+        server.restart()
+        raise ValueError("the block's own error")
+
+    with pytest.raises(ValueError, match="own error"):
+        block()
+    assert calls == [1]
+    assert storage.memory.threads.get("t") is None
