@@ -23,7 +23,7 @@ from .errors import (
 )
 from .prune import PruneReport, prune_runs, reap_stale
 from .runs import AbortRequest
-from .schema import check_schema, create_tables, drop_tables
+from .schema import SchemaReport, check_schema, create_tables, drop_performance_indexes, drop_tables
 from .storage import Storage, peewee_storage
 from .tracking import TrackedRun
 from .types import (
@@ -43,6 +43,8 @@ __all__ = [
     "create_tables",
     "drop_tables",
     "check_schema",
+    "SchemaReport",
+    "drop_performance_indexes",
     "Storage",
     "StorageError",
     "UnsupportedTableError",

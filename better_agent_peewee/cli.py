@@ -116,25 +116,30 @@ def _storage(db: peewee.Database) -> Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     db = _connect(args, create=True)
     before = set(db.get_tables())
-    create_tables(db)
+    added = create_tables(db, concurrently=args.concurrently)
     created = [t for t in PHYSICAL_TABLES if t not in before]
     if created:
         print(f"created {', '.join(created)}" + (f"; {len(PHYSICAL_TABLES) - len(created)} already present"
                                                   if len(created) < len(PHYSICAL_TABLES) else ""))
     else:
         print("all tables already present")
+    if added:
+        print(f"added index{'es' if len(added) > 1 else ''} {', '.join(added)}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     db = _connect(args)
-    problems = check_schema(db)
-    if not problems:
-        print("schema ok")
-        return 0
-    for problem in problems:
+    report = check_schema(db)
+    for problem in report:
         print(problem)
-    raise _Failure(f"schema does not match ({len(problems)} difference{'s' if len(problems) > 1 else ''}, "
+    for advice in report.advice:
+        print(f"advice: {advice}")
+    if not report:
+        # Advice alone: everything works (only slower), so this is not a failure.
+        print("schema ok" + (f" ({len(report.advice)} advice, above)" if report.advice else ""))
+        return 0
+    raise _Failure(f"schema does not match ({len(report)} difference{'s' if len(report) > 1 else ''}, "
                    f"listed on stdout)")
 
 
@@ -265,11 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    p = commands.add_parser("init", parents=[common], help="create the five tables (safe to repeat)")
+    p = commands.add_parser("init", parents=[common],
+                            help="create the five tables and add missing indexes (safe to repeat)")
+    p.add_argument("--concurrently", action="store_true",
+                   help="PostgreSQL: build missing indexes with CREATE INDEX CONCURRENTLY, so the "
+                        "tables keep taking writes meanwhile")
     p.set_defaults(func=cmd_init)
 
     p = commands.add_parser("check", parents=[common],
-                            help="compare the schema with what the adapter needs; exit 1 on differences")
+                            help="compare the schema with what the adapter needs; exit 1 on problems "
+                                 "(advice, such as a missing performance index, exits 0)")
     p.set_defaults(func=cmd_check)
 
     p = commands.add_parser("prune", parents=[common],

@@ -205,6 +205,10 @@ class Dialect:
         """True when the server refuses to create a table without a primary key."""
         return False
 
+    def collation_problems(self, tables: List[str]) -> List[str]:
+        """Key columns of `tables` whose collation would merge distinct ids, in words (with the fix)."""
+        return []
+
     def json_param(self, node: peewee.Node) -> peewee.Node:
         """A JSON parameter where the server cannot infer its type (the SELECT list of an
         INSERT ... SELECT)."""
@@ -483,6 +487,28 @@ class MySQLDialect(Dialect):
         database._bap_causal_hook = True  # type: ignore[attr-defined]
         if not database.is_closed():
             initialize_connection(database._state.conn)  # type: ignore[attr-defined]
+
+    def collation_problems(self, tables: List[str]) -> List[str]:
+        # Tables made by another tool get the server's default collation, case-insensitive
+        # (utf8mb4_general_ci, ..._0900_ai_ci): there `Run1` and `run1` are one key, and an
+        # upsert of one overwrites the other. A binary or case-sensitive one is what ids need.
+        # (PAD SPACE alone is fine: ids ending in a space are refused on every dialect.)
+        if not tables:
+            return []
+        marks = ", ".join(["%s"] * len(tables))
+        cursor = self.database.execute_sql(
+            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLUMNS "
+            f"WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN ('varchar', 'char') "
+            "ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))
+        bad: Dict[str, List[str]] = {}
+        for table, column, charset, collation in cursor.fetchall():
+            collation = str(collation or "").lower()
+            if str(charset or "").lower() != "utf8mb4" or not (collation.endswith("_bin") or "_cs" in collation):
+                bad.setdefault(str(table), []).append(f"{column} ({collation or charset})")
+        return [f"table {table} has key columns whose collation is case-insensitive or not utf8mb4: "
+                f"{', '.join(columns)}; ids differing only in case would be one key. Fix with: "
+                f"ALTER TABLE `{table}` CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                for table, columns in bad.items()]
 
     def requires_primary_key(self) -> bool:
         # MySQL 8: sql_require_primary_key; MariaDB: innodb_force_primary_key, and on Galera

@@ -22,7 +22,8 @@ from .dialects import Dialect, JSONField, TimestampField
 
 __all__ = ["Models", "build_models", "REFERENCE_MODELS", "PHYSICAL_TABLES", "IndexSpec", "stores",
            "logical_name", "row_columns", "key_column", "json_columns", "record_fields", "queryable_columns",
-           "expected_indexes", "primary_key_columns", "foreign_keys"]
+           "expected_indexes", "primary_key_columns", "foreign_keys", "PERFORMANCE_PREFIX",
+           "PERFORMANCE_INDEXES", "is_performance_index"]
 
 FieldT = TypeVar("FieldT", bound=peewee.Field)
 
@@ -147,7 +148,39 @@ def build_models(database: peewee.Database, dialect: Dialect, run_primary_key: b
     StreamEvent.add_index(StreamEvent.run_id, StreamEvent.seq, unique=True,
                           name="stream_events_run_id_seq_unique")
 
+    # Ours, not the shared schema's: performance indexes, named with PERFORMANCE_PREFIX so they
+    # never collide with a shared name. Each serves lookups the package makes on every run
+    # (PERFORMANCE_INDEXES says which; docs/performance.md has the EXPLAIN and the write cost).
+    # A database without them works, slower: check_schema reports them as advice.
+    Thread.add_index(Thread.agent_name, Thread.updated_at, name="bap_threads_agent_updated_idx")
+    Message.add_index(Message.thread, Message.created_at, Message.id, name="bap_messages_thread_created_idx")
+    Message.add_index(Message.run_id, Message.created_at, Message.id, name="bap_messages_run_idx")
+    Run.add_index(Run.thread_id, Run.started_at, name="bap_agent_runs_thread_started_idx")
+    Run.add_index(Run.agent_name, Run.status, Run.started_at, name="bap_agent_runs_agent_status_started_idx")
+    Run.add_index(Run.status, Run.finished_at, name="bap_agent_runs_status_finished_idx")
+
     return Models(Thread, Message, Run, Stream, StreamEvent)
+
+
+#: Prefix of our own (performance) index names: no index of the shared schema has it.
+PERFORMANCE_PREFIX = "bap_"
+#: Our performance indexes, by name: the statements each one serves.
+PERFORMANCE_INDEXES: Dict[str, str] = {
+    "bap_threads_agent_updated_idx": "memory.threads.list(agent_name=...): newest updatedAt first",
+    "bap_messages_thread_created_idx": "memory.messages.list(thread, limit, before_run_id): createdAt, id",
+    "bap_messages_run_idx": "memory.messages.list(before_run_id=...): the first message of that run "
+                            "(createdAt, then id)",
+    "bap_agent_runs_thread_started_idx": "runs.latest_for_thread: where threadId, orderBy startedAt desc",
+    "bap_agent_runs_agent_status_started_idx": "runs.running(agent, scope): where agentName, status running, "
+                                               "orderBy startedAt desc",
+    "bap_agent_runs_status_finished_idx": "runs.prune (status, finishedAt < cutoff) and reap_stale "
+                                          "(status running)",
+}
+
+
+def is_performance_index(index: IndexSpec) -> bool:
+    """True for our own performance indexes, False for the shared schema's."""
+    return index.name is not None and index.name.startswith(PERFORMANCE_PREFIX)
 
 
 # -- what follows from the declaration ----------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import random
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -42,6 +43,8 @@ STALE_RUN_CODE = "STALE_RUN"
 # IN lists are sent in chunks of this many parameters: SQLite builds before 3.32 allow
 # only 999 parameters per statement, and very long lists plan badly everywhere.
 _IN_CHUNK = 500
+#: Streams (and runs' events) one prune examines for orphans, plus ten per run it prunes.
+ORPHAN_SCAN = 1000
 
 
 @dataclasses.dataclass
@@ -81,6 +84,7 @@ def prune_runs(
     include_interrupted: bool = False,
     now_ms: Optional[int] = None,
     progress: Optional[Callable[[PruneReport], None]] = None,
+    orphan_scan: Optional[int] = ORPHAN_SCAN,
 ) -> PruneReport:
     """Delete finished runs older than `older_than`, with their streams and stream events.
 
@@ -99,9 +103,17 @@ def prune_runs(
     :param include_interrupted: prune interrupted runs too.
     :param now_ms: "now" in epoch ms (default: the clock), for reproducible jobs and tests.
     :param progress: called with the running totals after every batch.
+    :param orphan_scan: how many streams, and how many runs' events, the orphan sweep examines
+        per call, plus ten per run pruned; a window of the key order from a random place,
+        so a prune costs in proportion to what it deletes, not to what the tables keep, and
+        repeated prunes cover everything. A table smaller than that is swept whole every time.
+        None: sweep the whole tables (reads every stream and the whole events index).
     :returns: a `PruneReport` with the counts.
     """
     chosen = _check_statuses(statuses, include_interrupted)
+    if orphan_scan is not None and (isinstance(orphan_scan, bool) or not isinstance(orphan_scan, int)
+                                    or orphan_scan < 0):
+        raise ValueError(f"orphan_scan must be None or a non-negative int, got {orphan_scan!r}")
     cutoff = _cutoff(older_than, now_ms, "older_than")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -126,7 +138,9 @@ def prune_runs(
     finished = [Run.status.in_(chosen), Run.finished_at.is_null(False), Run.finished_at < cutoff]
 
     def finished_runs(after: Optional[str]) -> peewee.Query:
-        return _page(Run.select(Run.run_id).where(*finished), Run.run_id, after, batch_size)
+        # Deleted rows stop matching, so a real prune needs no keyset (nor its ORDER BY run_id,
+        # which would lead SQLite to read the whole run_id index instead of the status one).
+        return _page(Run.select(Run.run_id).where(*finished), Run.run_id, after, batch_size, ordered=dry_run)
 
     def prune_finished(rows: List[Tuple[Any, ...]]) -> None:
         ids = [r for (r,) in rows]
@@ -164,9 +178,11 @@ def prune_runs(
     def prune_orphan_events(rows: List[Tuple[Any, ...]]) -> None:
         report.events += _delete_or_count(executor, Event, Event.run_id, [r for (r,) in rows], dry_run, stray)
 
-    for name, select, prune in (("finished runs", finished_runs, prune_finished),
-                                ("orphan streams", orphan_streams, prune_orphan_streams),
-                                ("orphan events", orphan_events, prune_orphan_events)):
+    phases: List[Tuple[str, Any, Any]] = [("finished runs", finished_runs, prune_finished)]
+    if orphan_scan is None:
+        phases += [("orphan streams", orphan_streams, prune_orphan_streams),
+                   ("orphan events", orphan_events, prune_orphan_events)]
+    for name, select, prune in phases:
         last: Optional[str] = None
         while True:
             # One transaction per page: a kill part-way loses (rolls back) at most this page,
@@ -185,9 +201,82 @@ def prune_runs(
             if len(rows) < batch_size:
                 break
 
+    if orphan_scan is not None:
+        # The orphan sweeps, bounded: a window of keys (a random place in the key order, grown by
+        # what this call pruned), examined page by page. The DELETEs re-check as above.
+        scan = orphan_scan + 10 * report.runs
+        def orphan_streams_in(keys: Sequence[Any]) -> List[Tuple[Any, ...]]:
+            # Probes by key (no anti-join a planner could turn into a scan of agent_runs).
+            rows = executor.rows(Stream.select(Stream.id, Stream.run_id).where(Stream.id.in_(keys),
+                                                                               Stream.created_at < cutoff))
+            runs = set(_select_in(executor, Run.run_id, Run.run_id, [r for _, r in rows]))
+            return [(i, r) for i, r in rows if r not in runs]
+
+        def orphan_events_in(keys: Sequence[Any]) -> List[Tuple[Any, ...]]:
+            known = set(_select_in(executor, Run.run_id, Run.run_id, keys))
+            known.update(_select_in(executor, Stream.run_id, Stream.run_id, keys))
+            strays = [k for k in keys if k not in known]
+            if not strays:
+                return []
+            return executor.rows(Event.select(Event.run_id).distinct().where(Event.run_id.in_(strays), *stray))
+
+        windows: Tuple[Tuple[peewee.Field, bool, Callable[[List[Tuple[Any, ...]]], None],
+                             Callable[[Sequence[Any]], List[Tuple[Any, ...]]]], ...] = (
+            (Stream.id, False, prune_orphan_streams, orphan_streams_in),
+            (Event.run_id, True, prune_orphan_events, orphan_events_in),
+        )
+        for key, distinct, prune, find in windows:
+            for keys in _chunks(_key_window(executor, key, scan, distinct)):
+                with executor.transaction():
+                    rows = find(keys)
+                    if rows:
+                        prune(rows)
+                if rows:
+                    report.batches += 1
+                    report.seconds = time.monotonic() - started
+                    if progress is not None:
+                        progress(report)
+
     report.seconds = time.monotonic() - started
     logger.info("%s", report.summary())
     return report
+
+
+def _key_window(executor: Executor, key: peewee.Field, size: int, distinct: bool) -> List[Any]:
+    """Up to `size` consecutive values of the indexed column `key`, from a random place in its
+    order and wrapping around: all of them when the table holds no more than `size`."""
+    if size <= 0:
+        return []
+    model = key.model
+    # Two statements: SQLite reads one end of the index for MIN or MAX alone, the whole of it for both.
+    (low,), = executor.rows(model.select(peewee.fn.MIN(key)))
+    (high,), = executor.rows(model.select(peewee.fn.MAX(key)))
+    if low is None or high is None:
+        return []
+    start = _somewhere_between(str(low), str(high), random.Random())
+
+    def keys(condition: Any, limit: int) -> List[Any]:
+        query = model.select(key).where(condition).order_by(key).limit(limit)
+        return [k for (k,) in executor.rows(query.distinct() if distinct else query)]
+
+    found = keys(key >= start, size)
+    if len(found) < size:
+        found += keys(key < start, size - len(found))
+    return found
+
+
+def _somewhere_between(low: str, high: str, rng: random.Random) -> str:
+    """A string between `low` and `high` in code-point order, roughly uniform over the keys
+    when they share a shape (``run-000123``, UUIDs): a place to start an orphan window."""
+    prefix = 0
+    while prefix < min(len(low), len(high)) and low[prefix] == high[prefix]:
+        prefix += 1
+    if prefix >= len(high):
+        return low
+    first = ord(low[prefix]) if prefix < len(low) else 0
+    alphabet = sorted(set(low[prefix + 1:] + high[prefix + 1:])) or ["0"]
+    tail = "".join(rng.choice(alphabet) for _ in range(max(len(high) - prefix - 1, 0)))
+    return high[:prefix] + chr(rng.randint(first, ord(high[prefix]))) + tail
 
 
 def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
@@ -229,8 +318,10 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     last: Optional[str] = None
     while True:
         with executor.transaction():
+            # Unordered: every run of a page stops matching (failed now, or changed meanwhile), and
+            # ORDER BY run_id would lead SQLite to read the run_id index instead of the status one.
             ids = [r for (r,) in executor.rows(_page(Run.select(Run.run_id).where(*stale), Run.run_id, last,
-                                                     batch_size))]
+                                                     batch_size, ordered=False))]
             if not ids:
                 break
             for chunk in _chunks(ids):
@@ -295,8 +386,12 @@ def fn_exists(query: peewee.Query) -> Any:
     return peewee.fn.EXISTS(query)
 
 
-def _page(query: peewee.Query, key: peewee.Field, after: Optional[str], size: int) -> peewee.Query:
-    """The next `size` rows after key `after`, in key order (keyset pagination)."""
+def _page(query: peewee.Query, key: peewee.Field, after: Optional[str], size: int,
+          ordered: bool = True) -> peewee.Query:
+    """The next `size` rows after key `after`, in key order (keyset pagination); unordered,
+    any `size` rows (for a loop whose every page stops matching: deleted or updated)."""
+    if not ordered:
+        return query.limit(size)
     if after is not None:
         query = query.where(key > after)
     return query.order_by(key).limit(size)

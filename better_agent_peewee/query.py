@@ -195,8 +195,10 @@ class ListCompiler:
             q = q.where(*conditions)
         if order_shape:
             # NULLs sort last in both directions on every dialect ("The interface"); text by code point.
-            q = q.order_by(*[getattr(d.text_order(f[col]) if col in text else f[col], direction)(nulls="last")
-                             for col, direction in order_shape])
+            # A NOT NULL column has no NULL to place: a NULLS LAST clause (or MySQL's CASE emulation
+            # of it) would only stop the planner from reading an index in order.
+            q = q.order_by(*[getattr(d.text_order(f[col]) if col in text else f[col], direction)(
+                nulls="last" if f[col].null else None) for col, direction in order_shape])
         if has_take:
             q = q.limit(marker("take"))
         statement = compile_statement(self._database, q)

@@ -62,3 +62,27 @@ def test_bad_arguments_are_usage_errors(argv: list) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_growth_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Path) -> None:
+    """W11 (``python -m bench.growth``) on tiny tables: every lookup measured at both sizes."""
+    out = tmp_path / "w11.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if dialect != "sqlite":
+        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
+    proc = subprocess.run([sys.executable, "-m", "bench.growth", "--dialect", dialect, "--small", "1000",
+                           "--large", "3000", "--quick", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())["dialects"][dialect]
+    lookups = set(result["growth"])
+    assert {"runs.latest_for_thread", "runs.running(agent)", "messages.list(long thread, limit=20)",
+            "threads.list(agent, limit=20)", "runs.reap_stale (none stale)", "resume poll (closed stream)",
+            "runs.prune (nothing to do)"} <= lookups
+    for key in ("small_with", "small_without", "large_with", "large_without"):
+        assert set(result[key]) == lookups and all(ms > 0 for ms in result[key].values()), key
+    # The indexes were dropped for the "without" runs and create_tables added them back.
+    assert len(result["indexes_added"]) >= 5 and all(n.startswith("bap_") for n in result["indexes_added"])
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(lookups), proc.stdout

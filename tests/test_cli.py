@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 from playhouse.migrate import SchemaMigrator
 
-from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee import create_tables, drop_performance_indexes, peewee_storage
 from better_agent_peewee.cli import parse_duration
 from better_agent_peewee.prune import stats
 from tests.test_prune import DAY, HOUR, add_runs, snapshot
@@ -175,9 +175,36 @@ def test_missing_tables_init_and_check(database: Any, database_url: str) -> None
     result = cli("check", url=database_url)
     one_error_line(result, 1, "schema does not match (1 difference")
     assert result.stdout == "missing index stream_events_run_id_idx on stream_events (run_id)\n"
-    # init restores nothing that exists (it creates missing tables, not indexes): check still fails.
-    cli("init", url=database_url)
-    assert cli("check", url=database_url).returncode == 1
+    # init adds the missing index back, and nothing else.
+    result = cli("init", url=database_url)
+    assert result.stdout == "all tables already present\nadded index stream_events_run_id_idx\n"
+    result = cli("check", url=database_url)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "schema ok\n", "")
+
+
+def test_check_prints_advice_and_exits_0_on_advice_alone(database: Any, database_url: str) -> None:
+    create_tables(database)
+    dropped = drop_performance_indexes(database)
+    database.close()
+    result = cli("check", url=database_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"schema ok ({len(dropped)} advice, above)"
+    assert sorted(line.split()[4] for line in lines[:-1]) == sorted(dropped)
+    assert all(line.startswith("advice: missing performance index bap_") for line in lines[:-1])
+    # A problem and advice: both printed, exit 1.
+    SchemaMigrator.from_database(database).drop_index("threads", "threads_agent_name_scope_idx").run()
+    database.close()
+    result = cli("check", url=database_url)
+    one_error_line(result, 1, "schema does not match (1 difference")
+    assert result.stdout.splitlines()[0] == "missing index threads_agent_name_scope_idx on threads (agent_name, scope)"
+    assert len(result.stdout.splitlines()) == 1 + len(dropped)
+    result = cli("init", url=database_url)
+    assert result.stdout.startswith("all tables already present\nadded indexes ")
+    assert sorted(result.stdout.split("added indexes ")[1].strip().split(", ")) == sorted(
+        dropped + ["threads_agent_name_scope_idx"])
+    result = cli("check", url=database_url)
+    assert (result.returncode, result.stdout) == (0, "schema ok\n")
 
 
 # -- prune and stats ----------------------------------------------------------------------------

@@ -25,9 +25,11 @@ from better_agent_peewee import (
     NotFoundError,
     check_schema,
     create_tables,
+    drop_performance_indexes,
     drop_tables,
     peewee_storage,
 )
+from better_agent_peewee.schema import PERFORMANCE_INDEXES
 from tests import test_storage as contract
 from tests.conftest import close_database
 from tests.samples import (
@@ -232,6 +234,8 @@ def test_server_side_defaults_are_now_in_utc(database: peewee.Database, dialect:
 def test_check_schema_names_what_is_missing(database: peewee.Database) -> None:
     assert sorted(check_schema(database)) == sorted(f"missing table {t}" for t in PHYSICAL_TABLES)
     create_tables(database)
+    # (Without our performance indexes: SQLite refuses to drop a column an index uses.)
+    assert len(drop_performance_indexes(database)) == len(PERFORMANCE_INDEXES)
     migrate(migrator(database).drop_index("threads", "threads_agent_name_scope_idx"))
     problems = check_schema(database)
     assert len(problems) == 1 and "threads_agent_name_scope_idx" in problems[0] and "missing" in problems[0]

@@ -39,6 +39,14 @@ REVIEWED = {
     ("followers.py", 'self._storage.execute(f"DEALLOCATE {_PREPARED}")'),
     ("followers.py", 'self._storage.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", arrays)'),
     ("followers.py", 'self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
+    # Index maintenance: index and table names from the models' declaration, never a value.
+    ("schema.py", 'database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")'),
+    ("schema.py", 'real.execute_sql(f"DROP INDEX {_quote(real, str(index.name))}{on}")'),
+    # The collation check: one %s placeholder per table name; the names travel as parameters.
+    ("dialects.py", 'self.database.execute_sql(\n            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, '
+                    'COLLATION_NAME FROM information_schema.COLUMNS "\n            f"WHERE TABLE_SCHEMA = DATABASE() '
+                    'AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN (\'varchar\', \'char\') "\n            '
+                    '"ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))'),
 }
 
 SQL_CALLS = {"execute_sql", "execute", "SQL", "raw", "executemany"}
