@@ -356,12 +356,13 @@ class Executor:
         while True:
             if dialect.is_read_only(exc):
                 raise ReadOnlyError(f"the {database.__class__.__name__} server takes no writes (a read-only "
-                                    f"standby or replica; connect writers to the primary): {first_line(exc)}",
+                                    f"standby or replica; connect writers to the primary): "
+                                    f"{first_line(exc)}",
                                     getattr(exc, "orig", exc)) from exc
             if isinstance(exc, ConnectionLostError) or dialect.is_connection_lost(exc):
                 if database.in_transaction():
                     raise _lost(database, exc, "the transaction was rolled back") from exc
-                if not idempotent and not dialect.was_not_sent(exc) and not isinstance(exc, ConnectionLostError):
+                if not (idempotent or dialect.was_not_sent(exc) or isinstance(exc, ConnectionLostError)):
                     unsure = True
                 _drop_connection(database)
                 if unsure and resolve is None:
@@ -388,8 +389,8 @@ class Executor:
                 conflicts += 1
                 if conflicts > CONFLICT_RETRIES or time.monotonic() - started > CONFLICT_SECONDS:
                     raise ContentionError(
-                        f"the server rolled the statement back as a conflict {conflicts} times in a row (last: "
-                        f"{first_line(exc)}); nothing of it was applied: retry the operation later",
+                        f"the server rolled the statement back as a conflict {conflicts} times in a row "
+                        f"(last: {first_line(exc)}); nothing of it was applied: retry the operation later",
                         getattr(exc, "orig", exc)) from exc
                 if dialect.needs_new_connection(exc):
                     _drop_connection(database)  # a node that is not ready: let the proxy pick another

@@ -115,8 +115,9 @@ class Runs:
         try:
             # Not idempotent: after a lost reply a second run would find its own row and refuse;
             # so the row is read back instead: ours (same start stamp and agent) means stored.
-            stored = self._executor.execute(self._insert.sql, row, idempotent=False, resolve=lambda: self._read_back(
-                run_id, lambda r: r["startedAt"] == now and r["agentName"] == agent_name)).rowcount == 1
+            stored = self._executor.execute(
+                self._insert.sql, row, idempotent=False, resolve=lambda: self._read_back(
+                    run_id, lambda r: r["startedAt"] == now and r["agentName"] == agent_name)).rowcount == 1
         except peewee.IntegrityError:  # MySQL: the duplicate raises instead of being skipped
             stored = False
         if not stored:
@@ -205,7 +206,8 @@ class Runs:
         return None if pending is not None and pending(run) else Applied(0)
 
     def _abort_read_back(self, run_id: str, stamp: int) -> Optional[Applied]:
-        row = first_row(self._executor.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
+        params = self._abort_stamp.params({"run": run_id})
+        row = first_row(self._executor.execute(self._abort_stamp.sql, params))
         if row is None or row[0] is None:
             return None  # not stamped (or no such run): the UPDATE can run again
         return Applied(1 if self._decode_ts(row[0]) == stamp else 0)

@@ -242,8 +242,9 @@ class Streams:
                 transient = 1 if seq != failed else transient + 1
                 failed = seq
                 if transient > MAX_TRANSIENT:
-                    raise ContentionError(f"{_EVENTS}: appending to stream {run_id!r} conflicted {transient} "
-                                          f"times at seq {seq} (last: {exc}); nothing was stored: retry later",
+                    raise ContentionError(f"{_EVENTS}: appending to stream {run_id!r} conflicted "
+                                          f"{transient} times at seq {seq} (last: {exc}); nothing was "
+                                          f"stored: retry later",
                                           getattr(exc, "orig", exc)) from exc
                 logger.debug("append to %r: %s; retrying", run_id, exc)
                 self._next.pop(run_id, None)

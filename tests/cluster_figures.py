@@ -24,7 +24,8 @@ from tests.servers import Server
 
 
 def mysql_db(srv: Server) -> peewee.Database:
-    return peewee.MySQLDatabase(srv.database, **{k: v for k, v in srv.connect_kwargs().items() if k != "database"})
+    kw = {k: v for k, v in srv.connect_kwargs().items() if k != "database"}
+    return peewee.MySQLDatabase(srv.database, **kw)
 
 
 def pg_db(srv: Server, **extra: Any) -> peewee.Database:
@@ -48,7 +49,8 @@ def open_url(url: str) -> peewee.Database:
         user, password = creds.split(":", 1)
         pairs = [h.split(":") for h in hosts.split(",")]
         return peewee.PostgresqlDatabase(parts.path.lstrip("/"), user=user, password=password,
-                                         host=",".join(h for h, _ in pairs), port=",".join(p for _, p in pairs),
+                                         host=",".join(h for h, _ in pairs),
+                                         port=",".join(p for _, p in pairs),
                                          target_session_attrs="read-write", connect_timeout=2)
 
 
@@ -199,7 +201,8 @@ def pg_standby_follower(rounds: int = 200) -> dict[str, Any]:
             write = "no error"
         except Exception as exc:
             write = load.describe(exc)
-        return report("pg_standby_follower", {"rounds": rounds, "lag_p50_ms": round(lags[len(lags) // 2] * 1000, 2),
+        return report("pg_standby_follower", {"rounds": rounds,
+                                               "lag_p50_ms": round(lags[len(lags) // 2] * 1000, 2),
                                                "lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2),
                                                "write_on_standby": write})
     finally:
@@ -254,8 +257,8 @@ def _op_costs(storage: Any, n: int, tag: str) -> dict[str, float]:
     return {
         "get_ms": round(_timed(lambda k: storage.get("runs", f"cost-{tag}"), n) * 1000, 3),
         "set_ms": round(_timed(lambda k: storage.set("runs", f"cost-{tag}", {
-            "runId": f"cost-{tag}", "agentName": "a", "status": "running", "startedAt": 1, "updatedAt": k}), n)
-            * 1000, 3),
+            "runId": f"cost-{tag}", "agentName": "a", "status": "running", "startedAt": 1,
+            "updatedAt": k}), n) * 1000, 3),
         "append_ms": round(_timed(lambda k: storage.streams.append(f"cost-{tag}", {"type": "T", "k": k}), n)
                            * 1000, 3),
     }
@@ -280,7 +283,8 @@ def costs(seconds: float, n: int = 400) -> dict[str, Any]:
         # One primary's append rate: 8 writers, one stream each (the number a shard starts from).
         for name, srv in (("postgres_single", single_pg), ("postgres_sync_standby", pair.primary)):
             rate_dbs = [pg_db(srv) for _ in range(8)]
-            out[f"{name}_appends_per_s_8_writers"] = _append_rate([peewee_storage(db) for db in rate_dbs], seconds)
+            rate = _append_rate([peewee_storage(db) for db in rate_dbs], seconds)
+            out[f"{name}_appends_per_s_8_writers"] = rate
             for db in rate_dbs:
                 load.close(db)
     finally:

@@ -114,7 +114,8 @@ def setup(storage: Any) -> None:
     storage.memory.threads.set(THREAD, {"agentName": "a", "createdAt": 1, "updatedAt": 1})
 
 
-def check(storage: Any, writers: list[Writer], followers: list[Follower] = (), label: str = "") -> dict[str, int]:  # type: ignore[assignment]
+def check(storage: Any, writers: list[Writer], followers: list[Follower] | None = None,
+          label: str = "") -> dict[str, int]:
     """Assert nothing lost, nothing duplicated and seq exact as `storage` sees it."""
     events = storage.list("streamEvents", {"where": {"runId": RUN}, "orderBy": {"seq": "asc"}})["items"]
     seqs = [e["seq"] for e in events]
@@ -129,7 +130,7 @@ def check(storage: Any, writers: list[Writer], followers: list[Follower] = (), l
     messages = {m["id"] for m in storage.memory.messages.list(THREAD)}
     missing = [m for w in writers for m in w.acked_messages if m not in messages]
     assert not missing, f"{label}: acknowledged messages missing: {missing[:5]}"
-    for f in followers:
+    for f in followers or []:
         assert f.seqs == list(range(1, len(f.seqs) + 1)), f"{label}: follower read {f.seqs[:10]}..."
         assert all(by_seq[q] == f.tokens[q] for q in f.seqs), f"{label}: follower read other events"
     return {"events": len(seqs), "messages": len(messages)}

@@ -55,7 +55,8 @@ def test_server_requiring_primary_keys_gets_one(server: Server, database: peewee
 
 
 def test_multi_host_url_is_split_for_libpq() -> None:
-    db = open_database("postgresql://u:p%40ss@h1:5433,h2/app?target_session_attrs=read-write&connect_timeout=3")
+    db = open_database("postgresql://u:p%40ss@h1:5433,h2/app"
+                       "?target_session_attrs=read-write&connect_timeout=3")
     assert isinstance(db, peewee.PostgresqlDatabase)
     assert db.database == "app"
     assert db.connect_params["host"] == "h1,h2"
@@ -107,7 +108,8 @@ def test_write_on_a_read_only_postgres_session_raises_read_only_error(
 
 @pytest.mark.mysql
 @pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
-def test_write_on_a_read_only_mariadb_raises_read_only_error(server: Server, database: peewee.Database) -> None:
+def test_write_on_a_read_only_mariadb_raises_read_only_error(server: Server,
+                                                             database: peewee.Database) -> None:
     create_tables(database)
     storage = peewee_storage(database)
     server.admin_execute("SET GLOBAL read_only = 1")
@@ -124,7 +126,8 @@ def test_write_on_a_read_only_mariadb_raises_read_only_error(server: Server, dat
 
 @pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres),
                                      pytest.param("mysql", marks=pytest.mark.mysql)], indirect=True)
-def test_transaction_retries_reruns_a_block_that_deadlocked(make_database: Callable[..., peewee.Database]) -> None:
+def test_transaction_retries_reruns_a_block_that_deadlocked(
+        make_database: Callable[..., peewee.Database]) -> None:
     """Two transactions lock two rows in opposite orders: the server kills one as a deadlock;
     @transaction(retries=...) runs it again and both blocks end up applied."""
     create_tables(make_database())
@@ -221,7 +224,8 @@ def test_message_read_back(database: peewee.Database) -> None:
 @pytest.mark.mysql
 @pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
 def test_a_lock_wait_timeout_is_retried_then_reported_as_contention(
-        server: Server, make_database: Callable[..., peewee.Database], monkeypatch: pytest.MonkeyPatch) -> None:
+        server: Server, make_database: Callable[..., peewee.Database],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A row held by another transaction: the upsert's lock wait times out (1205), is run again
     while the holder keeps it, and succeeds once it lets go; held for good, ContentionError."""
     from better_agent_peewee import ContentionError, executor

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.cluster
 
 SECONDS = float(os.environ.get("BAP_CLUSTER_SECONDS", "4"))
 ROOT = Path(__file__).resolve().parents[2]
-CONTRACT_FILES = ["tests/test_storage.py", "tests/test_streams.py", "tests/test_memory.py", "tests/test_runs.py"]
+CONTRACT_FILES = ["tests/test_storage.py", "tests/test_streams.py", "tests/test_memory.py",
+                  "tests/test_runs.py"]
 
 
 def mysql_db(srv: Server, database: str) -> peewee.Database:
@@ -63,7 +64,8 @@ def no_errors(result: dict[str, Any]) -> None:
 
 def run_contract_suite(env: dict[str, str]) -> None:
     """The contract test files in a subprocess against the server given by URL in `env`."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *CONTRACT_FILES],
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *CONTRACT_FILES]
+    proc = subprocess.run(argv,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True,
                           text=True, timeout=900, check=False)
     tail = "\n".join(proc.stdout.splitlines()[-25:])
@@ -235,7 +237,9 @@ def test_contract_suite_on_the_primary_of_a_synchronous_pair(pair: PgPair) -> No
 def test_pgbouncer_backend_restart_under_load(pair: PgPair, driver: str) -> None:
     """4 writers and 2 followers through pgbouncer (transaction mode); the backend restarted halfway."""
     bouncer = start_pgbouncer(pair.primary)
-    options: dict[str, Any] = {"prefer_psycopg3": True, "prepare_threshold": None} if driver == "psycopg3" else {}
+    options: dict[str, Any] = {}
+    if driver == "psycopg3":
+        options = {"prefer_psycopg3": True, "prepare_threshold": None}
     dbs: list[peewee.Database] = []
 
     def make(i: int) -> Any:
