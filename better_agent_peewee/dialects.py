@@ -449,8 +449,9 @@ class MySQLDialect(Dialect):
         return mysql_errno(exc) in (1290, 1792, 1836)
 
     #: wsrep_sync_wait bits for causal reads: 1 reads (and BEGIN), 2 UPDATE/DELETE, 4 INSERT/REPLACE
-    #: (the stream append's INSERT ... SELECT and a message's foreign-key check read through these).
-    CAUSAL_READS = 7
+    #: (the stream append's INSERT ... SELECT and a message's foreign-key check read through these),
+    #: 8 SHOW (create_tables asks which tables exist; a DROP on another node must be seen first).
+    CAUSAL_READS = 15
 
     def prepare(self, causal_reads: bool = True) -> None:
         # On Galera every node takes writes but applies the others' asynchronously: without

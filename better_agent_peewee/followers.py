@@ -440,6 +440,10 @@ class Poller:
                 self.listening = True
             except peewee.DatabaseError as exc:
                 logger.info("stream poller: LISTEN failed, following by polling only: %s", exc)
+        if self._prepare and type(conn).__module__.split(".")[0] == "psycopg":
+            # psycopg 3 binds parameters on the server, and EXECUTE (a utility statement) takes none:
+            # it prepares statements itself (prepare_threshold) instead.
+            self._prepare = False
         if self._prepare:
             try:
                 self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")
