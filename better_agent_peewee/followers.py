@@ -208,6 +208,12 @@ class Poller:
         self._watches: Dict[str, List[_Watch]] = {}
         self._dirty: Set[str] = set()
         self._stoppable = 0  # watches with a stop event: the poller checks those every tick
+        self._interval = LINGER  # the shortest poll_interval of the followers
+        self._unchecked = 0  # followers waiting for their first answer
+        # What a timed poll of every stream sends, kept while nothing changes (`_version`).
+        self._version = 0
+        self._plan: Optional[Tuple[int, List[Any]]] = None
+        self._data_version: Any = None  # SQLite: PRAGMA data_version at the last timed poll
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
         self._rfd, self._wfd = os.pipe()
@@ -221,6 +227,7 @@ class Poller:
         self._prepare = self._dialect.name == "postgres"
         self._sql = _poll_sql(self._dialect.name, models)
         self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
+        self._one_sql = _one_sql(models)
         #: An in-memory SQLite database is per connection: followers poll on their own thread.
         self.inline = in_memory_sqlite(self._db)
         self.polls = 0  # statements run (for tests and benchmarks)
@@ -245,6 +252,10 @@ class Poller:
             self._watches.setdefault(run_id, []).append(watch)
             if stop is not None:
                 self._stoppable += 1
+            self._interval = min(self._interval, interval) if len(self._watches) > 1 or \
+                len(self._watches[run_id]) > 1 else interval
+            self._unchecked += 1
+            self._version += 1
             if not self.inline:
                 self._dirty.add(run_id)
                 self._start()
@@ -275,6 +286,11 @@ class Poller:
                 del self._watches[watch.run_id]
             if watch.stop is not None:
                 self._stoppable -= 1
+            if not watch.checked:
+                self._unchecked -= 1
+            self._version += 1
+            if watch.interval <= self._interval:
+                self._interval = min((w.interval for ws in self._watches.values() for w in ws), default=LINGER)
             if not self._watches:
                 self._wake()  # so it starts lingering now
 
@@ -300,6 +316,7 @@ class Poller:
         if run_id in self._watches:
             with self._lock:
                 self._dirty.add(run_id)
+                self._version += 1
                 self._wake()
 
     def poke_all(self) -> None:
@@ -333,7 +350,7 @@ class Poller:
                         return
                     if self._watches:
                         idle_since = None
-                        interval = min(w.interval for ws in self._watches.values() for w in ws)
+                        interval = self._interval
                     else:
                         idle_since = now if idle_since is None else idle_since
                         if now - idle_since >= LINGER:
@@ -355,20 +372,20 @@ class Poller:
                             for w in ws:
                                 if w.stop is not None and w.stop.is_set():
                                     w.event.set()
-                    if now >= next_full and self._watches:
-                        targets = set(self._watches)
+                    full = now >= next_full and bool(self._watches)
+                    if full:
                         next_full = now + fallback
-                    else:
-                        targets = self._dirty & self._watches.keys()
+                    targets = self._dirty & self._watches.keys()
                     self._dirty.clear()
-                if not targets:
+                if not targets and not full:
                     continue
                 try:
-                    self._poll(targets)
+                    self._poll(targets, full)
                     failures = 0
                 except Exception as exc:
                     failures += 1
-                    self._failed(targets, exc)
+                    self._data_version = None
+                    self._failed(set(self._watches) if full else targets, exc)
         except BaseException:  # pragma: no cover - a bug; followers must not hang on a dead poller
             logger.exception("stream poller crashed")
             with self._lock:
@@ -428,6 +445,7 @@ class Poller:
             if self._conn is not None:  # reconnected: what happened meanwhile sent no NOTIFY here
                 self.poke_all()
             self._conn = conn
+            self._data_version = None
             self.listening = False
             if self._dialect.name == "postgres":
                 self._setup_postgres(conn)
@@ -492,27 +510,65 @@ class Poller:
                         w.event.set()
             self._dirty.update(targets)  # try those again
 
-    def _poll(self, targets: Set[str]) -> None:
-        """One round: read the `targets` streams (chunks of STREAMS_PER_POLL) and feed their watches."""
+    def _poll(self, targets: Set[str], full: bool = False) -> None:
+        """One round: read the `targets` streams, or (`full`) every followed stream, in chunks of
+        STREAMS_PER_POLL, and feed their watches."""
         self._connect()
+        if full and self._dialect.name == "sqlite" and not self._unchecked:
+            # Nothing committed by any connection since the last timed poll: nothing to read.
+            version = self._storage.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                full = False
+            self._data_version = version
         with self._lock:
-            wanted: List[Tuple[str, int, List[_Watch]]] = []
-            for run_id in targets:
-                hungry = [w for w in self._watches.get(run_id, ()) if not w.full and w.end is None]
-                if hungry:
-                    wanted.append((run_id, min(w.cursor for w in hungry), hungry))
-        for start in range(0, len(wanted), STREAMS_PER_POLL):
-            chunk = wanted[start:start + STREAMS_PER_POLL]
-            window = max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
-            rows = self._read([(run_id, after, after + window) for run_id, after, _ in chunk])
-            self._deliver(chunk, window, rows)
+            if full and self._plan is not None and self._plan[0] == self._version:
+                plan = self._plan[1]  # an idle round: the same statement parameters as the last one
+            else:
+                run_ids = self._watches.keys() if full else targets
+                wanted: List[Tuple[str, int, List[_Watch]]] = []
+                for run_id in run_ids:
+                    hungry = [w for w in self._watches.get(run_id, ()) if not w.full and w.end is None]
+                    if hungry:
+                        wanted.append((run_id, min(w.cursor for w in hungry), hungry))
+                plan = []
+                for start in range(0, len(wanted), STREAMS_PER_POLL):
+                    chunk = wanted[start:start + STREAMS_PER_POLL]
+                    window = max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
+                    plan.append((chunk, window, self._params([(r, a, a + window) for r, a, _ in chunk], full)))
+                if full:
+                    self._plan = (self._version, plan)
+        for chunk, window, params in plan:
+            rows = self._read(params)
+            if rows or self._unchecked:
+                self._deliver(chunk, window, rows)
 
-    def _read(self, entries: List[Tuple[str, int, int]]) -> List[Row]:
+    def _params(self, entries: List[Tuple[str, int, int]], full: bool) -> Any:
+        """The poll statement's parameters for (run id, after, upto) entries."""
+        if self._dialect.name == "postgres":
+            return ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+        if self._dialect.name == "mysql":
+            return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")) if full else None, entries)
+        return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")),)
+
+    def _read_mysql(self, params: Any) -> List[Row]:
+        """MariaDB/MySQL: (for a timed poll) which streams have news, then each of those read alone."""
+        check, entries = params
+        if check is not None:
+            changed = {run_id: status for run_id, status in self._storage.execute(self._sql, (check,)).fetchall()}
+            entries = [e for e in entries if e[0] in changed]
+        rows: List[Row] = []
+        for run_id, since, upto in entries:
+            got = self._storage.execute(self._one_sql, (run_id, since, upto, run_id)).fetchall()
+            rows.extend(got if got else [(run_id, None, 0, None, None)])  # no row: the stream is gone
+        return rows
+
+    def _read(self, params: Any) -> List[Row]:
         self.polls += 1
+        if self._dialect.name == "mysql":
+            return self._read_mysql(params)
         if self._dialect.name != "postgres":
-            params = (json.dumps(entries, ensure_ascii=False, separators=(",", ":")),)
             return list(self._storage.execute(self._sql, params).fetchall())
-        arrays = ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+        arrays = params
         if not self._prepare:
             return list(self._storage.execute(self._plain_sql, arrays).fetchall())
         try:
@@ -527,7 +583,7 @@ class Poller:
             self._prepare = False
         else:
             self._connect()  # a reconnect inside execute: prepare (and LISTEN) on the new connection
-        return self._read(entries)
+        return self._read(params)
 
     def _deliver(self, chunk: List[Tuple[str, int, List[_Watch]]], window: int, rows: List[Row]) -> None:
         found: Dict[str, Tuple[Any, int, List[Tuple[int, Any]]]] = {}
@@ -538,12 +594,14 @@ class Poller:
             if seq is not None:
                 got[2].append((seq, raw))
         again = []
+        checked = 0
         for run_id, after, watches in chunk:
             got = found.get(run_id)
             if got is None:  # open, nothing after `after`: only new followers need to hear that
                 for w in watches:
                     if not w.checked:
                         w.checked = True
+                        checked += 1
                         w.event.set()
                 continue
             status, last, events = got
@@ -563,10 +621,15 @@ class Poller:
                         w.full = True
                     elif w.cursor < last:
                         again.append(run_id)  # more to read: next round, without waiting
-                w.checked = True
+                if not w.checked:
+                    w.checked = True
+                    checked += 1
                 w.event.set()
-        if again:
-            with self._lock:
+        with self._lock:
+            self._unchecked -= checked
+            if found:
+                self._version += 1  # cursors moved: the next timed poll asks anew
+            if again:
                 self._dirty.update(again)
                 self._wake()
 
@@ -588,6 +651,10 @@ class Poller:
         self._watches = {}
         self._dirty = set()
         self._stoppable = 0
+        self._interval = LINGER
+        self._unchecked = 0
+        self._plan = None
+        self._data_version = None
         self.listening = False
         self._pid = os.getpid()
         self._fds()  # the pipe is shared with the parent: a new one
@@ -646,26 +713,48 @@ def notify_sql(dialect_name: str, returning_sql: str, column: str) -> str:
 
 
 def _poll_sql(name: str, models: Models) -> str:
-    """The poll statement of dialect `name` (see the module doc); PostgreSQL's uses $1..$3."""
+    """The poll statement of dialect `name` (see the module doc); PostgreSQL's uses $1..$3.
+
+    Every read of stream_events goes through the unique (run_id, seq) index, bounded: the last
+    seq is one index entry read backwards, the events a range of it. (MariaDB and SQLite would
+    otherwise pick the run_id index and read every event of the stream.)
+    """
     streams = models.stream._meta.table_name
     events = models.stream_event._meta.table_name
-    tail = (f"LEFT JOIN {streams} s ON s.id = w.run "
-            f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
-            f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+    index = "stream_events_run_id_seq_unique"
     if name == "postgres":
         return (f"SELECT w.run, s.status, w.last, e.seq, e.event::text FROM "
                 f"(SELECT j.run, j.since, j.upto, (SELECT max(x.seq) FROM {events} x WHERE x.run_id = j.run) "
-                f"AS last FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS j(run, since, upto)) w " + tail)
+                f"AS last FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS j(run, since, upto)) w "
+                f"LEFT JOIN {streams} s ON s.id = w.run "
+                f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+                f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
     if name == "mysql":
-        return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
-                f"(SELECT j.run, j.since, j.upto, (SELECT MAX(x.seq) FROM {events} x WHERE x.run_id = j.run) "
-                f"AS last FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 "
-                f"COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j) w "
-                + tail)
+        # MariaDB reads a range of the index only when its bounds are constants, not columns of
+        # JSON_TABLE: a timed poll first asks which streams have news (the next seq is there --
+        # one point lookup each --, the status is not open, or the stream is gone), then reads
+        # those with `_one_sql`, as constants. (A hole in the numbering of an open stream is then
+        # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
+        return (f"SELECT j.run, s.status FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET "
+                f"utf8mb4 COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j "
+                f"LEFT JOIN {streams} s ON s.id = j.run WHERE s.id IS NULL OR s.status <> 'open' OR EXISTS "
+                f"(SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
     return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
             f"(SELECT json_extract(j.value, '$[0]') AS run, json_extract(j.value, '$[1]') AS since, "
-            f"json_extract(j.value, '$[2]') AS upto, (SELECT MAX(x.seq) FROM {events} x "
-            f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w " + tail)
+            f"json_extract(j.value, '$[2]') AS upto, (SELECT MAX(x.seq) FROM {events} x INDEXED BY {index} "
+            f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w "
+            f"LEFT JOIN {streams} s ON s.id = w.run "
+            f"LEFT JOIN {events} e INDEXED BY {index} ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+            f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+
+
+def _one_sql(models: Models) -> str:
+    """MariaDB: one stream's status, last seq and events in (since, upto], bounds as constants."""
+    streams = models.stream._meta.table_name
+    events = models.stream_event._meta.table_name
+    return (f"SELECT s.id, s.status, (SELECT MAX(x.seq) FROM {events} x WHERE x.run_id = %s), e.seq, e.event "
+            f"FROM {streams} s LEFT JOIN {events} e ON e.run_id = s.id AND e.seq > %s AND e.seq <= %s "
+            f"WHERE s.id = %s")
 
 
 def in_memory_sqlite(database: peewee.Database) -> bool:
