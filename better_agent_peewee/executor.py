@@ -41,8 +41,8 @@ _T = TypeVar("_T")
 RECONNECT_WINDOW = 10.0
 #: Times a statement outside a transaction is run again after the server rolled it back as a
 #: conflict (deadlock, serialization failure, Galera certification failure, node not ready),
-#: with random backoff growing to 0.2 s; then ContentionError. Also the reruns a
-#: `transaction(retries=...)` block gets at most.
+#: with random backoff growing to 0.2 s; then ContentionError. (A `transaction(retries=...)`
+#: block gets the reruns its caller asks for.)
 CONFLICT_RETRIES = 40
 #: ... and for at most this many seconds since the first conflict (a lock wait timeout takes
 #: the server's innodb_lock_wait_timeout, 50 s by default, to report: that one is not rerun).
