@@ -494,10 +494,9 @@ class Poller:
         lost = isinstance(exc, (ConnectionLostError, PoolExhaustedError)) or (
             isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)) and self._dialect.is_connection_lost(exc))
         if lost:
+            # (The executor has dropped a dead connection already: the next round connects anew,
+            # and LISTENs and PREPAREs again.)
             logger.warning("stream poller: %s; retrying", str(exc).strip().splitlines()[0] if str(exc) else exc)
-            with contextlib.suppress(Exception):
-                if not self._db.is_closed() and not self._db.in_transaction():
-                    self._db.close()  # a fresh connection next round (and LISTEN again)
             self._conn = None
             self.listening = False
         else:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run the test suite against SQLite, PostgreSQL and MariaDB.
 #
-# Installs what is missing (PostgreSQL and MariaDB server packages via apt when
-# run as root, the package with its test extras via pip), then runs pytest;
+# Installs what is missing (PostgreSQL and MariaDB server packages, chromium and
+# chromium-driver via apt when run as root, the package with its test extras via pip),
+# then runs pytest;
 # arguments are passed to pytest (default: -q -ra tests).  The database servers
 # are throwaway instances started and stopped by the tests themselves
 # (tests/servers.py); see tests/conftest.py for BAP_TEST_DIALECTS and
@@ -20,9 +21,13 @@ if [[ $dialects == *,postgres,* && -z ${BAP_TEST_POSTGRES_URL:-} ]] &&
    ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
     missing+=(postgresql-15)
 fi
+# The browser test (tests/test_sse.py) drives Debian's headless chromium through its chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    missing+=(chromium chromium-driver)
+fi
 if ((${#missing[@]})); then
     if [[ $(id -u) != 0 ]]; then
-        echo "scripts/test.sh: missing database servers; install them first:" >&2
+        echo "scripts/test.sh: missing packages (database servers, browser); install them first:" >&2
         echo "    sudo apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
