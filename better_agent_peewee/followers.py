@@ -58,8 +58,12 @@ __all__ = ["HEARTBEAT", "Follower", "Poller", "POLL_BATCH", "PUSH_FALLBACK", "ST
 POLL_BATCH = 500
 #: Most streams one poll statement reads; more followed streams take more statements per round.
 STREAMS_PER_POLL = 500
+#: MariaDB/MySQL: most streams one check statement asks about (it returns the run ids with news).
+CHECKS_PER_POLL = 2000
 #: About the most event rows one poll statement may return (the window shrinks as streams add up).
 ROWS_PER_POLL = 10_000
+#: MariaDB/MySQL: one timed check in this many reads the streams' status (the others, only events).
+STATUS_EVERY = 4
 #: Seconds between timed polls while PostgreSQL push (LISTEN/NOTIFY) works.
 PUSH_FALLBACK = 0.5
 #: Seconds the poller stays after its last follower left (a quick next `resume` reuses it).
@@ -220,7 +224,6 @@ class Poller:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._woken = False
-        self._closed = False
         #: True while this poller's PostgreSQL connection LISTENs (then appends arrive as NOTIFY).
         self.listening = False
         self._conn: Any = None  # the driver connection LISTEN / PREPARE were done on
@@ -228,6 +231,8 @@ class Poller:
         self._sql = _poll_sql(self._dialect.name, models)
         self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
         self._one_sql = _one_sql(models)
+        self._news_sql = _news_sql(models)
+        self._rounds = 0  # MariaDB: timed checks; every STATUS_EVERY-th also reads the status
         #: An in-memory SQLite database is per connection: followers poll on their own thread.
         self.inline = in_memory_sqlite(self._db)
         self.polls = 0  # statements run (for tests and benchmarks)
@@ -530,9 +535,12 @@ class Poller:
                     if hungry:
                         wanted.append((run_id, min(w.cursor for w in hungry), hungry))
                 plan = []
-                for start in range(0, len(wanted), STREAMS_PER_POLL):
-                    chunk = wanted[start:start + STREAMS_PER_POLL]
-                    window = max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
+                # (MariaDB's check returns run ids only, and reads each stream with news alone.)
+                per = CHECKS_PER_POLL if self._dialect.name == "mysql" else STREAMS_PER_POLL
+                for start in range(0, len(wanted), per):
+                    chunk = wanted[start:start + per]
+                    window = POLL_BATCH if per == CHECKS_PER_POLL else \
+                        max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
                     plan.append((chunk, window, self._params([(r, a, a + window) for r, a, _ in chunk], full)))
                 if full:
                     self._plan = (self._version, plan)
@@ -553,7 +561,12 @@ class Poller:
         """MariaDB/MySQL: (for a timed poll) which streams have news, then each of those read alone."""
         check, entries = params
         if check is not None:
-            changed = {run_id: status for run_id, status in self._storage.execute(self._sql, (check,)).fetchall()}
+            # Most timed checks only look for new events (an index point lookup per stream); one
+            # in STATUS_EVERY also reads each stream's row, for closes and deletes that came
+            # without an event (this process's own closes poke the poller at once anyway).
+            self._rounds += 1
+            sql = self._sql if self._rounds % STATUS_EVERY == 1 or self._unchecked else self._news_sql
+            changed = {row[0] for row in self._storage.execute(sql, (check,)).fetchall()}
             entries = [e for e in entries if e[0] in changed]
         rows: List[Row] = []
         for run_id, since, upto in entries:
@@ -745,6 +758,14 @@ def _poll_sql(name: str, models: Models) -> str:
             f"LEFT JOIN {streams} s ON s.id = w.run "
             f"LEFT JOIN {events} e INDEXED BY {index} ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
             f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+
+
+def _news_sql(models: Models) -> str:
+    """MariaDB: which of the JSON array's streams have an event after the seq given."""
+    events = models.stream_event._meta.table_name
+    return (f"SELECT j.run FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 "
+            f"COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j "
+            f"WHERE EXISTS (SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
 
 
 def _one_sql(models: Models) -> str:
