@@ -17,6 +17,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
+from better_agent_peewee import drop_performance_indexes
+
 from .env import machine, open_target
 from .harness import LEGEND, Row, Settings, format_table, missing_row
 from .workloads import Sizes, Workloads
@@ -30,12 +32,14 @@ def _log(message: str) -> None:
 
 
 def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[str], None] = _log,
-                only: Optional[List[str]] = None) -> Dict[str, Any]:
+                only: Optional[List[str]] = None, shared_schema_only: bool = False) -> Dict[str, Any]:
     """Every workload on one dialect: ``{"server": version, "rows": [Row, ...], ...}``."""
     from . import followers, prune_memory
 
     started = time.perf_counter()
     with open_target(dialect, log) as target:
+        if shared_schema_only:  # adapter and baseline share the tables: both lose the indexes
+            log(f"{dialect}: without our performance indexes: {', '.join(drop_performance_indexes(target.database))}")
         w = Workloads(target, settings, sizes, log)
         log(f"{dialect}: {target.server_version}; loading data ...")
         loaded = w.build_data()
@@ -76,6 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the results here (default: bench/results/...)")
     parser.add_argument("--only", metavar="W", action="append",
                         help="run only this workload (W1 ... W10, W12, W13); repeatable")
+    parser.add_argument("--shared-schema-only", action="store_true",
+                        help="drop our performance indexes first (the shared schema alone, for before/after)")
     args = parser.parse_args(argv)
 
     settings = Settings(quick=args.quick)
@@ -99,7 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Any] = {}
     try:
         for dialect in dialects:
-            results[dialect] = run_dialect(dialect, settings, sizes, only=args.only)
+            results[dialect] = run_dialect(dialect, settings, sizes, only=args.only,
+                                           shared_schema_only=args.shared_schema_only)
             print(format_table(f"{dialect} ({results[dialect]['server']})", results[dialect]["rows"]), flush=True)
             print(flush=True)
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from better_agent_peewee import (
     drop_tables,
     peewee_storage,
 )
-from better_agent_peewee.schema import PERFORMANCE_INDEXES
+from better_agent_peewee.models import PERFORMANCE_INDEXES
 from tests import test_storage as contract
 from tests.conftest import close_database
 from tests.samples import (
@@ -314,10 +314,69 @@ def user_tables(database: peewee.Database) -> peewee.Database:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("dialect", ["postgres"], indirect=True)
+@pytest.mark.parametrize("with_our_indexes", [False, True], ids=["shared-indexes", "plus-ours"])
 @pytest.mark.parametrize("case, kwargs", OWN_MIGRATION_CASES)
-def test_contract_on_tables_made_by_raw_postgres_ddl(user_tables: peewee.Database,
+def test_contract_on_tables_made_by_raw_postgres_ddl(user_tables: peewee.Database, with_our_indexes: bool,
                                                      case: Callable[..., None], kwargs: Dict[str, Any]) -> None:
+    if with_our_indexes:
+        assert sorted(create_tables(user_tables)) == sorted(PERFORMANCE_INDEXES)
     case(peewee_storage(user_tables), **kwargs)
+
+
+def raw_rows(database: peewee.Database) -> Dict[str, List[Tuple[Any, ...]]]:
+    """Every row of the five tables as the driver returns it, in key order."""
+    return {t: sorted(database.execute_sql(f"SELECT * FROM {t}").fetchall(), key=repr) for t in PHYSICAL_TABLES}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgres"], indirect=True)
+@pytest.mark.parametrize("concurrently", [False, True])
+def test_init_adds_our_indexes_to_tables_made_by_raw_ddl_and_rows_stay_the_same(
+        user_tables: peewee.Database, concurrently: bool) -> None:
+    """A database made by the TypeScript adapters' migrations gets our indexes from create_tables
+    (CONCURRENTLY or not): the rows are untouched and read and write as before."""
+    storage = peewee_storage(user_tables)
+    seed_parents(storage)
+    for table, sample in SAMPLES.items():
+        storage.set(table, sample.key, fresh(sample.full))
+    before = raw_rows(user_tables)
+    report = check_schema(user_tables)
+    assert report == [] and len(report.advice) == len(PERFORMANCE_INDEXES), report.advice
+    assert all("better-agent-peewee init" in a for a in report.advice)
+
+    assert sorted(create_tables(user_tables, concurrently=concurrently)) == sorted(PERFORMANCE_INDEXES)
+    assert create_tables(user_tables, concurrently=concurrently) == []  # idempotent
+    report = check_schema(user_tables)
+    assert report == [] and report.advice == []
+    assert raw_rows(user_tables) == before
+    for table, sample in SAMPLES.items():
+        assert storage.get(table, sample.key) == expected_read(table, sample.full)
+    # Dropping ours hands back the shared schema exactly (as the TypeScript migrations make it).
+    assert sorted(drop_performance_indexes(user_tables)) == sorted(PERFORMANCE_INDEXES)
+    assert_contract_schema(user_tables, "postgres")
+    assert raw_rows(user_tables) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dialect", ["postgres"], indirect=True)
+def test_an_invalid_index_left_by_an_interrupted_concurrent_build_is_rebuilt(
+        user_tables: peewee.Database) -> None:
+    """CREATE INDEX CONCURRENTLY that fails leaves an INVALID index behind; init replaces it."""
+    peewee_storage(user_tables).set("runs", "r1", fresh(SAMPLES["runs"].full))
+    # A unique index on a column with duplicates fails part-way and stays, invalid, under our name.
+    user_tables.execute_sql("INSERT INTO agent_runs (run_id, agent_name, status, finished_at) "
+                            "VALUES ('r2', 'a', 's', '2024-01-01Z')")
+    user_tables.execute_sql("INSERT INTO agent_runs (run_id, agent_name, status, finished_at) "
+                            "VALUES ('r3', 'a', 's', '2024-01-01Z')")
+    with pytest.raises(peewee.IntegrityError):
+        user_tables.execute_sql("CREATE UNIQUE INDEX CONCURRENTLY bap_agent_runs_status_finished_idx "
+                                "ON agent_runs (status, finished_at)")
+    assert "bap_agent_runs_status_finished_idx" in {ix.name for ix in user_tables.get_indexes("agent_runs")}
+    assert "bap_agent_runs_status_finished_idx" in sorted(create_tables(user_tables, concurrently=True))
+    (valid,) = user_tables.execute_sql(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'bap_agent_runs_status_finished_idx'::regclass").fetchone()
+    assert valid is True
+    assert check_schema(user_tables).advice == []
 
 
 @pytest.mark.postgres
