@@ -568,6 +568,23 @@ def test_a_tracked_run_waits_for_the_server_at_its_start_and_end(
             ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
 
 
+def _shut_down_during_commit(server: Any) -> None:
+    """Shut the PostgreSQL server down once a session's COMMIT runs (held by a deferred trigger)."""
+    admin = server.connect(admin=True)
+    try:
+        cur = admin.cursor()
+        deadline = time.monotonic() + 30
+        while True:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'")
+            if cur.fetchone()[0]:
+                break
+            assert time.monotonic() < deadline, "no session reached its COMMIT"
+            time.sleep(0.01)
+    finally:
+        admin.close()
+    server._shutdown()
+
+
 @pytest.mark.parametrize("batch", ["events", "messages"])
 @pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_a_batch_whose_commit_is_lost_for_good_says_it_may_be_stored(
@@ -598,21 +615,10 @@ def test_a_batch_whose_commit_is_lost_for_good_says_it_may_be_stored(
 
     worker = threading.Thread(target=append)
     worker.start()
-    admin = server.connect(admin=True)
     try:
-        cur = admin.cursor()
-        deadline = time.monotonic() + 30
-        while True:  # until the COMMIT runs (the deferred trigger holds it)
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'")
-            if cur.fetchone()[0]:
-                break
-            assert time.monotonic() < deadline, "the batch never reached its COMMIT"
-            time.sleep(0.01)
-        admin.close()
-        server._shutdown()
+        _shut_down_during_commit(server)
         worker.join(60)
     finally:
-        admin.close()
         server._launch(server)
     error = results.get("error")
     assert isinstance(error, ConnectionLostError), results
@@ -644,20 +650,9 @@ def test_a_tracked_run_whose_end_commit_is_lost_reads_it_back(
 
     worker = threading.Thread(target=work)
     worker.start()
-    admin = server.connect(admin=True)
     try:
-        cur = admin.cursor()
-        deadline = time.monotonic() + 30
-        while True:  # until the end's COMMIT runs (the deferred trigger holds it)
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'")
-            if cur.fetchone()[0]:
-                break
-            assert time.monotonic() < deadline, "the block never reached its end's COMMIT"
-            time.sleep(0.01)
-        admin.close()
-        server._shutdown()
+        _shut_down_during_commit(server)
     finally:
-        admin.close()
         server._launch(server)
     worker.join(60)
     assert results == {"status": "completed"}
