@@ -438,10 +438,12 @@ class MySQLDialect(Dialect):
         # ER_LOCK_DEADLOCK (also Galera's certification failure), ER_LOCK_WAIT_TIMEOUT: InnoDB
         # rolled the statement or transaction back. ER_UNKNOWN_COM_ERROR 1047: a Galera node
         # that is not synced ("WSREP has not yet prepared node for application use") ran nothing.
-        return mysql_errno(exc) in (1213, 1205, 1047)
+        # ER_ERROR_DURING_COMMIT 1180 on Galera: the write set could not be replicated (the node
+        # lost the cluster), so the transaction was rolled back there.
+        return mysql_errno(exc) in (1213, 1205, 1047, 1180)
 
     def needs_new_connection(self, exc: BaseException) -> bool:
-        return mysql_errno(exc) == 1047
+        return mysql_errno(exc) in (1047, 1180)
 
     def is_read_only(self, exc: BaseException) -> bool:
         # ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,

@@ -152,8 +152,8 @@ def test_galera_node_killed_and_rejoining_under_load(galera: GaleraCluster, gale
 
 def test_galera_requiring_primary_keys(galera: GaleraCluster, galera_db: str) -> None:
     """wsrep_mode=REQUIRED_PRIMARY_KEY: create_tables makes agent_runs.run_id the primary key."""
-    node = galera.nodes[0]
-    node.admin_execute("SET GLOBAL wsrep_mode = 'REQUIRED_PRIMARY_KEY'")
+    for node in galera.nodes:  # a node's own setting: haproxy may connect to any of them
+        node.admin_execute("SET GLOBAL wsrep_mode = 'REQUIRED_PRIMARY_KEY'")
     try:
         db = mysql_db(galera.proxy, galera_db)
         create_tables(db)
@@ -163,13 +163,22 @@ def test_galera_requiring_primary_keys(galera: GaleraCluster, galera_db: str) ->
         storage.runs.start("r1", "agent")
         assert storage.runs.get("r1")["status"] == "running"
     finally:
-        node.admin_execute("SET GLOBAL wsrep_mode = ''")
+        for node in galera.nodes:
+            node.admin_execute("SET GLOBAL wsrep_mode = ''")
 
 
 def test_contract_suite_through_haproxy(galera: GaleraCluster, galera_db: str) -> None:
     srv = galera.proxy
     url = f"mysql://{srv.user}:{srv.password}@{srv.host}:{srv.port}/{galera_db}"
-    run_contract_suite({"BAP_TEST_DIALECTS": "mysql", "BAP_TEST_MYSQL_URL": url})
+    # The library's own sessions read causally; the suite's fixtures use raw connections
+    # (wiping tables, checking rows) that may land on another node, so they need it too.
+    for node in galera.nodes:
+        node.admin_execute("SET GLOBAL wsrep_sync_wait = 15")
+    try:
+        run_contract_suite({"BAP_TEST_DIALECTS": "mysql", "BAP_TEST_MYSQL_URL": url})
+    finally:
+        for node in galera.nodes:
+            node.admin_execute("SET GLOBAL wsrep_sync_wait = 0")
 
 
 # -- PostgreSQL primary + synchronous standby ----------------------------------------------------
