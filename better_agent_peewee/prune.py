@@ -291,7 +291,9 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     conditional (still running, still stale), so a run that finishes meanwhile is kept.
 
     :param storage: the storage object.
-    :param stale_after: how long a running run may go without an update, a `timedelta`.
+    :param stale_after: how long a running run may go without an update, a `timedelta`. A
+        tracked run (`runs.track`) updates itself every ``heartbeat_interval`` seconds (60 by
+        default) while it emits or checks for aborts: keep `stale_after` well above that.
     :param now_ms: "now" in epoch ms (default: the clock).
     :param batch_size: runs per transaction.
     :param streams: the storage's `Streams`, which appends the event (default: one of its own).

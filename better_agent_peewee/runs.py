@@ -23,7 +23,7 @@ from .prune import PruneReport, prune_runs, reap_stale
 from .query import compile_statement, first_row, marker
 from .records import FINAL_EVENT_OF, FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
-from .tracking import ABORT_CHECK_INTERVAL, TrackedRun
+from .tracking import ABORT_CHECK_INTERVAL, HEARTBEAT_INTERVAL, TrackedRun
 
 if TYPE_CHECKING:
     from .memory import Memory
@@ -87,6 +87,8 @@ class Runs:
             raise AssertionError(f"run insert parameters out of column order: {self._insert.plan}")
         self._abort_stamp = compile_statement(
             self._db, R.select(R.abort_requested_at).where(R.run_id == marker("run")))
+        self._heartbeat = compile_statement(self._db, R.update({R.updated_at: marker("now")}).where(
+            (R.run_id == marker("run")) & (R.status == "running")))
 
     def get(self, run_id: str) -> Optional[Dict[str, Any]]:
         """The run record of `run_id`, or None."""
@@ -223,6 +225,21 @@ class Runs:
         row = first_row(self._executor.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
         return row is not None and row[0] is not None
 
+    def heartbeat(self, run_id: str) -> bool:
+        """Set the `updatedAt` of a running run to now: its worker is alive; False if it is not running.
+
+        `reap_stale` fails runs whose `updatedAt` is older than its `stale_after`; a tracked run
+        calls this by itself (see `track`'s `heartbeat_interval`). One conditional UPDATE.
+        """
+        if not storable_key(run_id):
+            return False
+        params = self._heartbeat.params({"now": self._encode_ts(now_ms()), "run": run_id})
+        if self._executor.execute(self._heartbeat.sql, params).rowcount == 1:
+            return True
+        # MySQL counts a row whose value did not change (two beats in one ms) as not updated.
+        run = self.get(run_id)
+        return run is not None and run["status"] == "running"
+
     def latest_for_thread(self, thread_id: str) -> Optional[Dict[str, Any]]:
         """The run of `thread_id` that started last, or None."""
         items = self._table.list({"where": {"threadId": thread_id}, "orderBy": {"startedAt": "desc"},
@@ -240,7 +257,8 @@ class Runs:
     def track(self, run_id: str, agent_name: str, *, thread_id: Optional[str] = None,
               scope: Optional[str] = None, config: Any = None,
               messages: Optional[Sequence[Mapping[str, Any]]] = None,
-              abort_check_interval: float = ABORT_CHECK_INTERVAL) -> TrackedRun:
+              abort_check_interval: float = ABORT_CHECK_INTERVAL,
+              heartbeat_interval: float = HEARTBEAT_INTERVAL) -> TrackedRun:
         """A run lived by a ``with`` block, written as Better Agent's own runtime writes it.
 
         ::
@@ -256,12 +274,14 @@ class Runs:
         `updatedAt`, appends `messages`, opens the stream and emits RUN_STARTED. Leaving
         normally appends and stores RUN_FINISHED (status completed) and closes the stream;
         an exception stores RUN_ERROR (failed) and propagates; `RunAborted` stores RUN_ERROR
-        with code ABORTED (aborted) and ends the block quietly. See
+        with code ABORTED (aborted) and ends the block quietly. While it runs, `emit`,
+        `append_messages` and `check_abort` set the run's `updatedAt` to now at most once every
+        `heartbeat_interval` seconds (60 by default), so `reap_stale` leaves a live run alone. See
         `better_agent_peewee.tracking.TrackedRun`.
         """
         return TrackedRun(self, self._memory, self._streams, self._tables, run_id, agent_name,
                           thread_id=thread_id, scope=scope, config=config, messages=messages,
-                          abort_check_interval=abort_check_interval)
+                          abort_check_interval=abort_check_interval, heartbeat_interval=heartbeat_interval)
 
     def prune(self, older_than: datetime.timedelta, **options: Any) -> PruneReport:
         """Delete runs that finished more than `older_than` ago, with their streams and events.

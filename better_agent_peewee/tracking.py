@@ -8,7 +8,9 @@ records, so a TypeScript UI shows a run executed here like one of its own:
   now) or its ``updatedAt`` bumped, the input messages appended with the run's id, the
   stream opened, and a ``RUN_STARTED`` event (``runId``, ``threadId``) as its event 1;
 * in the block: the caller's events (`emit`), messages (`append_messages`) and abort
-  checks (`check_abort`);
+  checks (`check_abort`); each of these also sets the run's ``updatedAt`` to now when
+  `heartbeat_interval` seconds have passed since it was last set (the heartbeat), so
+  `reap_stale` tells a live run from a dead one;
 * at the end, in one transaction: the final event appended to the stream and stored on
   the run (``RUN_FINISHED`` with ``outcome`` "success" or "interrupt"; ``RUN_ERROR`` with
   ``message`` and ``code`` when the exception has a string ``code``), the status
@@ -21,6 +23,7 @@ run that says `running`: `reap_stale` marks it failed and ends its stream.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
@@ -36,11 +39,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackedRun"]
+__all__ = ["TrackedRun", "ABORT_CHECK_INTERVAL", "HEARTBEAT_INTERVAL"]
 
 _RUNS = "runs"
 #: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
 ABORT_CHECK_INTERVAL = 0.2
+#: Seconds between two heartbeats (the run's ``updatedAt`` set to now); far below any sensible
+#: `reap_stale` ``stale_after`` (minutes to hours), and one UPDATE a minute per run costs nothing.
+HEARTBEAT_INTERVAL = 60.0
 #: Reruns of the start and end transactions when the server rolls one back (deadlock, serialization).
 _RETRIES = 4
 
@@ -58,7 +64,8 @@ class TrackedRun:
                  agent_name: str, *, thread_id: Optional[str] = None,
                  scope: Optional[str] = None, config: Any = None,
                  messages: Optional[Sequence[Mapping[str, Any]]] = None,
-                 abort_check_interval: float = ABORT_CHECK_INTERVAL) -> None:
+                 abort_check_interval: float = ABORT_CHECK_INTERVAL,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
         self.run_id: str = check_key(_RUNS, "runId", run_id)
         self.agent_name = agent_name
         self.thread_id = thread_id
@@ -68,10 +75,10 @@ class TrackedRun:
                                                       f"got {type(messages).__name__}")
         if messages and thread_id is None:
             raise ValueError(f"runs: run {run_id!r} has input messages but no thread_id to store them in")
-        if isinstance(abort_check_interval, bool) or not isinstance(abort_check_interval, (int, float)) or \
-                not abort_check_interval >= 0:
-            raise ValueError(f"abort_check_interval must be a non-negative number of seconds, "
-                             f"got {abort_check_interval!r:.80}")
+        for name, value in (("abort_check_interval", abort_check_interval),
+                            ("heartbeat_interval", heartbeat_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r:.80}")
         #: The run's status as this object knows it: None before `start`, then running, then
         #: how it ended (completed, interrupted, failed, aborted).
         self.status: Optional[str] = None
@@ -87,6 +94,9 @@ class TrackedRun:
         self._messages = list(messages) if messages else []
         self._interval = float(abort_check_interval)
         self._next_check = 0.0
+        self._beat_every = float(heartbeat_interval)
+        self._next_beat = math.inf  # set by start: `updatedAt` is the start's time
+        self._next_due = 0.0  # the earlier of the two: when check_abort has something to do
         self._aborted = False
 
     def __repr__(self) -> str:
@@ -108,6 +118,7 @@ class TrackedRun:
         # ending at once) or the connection is lost before COMMIT: nothing of a failed try remains.
         self.record = self._executor.transaction(retries=_RETRIES)(self._start)()
         self.status = "running"
+        self._next_beat = time.monotonic() + self._beat_every
         return self
 
     def _start(self) -> Dict[str, Any]:
@@ -184,6 +195,8 @@ class TrackedRun:
             if "timestamp" not in event:
                 event = {**event, "timestamp": now_ms()}
         seq: int = self._streams.append(self.run_id, event)
+        if time.monotonic() >= self._next_beat:
+            self.heartbeat()
         return seq
 
     def append_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
@@ -193,7 +206,21 @@ class TrackedRun:
             raise ValueError(f"runs: run {self.run_id!r} has no thread_id to append messages to")
         records: List[Dict[str, Any]] = self._memory.messages.append(
             self.thread_id, messages, run_id=self.run_id)
+        if time.monotonic() >= self._next_beat:
+            self.heartbeat()
         return records
+
+    def heartbeat(self) -> bool:
+        """Set the run's ``updatedAt`` to now (one conditional UPDATE); False if it is no longer running.
+
+        `emit`, `append_messages` and `check_abort` call it by themselves once
+        `heartbeat_interval` seconds have passed since the last one; call it yourself inside a
+        step that stays silent for longer than `reap_stale`'s ``stale_after``.
+        """
+        self._require_running("send a heartbeat")
+        self._next_beat = time.monotonic() + self._beat_every
+        self._next_due = min(self._next_check, self._next_beat)
+        return self._runs.heartbeat(self.run_id)
 
     def check_abort(self) -> None:
         """Raise `RunAborted` if an abort of this run was requested; cheap enough per token.
@@ -206,9 +233,14 @@ class TrackedRun:
             return
         if not self._aborted:
             clock = time.monotonic()
+            if clock < self._next_due:  # the per-token path: one clock reading, one comparison
+                return
+            if clock >= self._next_beat:
+                self.heartbeat()
             if clock < self._next_check:
                 return
             self._next_check = clock + self._interval
+            self._next_due = min(self._next_check, self._next_beat)
             self._aborted = self._runs.abort_requested(self.run_id)
             if not self._aborted:
                 return

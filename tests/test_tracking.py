@@ -306,6 +306,47 @@ def test_a_run_reaped_during_its_block(storage: Any, caplog: pytest.LogCaptureFi
     assert "already been ended elsewhere" in caplog.text
 
 
+def _silent_since(storage: Any, run_id: str, hours: int) -> int:
+    """Set the run's updatedAt `hours` back, as if its last write were that old; the stamp."""
+    stamp = now_ms() - hours * 3_600_000
+    R = storage.models.run
+    assert R.update(updated_at=stamp).where(R.run_id == run_id).execute() == 1
+    return stamp
+
+
+def test_a_live_run_beats_and_is_not_reaped(storage: Any) -> None:
+    with storage.runs.track("r1", "support", thread_id="t1", heartbeat_interval=0) as run:
+        run.emit({"type": "CUSTOM"})
+        # Each call that beats, made after the run has run for longer than stale_after.
+        for beat in (lambda: run.emit({"type": "CUSTOM"}), run.check_abort,
+                     lambda: run.append_messages([{"role": "assistant", "content": "still here"}])):
+            old = _silent_since(storage, "r1", hours=3)
+            beat()
+            assert storage.runs.get("r1")["updatedAt"] > old + 3_600_000
+            assert reap_stale(storage, timedelta(hours=2)) == 0
+        assert run.emit({"type": "CUSTOM"}) == 4  # not refused: the run was never reaped
+    assert storage.runs.get("r1")["status"] == "completed"
+
+    # A throttled heartbeat writes nothing within its interval: a run silent for longer than
+    # stale_after in between is reaped (the block then says so).
+    with pytest.raises(ConflictError, match="had already ended .failed"):
+        with storage.runs.track("r2", "support", heartbeat_interval=3600) as run:
+            old = _silent_since(storage, "r2", hours=3)
+            run.emit({"type": "CUSTOM"})
+            run.check_abort()
+            assert storage.runs.get("r2")["updatedAt"] == old
+            assert run.heartbeat() is True  # by hand, e.g. inside a long silent step
+            assert reap_stale(storage, timedelta(hours=2)) == 0
+            _silent_since(storage, "r2", hours=3)
+            assert reap_stale(storage, timedelta(hours=2)) == 1
+            assert run.heartbeat() is False and storage.runs.heartbeat("r2") is False
+    assert storage.runs.heartbeat("no-such-run") is False
+    for bad in (-1, float("nan"), "60", True):
+        with pytest.raises(ValueError, match="heartbeat_interval must be a non-negative number"):
+            storage.runs.track("r3", "support", heartbeat_interval=bad)
+    assert storage.runs.get("r3") is None
+
+
 def test_two_workers_racing_for_one_id(storage: Any) -> None:
     rounds, racers = 6, 3
     barrier = threading.Barrier(racers)
