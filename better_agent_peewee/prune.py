@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import peewee
 
-from .errors import QueryError
+from .errors import ConflictError, QueryError
 from .executor import Executor
 from .records import FINISHED_STATUSES, RUN_STATUSES
 from .streams import Streams
@@ -288,7 +288,8 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     ``updatedAt`` = now and a final event ``{"type": "RUN_ERROR", "code": "STALE_RUN",
     "message": ..., "timestamp": now}``; the same event is appended to its open stream, which
     is then closed, so followers read why the run ended and stop waiting. The UPDATEs are
-    conditional (still running, still stale), so a run that finishes meanwhile is kept.
+    conditional (still running, still stale), so a run that finishes meanwhile is kept; a
+    stream closed by someone else meanwhile stays closed, without the event.
 
     :param storage: the storage object.
     :param stale_after: how long a running run may go without an update, a `timedelta`. A
@@ -337,7 +338,14 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
                 open_streams = [r for (r,) in executor.rows(Stream.select(Stream.run_id).where(
                     Stream.run_id.in_(chunk), Stream.status == "open", fn_exists(ours)))]
                 for run_id in open_streams:
-                    streams.append(run_id, final_event)
+                    try:
+                        streams.append(run_id, final_event)
+                    except ConflictError:
+                        # Closed by someone since the SELECT above: it stays closed, without our event.
+                        if (streams.get(run_id) or {}).get("status") == "open":
+                            raise
+                        logger.info("reap_stale: stream %r was closed meanwhile; its run is failed all the "
+                                    "same, its stream left as it was closed", run_id)
                 if open_streams:
                     executor.execute_query(Stream.update(status="closed", closed_at=now, updated_at=now)
                                            .where(Stream.run_id.in_(open_streams), Stream.status == "open"))

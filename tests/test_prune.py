@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Mapping, Set, Tuple
 
 import pytest
 
@@ -20,6 +20,8 @@ from bench.prune_scale import bulk_insert
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.errors import QueryError
 from better_agent_peewee.prune import STALE_RUN_CODE, PruneReport, prune_runs, reap_stale, stats
+from better_agent_peewee.streams import Streams
+from better_agent_peewee.tables import Tables
 
 NOW = 1_700_000_000_000
 HOUR = 3_600_000
@@ -324,6 +326,33 @@ def test_reap_stale_fails_silent_running_runs_and_closes_their_streams(storage: 
     assert {k: v for k, v in after["streamEvents"].items() if k not in added} == before["streamEvents"]
     assert [e["type"] for e in storage.streams.resume("stale", 3, timeout=5)] == ["RUN_ERROR"]
     assert reap_stale(storage, timedelta(hours=2), now_ms=NOW) == 0
+
+
+class ClosedByHand(Streams):
+    """The storage's streams, except that the stream of `run_id` is closed (by hand, for real)
+    just before the reaper appends to it: a close that came between the reaper's SELECT and its append."""
+
+    def __init__(self, storage: Any, run_id: str) -> None:
+        super().__init__(Tables(storage.executor, storage.models))
+        self.raced = run_id
+
+    def append(self, run_id: str, event: Mapping[str, Any]) -> int:
+        if run_id == self.raced:
+            self.close(run_id)
+        return super().append(run_id, event)
+
+
+def test_reap_stale_skips_a_stream_closed_after_its_select(storage: Any) -> None:
+    add_runs(storage, [{"run_id": run_id, "status": "running", "started_at": NOW - 5 * HOUR,
+                        "updated_at": NOW - 3 * HOUR} for run_id in ("a", "raced", "z")])
+    before = snapshot(storage)
+    assert reap_stale(storage, timedelta(hours=2), now_ms=NOW, streams=ClosedByHand(storage, "raced")) == 3
+    after = snapshot(storage)
+    assert {r["status"] for r in after["runs"].values()} == {"failed"}
+    assert {s["status"] for s in after["streams"].values()} == {"closed"}
+    added = {k for k in after["streamEvents"] if k not in before["streamEvents"]}
+    assert added == {"a:4", "z:4"}  # the raced stream stays as its closer left it, without the RUN_ERROR
+    assert after["streams"]["raced"]["closedAt"] != NOW and after["streams"]["a"]["closedAt"] == NOW
 
 
 def test_reap_stale_in_batches_then_prune(storage: Any) -> None:
