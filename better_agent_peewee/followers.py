@@ -715,13 +715,15 @@ def _pg_code(exc: BaseException) -> Optional[str]:
     return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
 
 
-def notify_sql(dialect_name: str, returning_sql: str, column: str) -> str:
-    """`returning_sql` (an INSERT/UPDATE ... RETURNING `column`, the run id) made to NOTIFY the
-    pollers of every process, in the same statement; its row count stays the rows written."""
+def notify_sql(dialect_name: str, returning_sql: str) -> str:
+    """`returning_sql` (an INSERT/UPDATE ... RETURNING the run id) made to NOTIFY the pollers of
+    every process for each row it writes, in the same statement (``RETURNING pg_notify(...)``);
+    its row count stays the rows written. Elsewhere: unchanged."""
     if dialect_name != "postgres":
         return returning_sql
-    return (f"WITH written AS ({returning_sql}) SELECT pg_notify('{CHANNEL}', "
-            f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END) FROM written")
+    head, column = returning_sql.rsplit(" RETURNING ", 1)
+    return (f"{head} RETURNING pg_notify('{CHANNEL}', "
+            f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END)")
 
 
 def _poll_sql(name: str, models: Models) -> str:

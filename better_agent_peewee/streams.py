@@ -114,7 +114,7 @@ class Streams:
         notify = d.name == "postgres"
         insert = d.skip_duplicates(E.insert_from(checked, self._event_fields))
         statement = compile_statement(self._db, insert.returning(E.run_id) if notify else insert.returning())
-        self._insert_checked = statement._replace(sql=notify_sql(d.name, statement.sql, "run_id"))
+        self._insert_checked = statement._replace(sql=notify_sql(d.name, statement.sql))
         # The status and last seq of a stream (0 when it has no event); no row when there is no stream.
         self._last_seq = compile_statement(
             self._db, S.select(S.status, last_seq).where(S.id == marker("run")))
@@ -124,7 +124,7 @@ class Streams:
         close = S.update({S.status: marker("status"), S.updated_at: marker("now"),
                           S.closed_at: marker("now")}).where(S.id == marker("run"))
         statement = compile_statement(self._db, close.returning(S.id) if notify else close)
-        self._close_sql = statement._replace(sql=notify_sql(d.name, statement.sql, "id"))
+        self._close_sql = statement._replace(sql=notify_sql(d.name, statement.sql))
 
         self._rows = MultiRowInsert(self._db, E, self._event_fields, d.skip_duplicates)
         self._poller: Optional[Poller] = None  # made by the first resume
