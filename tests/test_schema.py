@@ -607,3 +607,29 @@ def test_two_storages_on_two_dialects_in_one_process(database: peewee.Database, 
             assert Thread.select().where(Thread.title == where).count() == 5
     finally:
         close_database(lite_db)
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
+def test_check_schema_reports_case_insensitive_key_columns_and_the_fix_works(database: peewee.Database) -> None:
+    """Tables made with the server's default collation: `Run1` and `run1` would be one key."""
+    create_tables(database)
+    assert check_schema(database) == []
+    sql(database, "ALTER TABLE agent_runs CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+    problems = check_schema(database)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("table agent_runs has key columns whose collation is case-insensitive")
+    assert "run_id (utf8mb4_general_ci)" in problems[0] and "status (utf8mb4_general_ci)" in problems[0]
+    storage = peewee_storage(database)
+    storage.set("runs", "Run1", run("Run1"))
+    storage.set("runs", "run1", run("run1", status="failed"))
+    # The upsert of run1 overwrote Run1, and reading run1 finds Run1: what the check warns of.
+    assert storage.get("runs", "Run1")["status"] == "failed"
+    assert storage.get("runs", "run1")["runId"] == "Run1"
+    storage.delete("runs", "Run1")
+    fix = problems[0].split("Fix with: ")[1]
+    sql(database, fix)
+    assert check_schema(database) == []
+    storage.set("runs", "Run1", run("Run1"))
+    storage.set("runs", "run1", run("run1", status="failed"))
+    assert storage.get("runs", "Run1") == expected_read("runs", run("Run1"))
