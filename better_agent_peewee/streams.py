@@ -26,7 +26,8 @@ woken at once by this process's appends (and, on PostgreSQL, by other processes'
 LISTEN/NOTIFY). A poll reads, in one snapshot per statement, each stream's status, its
 last seq and the events in the next window of seqs after the last one seen (a range scan
 on (run_id, seq) bounded on both sides), so its cost does not grow with the streams' length.
-An append or close on a closed stream is refused: a follower that saw the close has every event.
+An append to a closed stream is refused, so a follower that saw the close has every event;
+closing a closed stream again is allowed and only sets its updatedAt and closedAt anew.
 """
 from __future__ import annotations
 
@@ -148,8 +149,8 @@ class Streams:
     def close(self, run_id: str, status: str = "closed") -> None:
         """Mark the stream of `run_id` closed (sets status, updatedAt and closedAt).
 
-        Closing a stream that does not exist does nothing. Followers (`resume`) end once
-        they have read every event.
+        Closing a stream that does not exist does nothing; closing a closed one sets its
+        updatedAt and closedAt anew. Followers (`resume`) end once they have read every event.
         """
         if status not in _CLOSED_STATUSES or type(status) is not str:
             raise RecordError(_STREAMS, "status", f"a stream is closed with one of {', '.join(_CLOSED_STATUSES)}, "

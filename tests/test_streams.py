@@ -70,6 +70,21 @@ def test_close_of_a_missing_stream_does_nothing(storage: Any) -> None:
     assert snapshot(storage.database) == before
 
 
+def test_a_second_close_only_restamps_the_stream(storage: Any) -> None:
+    storage.streams.open("r1")
+    storage.streams.append("r1", {"type": "RUN_STARTED"})
+    storage.streams.close("r1")
+    first = storage.streams.get("r1")
+    events_before = snapshot(storage.database)["stream_events"]
+    storage.streams.close("r1")  # allowed, not refused
+    again = storage.streams.get("r1")
+    assert again["status"] == "closed" and again["createdAt"] == first["createdAt"]
+    assert again["closedAt"] == again["updatedAt"] >= first["closedAt"]
+    assert snapshot(storage.database)["stream_events"] == events_before
+    with pytest.raises(ConflictError, match="closed"):
+        storage.streams.append("r1", {"type": "LATE"})
+
+
 def test_close_refuses_an_open_status(storage: Any) -> None:
     storage.streams.open("r1")
     with pytest.raises(RecordError, match="status"):
