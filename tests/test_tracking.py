@@ -21,6 +21,7 @@ from better_agent_peewee import (
     create_tables,
     peewee_storage,
     reap_stale,
+    tracking,
 )
 from better_agent_peewee.records import now_ms
 from tests.samples import snapshot
@@ -199,6 +200,42 @@ def test_check_abort_reads_the_stamp_at_most_once_per_interval(storage: Any) -> 
         for _ in range(100):
             run.check_abort()  # within the interval: no read, so no raise
     assert storage.runs.get("r1")["status"] == "completed"
+
+
+class SteppedClock:
+    """`time` as tracking.py sees it, with a monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_check_abort_raises_once_the_interval_has_passed(storage: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SteppedClock()
+    monkeypatch.setattr(tracking, "time", clock)  # only the tracking module's clock: no sleeping
+    with storage.runs.track("r1", "support", abort_check_interval=5) as run:
+        run.check_abort()  # the first call reads: not asked
+        assert storage.runs.request_abort("r1") is AbortRequest.REQUESTED
+        clock.now += 4.9
+        run.check_abort()  # within the interval: not read yet
+        clock.now += 0.1
+        with pytest.raises(RunAborted):
+            run.check_abort()  # the interval has passed: read, and seen
+        with pytest.raises(RunAborted):
+            run.check_abort()  # once seen, every call raises
+        run.check_abort()  # uncaught: ends the block quietly, as aborted
+        raise AssertionError("not reached")
+    assert storage.runs.get("r1")["status"] == "aborted"
+
+    # Aborted before the first call: the first call reads, whatever the interval.
+    with storage.runs.track("r2", "support", abort_check_interval=3600) as run:
+        storage.runs.request_abort("r2")
+        run.check_abort()
+        raise AssertionError("not reached")
+    assert storage.runs.get("r2")["status"] == "aborted"
 
 
 def test_a_queued_run_aborted_before_its_worker_starts(storage: Any) -> None:
