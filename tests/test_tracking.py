@@ -238,6 +238,23 @@ def test_check_abort_raises_once_the_interval_has_passed(storage: Any,
     assert storage.runs.get("r2")["status"] == "aborted"
 
 
+def test_the_default_heartbeat_beats_once_its_interval_has_passed(storage: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SteppedClock()
+    monkeypatch.setattr(tracking, "time", clock)
+    with storage.runs.track("r1", "support", thread_id="t1", abort_check_interval=3600) as run:
+        for beat in (lambda: run.emit({"type": "CUSTOM"}), run.check_abort,
+                     lambda: run.append_messages([{"role": "assistant", "content": "still here"}])):
+            old = _silent_since(storage, "r1", hours=3)
+            clock.now += tracking.HEARTBEAT_INTERVAL - 1
+            beat()  # within the interval: no write
+            assert storage.runs.get("r1")["updatedAt"] == old
+            clock.now += 1
+            beat()  # the interval has passed: one UPDATE
+            assert storage.runs.get("r1")["updatedAt"] > old + 3_600_000
+    assert storage.runs.get("r1")["status"] == "completed"
+
+
 def test_a_queued_run_aborted_before_its_worker_starts(storage: Any) -> None:
     run = storage.runs.track("r1", "support", thread_id="t1", messages=[{"role": "user", "content": "Hi"}])
     run.start()  # the web request: visible and followable now
