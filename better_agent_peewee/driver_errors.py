@@ -24,22 +24,26 @@ def driver_error(exc: BaseException) -> BaseException:
 
 
 def pg_code(exc: BaseException) -> Optional[str]:
+    """The PostgreSQL SQLSTATE of a failure (e.g. ``"40P01"``), or None when the driver gave none."""
     err = driver_error(exc)
     return getattr(err, "pgcode", None) or getattr(err, "sqlstate", None)
 
 
 def mysql_errno(exc: BaseException) -> Optional[int]:
+    """The MySQL/MariaDB error number of a failure (e.g. ``2006``), or None when it has none."""
     args = getattr(driver_error(exc), "args", ())
     return args[0] if args and isinstance(args[0], int) else None
 
 
 def socket_readable(fd: int) -> bool:
+    """True when the socket `fd` has something to read now (checked without waiting)."""
     # An idle client connection has nothing to read unless the server said something on its
     # own: a termination notice / end-of-file (or, rarely, a NOTIFY; a false alarm costs a probe).
     return bool(select.select([fd], [], [], 0)[0])
 
 
 def pg_gone_code(code: Optional[str]) -> bool:
+    """True when SQLSTATE `code` means the connection is gone (lost, or the server shutting down)."""
     # Class 08 (connection exception); 57P01-57P03: admin shutdown, crash shutdown, cannot connect now.
     return code is not None and (code.startswith("08") or code in ("57P01", "57P02", "57P03"))
 

@@ -325,6 +325,7 @@ class Poller:
                 self._wake()
 
     def poke_all(self) -> None:
+        """Something may have happened to any followed stream (missed notifications): poll them all now."""
         with self._lock:
             self._dirty.update(self._watches)
             self._wake()

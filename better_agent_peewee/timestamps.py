@@ -66,11 +66,13 @@ def parse_iso_ms(text: str) -> int:
 
 
 def sqlite_encode_ts(ms: int) -> str:
+    """Epoch ms as SQLite stores a timestamp: ISO 8601 text in UTC, to the millisecond."""
     # Exactly YYYY-MM-DDTHH:MM:SS.mmmZ: the TypeScript side orders these as text.
     return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds") + "Z"
 
 
 def sqlite_decode_ts(value: Any) -> int:
+    """Epoch ms of a timestamp as SQLite returns it (the ISO text `sqlite_encode_ts` writes)."""
     if type(value) is str and len(value) == 24 and value[23] == "Z" and value[10] == "T":
         # parse_iso_ms's fast path inlined: every timestamp of every row read comes here.
         return (_fromisoformat(value[:23]) - _EPOCH) // _MS
@@ -84,6 +86,7 @@ def sqlite_decode_ts(value: Any) -> int:
 
 
 def datetime_to_ms(value: Any) -> int:
+    """Epoch ms of a timestamp as PostgreSQL or MySQL return it (a datetime, naive is UTC; or ISO text)."""
     if isinstance(value, _dt.datetime):
         if value.tzinfo is not None:
             return (value - _EPOCH_UTC) // _MS
@@ -94,9 +97,11 @@ def datetime_to_ms(value: Any) -> int:
 
 
 def mysql_encode_ts(ms: int) -> _dt.datetime:
+    """Epoch ms as a MySQL/MariaDB DATETIME(3) parameter."""
     # DATETIME(3) holds naive UTC.
     return _EPOCH + ms * _MS
 
 
 def postgres_encode_ts(ms: int) -> _dt.datetime:
+    """Epoch ms as a PostgreSQL timestamptz parameter (an aware UTC datetime)."""
     return _EPOCH_UTC + ms * _MS

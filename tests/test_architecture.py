@@ -73,3 +73,27 @@ def test_each_table_is_declared_once_in_the_models() -> None:
     indexes = {ix.name for m in models for ix in expected_indexes(m) if ix.name}
     assert "stream_events_run_id_seq_unique" in indexes and "messages_thread_id_idx" in indexes
     assert primary_key_columns(REFERENCE_MODELS.run) == []
+
+
+#: Methods that implement a peewee hook, documented by peewee.
+PEEWEE_HOOKS = {"db_value", "python_value"}
+
+
+def test_public_functions_and_methods_have_docstrings() -> None:
+    missing: List[str] = []
+    for module, tree in _trees().items():
+        exported: Set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                    for t in node.targets):
+                exported = set(ast.literal_eval(node.value))
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name not in exported:
+                continue
+            if ast.get_docstring(node) is None:
+                missing.append(f"{module}.{node.name}")
+            if isinstance(node, ast.ClassDef):
+                missing += [f"{module}.{node.name}.{m.name}" for m in node.body
+                            if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
+                            and m.name not in PEEWEE_HOOKS and ast.get_docstring(m) is None]
+    assert not missing, f"public functions without a docstring: {', '.join(missing)}"
