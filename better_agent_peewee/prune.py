@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import random
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import peewee
 
@@ -226,7 +226,7 @@ def prune_runs(
             (Event.run_id, True, prune_orphan_events, orphan_events_in),
         )
         for key, distinct, prune, find in windows:
-            for keys in _chunks(_key_window(executor, key, scan, distinct)):
+            for keys in _key_window(executor, key, scan, distinct):
                 with executor.transaction():
                     rows = find(keys)
                     if rows:
@@ -242,27 +242,33 @@ def prune_runs(
     return report
 
 
-def _key_window(executor: Executor, key: peewee.Field, size: int, distinct: bool) -> List[Any]:
+def _key_window(executor: Executor, key: peewee.Field, size: int, distinct: bool) -> Iterator[List[Any]]:
     """Up to `size` consecutive values of the indexed column `key`, from a random place in its
-    order and wrapping around: all of them when the table holds no more than `size`."""
+    order and wrapping around (all of them when the table holds no more than `size`), in
+    pages of at most _IN_CHUNK read one at a time: memory stays bounded however big `size`."""
     if size <= 0:
-        return []
+        return
     model = key.model
     # Two statements: SQLite reads one end of the index for MIN or MAX alone, the whole of it for both.
     (low,), = executor.rows(model.select(peewee.fn.MIN(key)))
     (high,), = executor.rows(model.select(peewee.fn.MAX(key)))
     if low is None or high is None:
-        return []
+        return
     start = _somewhere_between(str(low), str(high), random.Random())
-
-    def keys(condition: Any, limit: int) -> List[Any]:
-        query = model.select(key).where(condition).order_by(key).limit(limit)
-        return [k for (k,) in executor.rows(query.distinct() if distinct else query)]
-
-    found = keys(key >= start, size)
-    if len(found) < size:
-        found += keys(key < start, size - len(found))
-    return found
+    left = size
+    for first, stop in ((key >= start, None), (key < start, start)):
+        last: Any = None
+        while left > 0:
+            condition = first if last is None else (key > last)
+            if stop is not None:
+                condition = condition & (key < stop)
+            query = model.select(key).where(condition).order_by(key).limit(min(left, _IN_CHUNK))
+            page = [k for (k,) in executor.rows(query.distinct() if distinct else query)]
+            if not page:
+                break
+            left -= len(page)
+            last = page[-1]
+            yield page
 
 
 def _somewhere_between(low: str, high: str, rng: random.Random) -> str:

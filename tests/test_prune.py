@@ -252,6 +252,35 @@ def test_bad_arguments_are_refused_before_anything_is_deleted(storage: Any) -> N
     assert snapshot(storage) == before
 
 
+def test_the_orphan_sweep_is_bounded_and_repeated_prunes_cover_everything(storage: Any) -> None:
+    """Each prune examines a window of `orphan_scan` keys (plus ten per run it pruned); a
+    table bigger than the window is covered by repeated prunes; None sweeps everything."""
+    for i in range(40):
+        add_stream(storage, f"orphan-{i:03d}", OLD, [OLD, OLD + 1])  # stream and events, no run
+        add_events(storage, f"stray-{i:03d}", [OLD])  # events alone
+    first = prune_runs(storage, KEEP, now_ms=NOW, orphan_scan=5)
+    assert 0 < first.streams <= 5 and first.events <= 5 * 2 + 5, first
+    total = first
+    for _ in range(400):
+        if not storage.models.stream.select().count() and not storage.models.stream_event.select().count():
+            break
+        report = prune_runs(storage, KEEP, now_ms=NOW, orphan_scan=5)
+        assert report.streams <= 5, report
+        total.streams += report.streams
+        total.events += report.events
+    assert (total.streams, total.events) == (40, 40 * 2 + 40)
+    assert storage.models.stream.select().count() == storage.models.stream_event.select().count() == 0
+
+    add_stream(storage, "orphan-x", OLD, [OLD])
+    add_events(storage, "stray-x", [OLD])
+    with pytest.raises(ValueError, match="orphan_scan"):
+        prune_runs(storage, KEEP, now_ms=NOW, orphan_scan=-1)
+    report = prune_runs(storage, KEEP, now_ms=NOW, orphan_scan=None)
+    assert (report.streams, report.events) == (1, 2)
+    report = prune_runs(storage, KEEP, now_ms=NOW, orphan_scan=0)
+    assert (report.streams, report.events) == (0, 0)
+
+
 def test_prune_with_the_clock(storage: Any) -> None:
     """Without now_ms the real clock decides: a run that finished a minute ago survives 1h, not 0s."""
     now = int(time.time() * 1000)
