@@ -143,7 +143,7 @@ def prune_runs(
         return _page(Run.select(Run.run_id).where(*finished), Run.run_id, after, batch_size, ordered=dry_run)
 
     def prune_finished(rows: List[Tuple[Any, ...]]) -> None:
-        ids = [r for (r,) in rows]
+        ids = sorted(r for (r,) in rows)  # key order: the DELETEs then walk each index in order
         if dry_run:
             report.runs += len(ids)
             gone = ids
