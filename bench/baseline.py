@@ -36,8 +36,10 @@ class Raw:
         if dialect == "sqlite":
             self.cursor = conn.cursor()
             self.execute = self.cursor.execute  # returns the cursor; sqlite3 caches prepared statements
-            self.ts_in: Callable[[int], Any] = lambda ms: (_EPOCH + ms * _MS).isoformat(timespec="milliseconds") + "Z"
-            self.ts_out: Callable[[Any], int] = lambda text: (dt.datetime.fromisoformat(text[:23]) - _EPOCH) // _MS
+            self.ts_in: Callable[[int], Any] = (
+                lambda ms: (_EPOCH + ms * _MS).isoformat(timespec="milliseconds") + "Z")
+            self.ts_out: Callable[[Any], int] = (
+                lambda text: (dt.datetime.fromisoformat(text[:23]) - _EPOCH) // _MS)
             self.json_out: Callable[[Any], Any] = loads
             self.begin = "BEGIN IMMEDIATE"  # as the adapter: take the write lock up front
         else:
@@ -100,14 +102,16 @@ class Raw:
             execute_values(self.cursor, self.sql(f"INSERT INTO {table} ({names}) VALUES %s"), rows,
                            page_size=max(len(rows), 1))
         elif self.dialect == "mysql":  # pymysql rewrites this into multi-row INSERTs
-            self.cursor.executemany(self.sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"),
-                                    rows)
+            self.cursor.executemany(
+                self.sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"), rows)
         else:
-            self.conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows)
+            self.conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})",
+                                  rows)
 
     def bulk_load(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                   chunk: int = 5000) -> int:
-        """Load many rows fast (data setup, not measured): chunks of multi-row INSERTs, one transaction each."""
+        """Load many rows fast (data setup, not measured): chunks of multi-row INSERTs, one transaction
+        each."""
         total = 0
         batch: List[Sequence[Any]] = []
 

@@ -76,7 +76,8 @@ def held_connections(target: Any) -> int:
         return count - 1  # the raw connection the benchmark keeps for itself
     raw = target.raw
     if target.dialect == "postgres":
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+               "AND pid <> pg_backend_pid()")
     else:
         sql = ("SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() "
                "AND id <> CONNECTION_ID()")
@@ -96,7 +97,8 @@ class Crowd:
         storage.database.close()
         self.errors: List[BaseException] = []
         self.started = threading.Semaphore(0)
-        self.threads = [threading.Thread(target=self._follow, args=(run_id,), daemon=True) for run_id in self.runs]
+        self.threads = [threading.Thread(target=self._follow, args=(run_id,), daemon=True)
+                        for run_id in self.runs]
         old = threading.stack_size(256 * 1024)
         try:
             for t in self.threads:
@@ -144,12 +146,13 @@ def w12_idle(w: Any, quick: bool) -> List[Row]:
         server = None if s0 is None or s1 is None else 100 * (s1 - s0) / wall
         total = client + (server or 0.0)
         details = {"followers": n, "seconds": wall, "connections": connections}
-        note = "" if server is not None or target.dialect == "sqlite" else "server CPU not measured (not ours)"
-        rows.append(Row("W12", f"{n:,} idle followers: client CPU", client, None, "% core", None, "(info)", None,
-                        "", details))
+        note = ("" if server is not None or target.dialect == "sqlite"
+                else "server CPU not measured (not ours)")
+        rows.append(Row("W12", f"{n:,} idle followers: client CPU", client, None, "% core", None, "(info)",
+                        None, "", details))
         if server is not None:
-            rows.append(Row("W12", f"{n:,} idle followers: server CPU", server, None, "% core", None, "(info)",
-                            None, "", details))
+            rows.append(Row("W12", f"{n:,} idle followers: server CPU", server, None, "% core", None,
+                            "(info)", None, "", details))
         rows.append(Row("W12", f"{n:,} idle followers: CPU, client + server", total, None, "% core", None,
                         "<= 10", total <= 10, note, details))
         rows.append(Row("W12", f"{n:,} idle followers: connections held", float(connections), None, "conns",
@@ -170,13 +173,14 @@ def _latency_rows(where: str, latencies: List[float], p50_limit: float, crowd: i
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))] * 1000
     details = {"events": len(latencies), "idle_followers": crowd, "max_ms": latencies[-1] * 1000}
-    return [Row("W9", f"latency p50, writer in {where}, {crowd:,} idle followers alongside", p50, None, "ms", None,
-                f"<= {p50_limit:g} ms", p50 <= p50_limit, "", details),
-            Row("W9", f"latency p99, writer in {where}, {crowd:,} idle followers alongside", p99, None, "ms", None,
-                "(info)", None, "", details)]
+    return [Row("W9", f"latency p50, writer in {where}, {crowd:,} idle followers alongside", p50, None, "ms",
+                None, f"<= {p50_limit:g} ms", p50 <= p50_limit, "", details),
+            Row("W9", f"latency p99, writer in {where}, {crowd:,} idle followers alongside", p99, None, "ms",
+                None, "(info)", None, "", details)]
 
 
-def _collect(storage: Any, run_id: str, count: int) -> Tuple[threading.Thread, List[float], List[BaseException]]:
+def _collect(storage: Any, run_id: str, count: int) -> Tuple[threading.Thread, List[float],
+                                                             List[BaseException]]:
     got: List[float] = []
     errors: List[BaseException] = []
     ready = threading.Event()
@@ -272,7 +276,8 @@ def w13_live(w: Any, quick: bool) -> List[Row]:
             errors.append(exc)
             started.release()
 
-    followers = [threading.Thread(target=follow, args=(run_id, k), daemon=True) for run_id in runs for k in range(per)]
+    followers = [threading.Thread(target=follow, args=(run_id, k), daemon=True)
+                 for run_id in runs for k in range(per)]
     old = threading.stack_size(256 * 1024)
     try:
         for t in followers:
@@ -293,7 +298,8 @@ def w13_live(w: Any, quick: bool) -> List[Row]:
         i = 0
         try:
             while time.perf_counter() < deadline:
-                storage.streams.append(mine[i % len(mine)], {"type": "TEXT_MESSAGE_CONTENT", "delta": "tok", "i": i})
+                storage.streams.append(mine[i % len(mine)],
+                                       {"type": "TEXT_MESSAGE_CONTENT", "delta": "tok", "i": i})
                 appended[index] += 1
                 i += 1
                 next_at += gap
@@ -323,16 +329,16 @@ def w13_live(w: Any, quick: bool) -> List[Row]:
     expected = {run_id: int(w.raw.execute(count_sql, (run_id,)).fetchone()[0]) for run_id in runs}
     for (run_id, _k), seqs in received.items():
         if seqs != list(range(1, expected[run_id] + 1)):
-            raise AssertionError(f"W13: a follower of {run_id} got {len(seqs)} events, not 1..{expected[run_id]} "
-                                 "in order")
+            raise AssertionError(f"W13: a follower of {run_id} got {len(seqs)} events, "
+                                 f"not 1..{expected[run_id]} in order")
     delivered = sum(len(s) for s in received.values())
     client = c1 - c0
     server = None if s0 is None or s1 is None else s1 - s0
     cpu = client + (server or 0.0)
-    details = {"streams": streams, "followers": streams * per, "appended": sum(appended), "delivered": delivered,
-               "seconds": t1 - t0, "client_cpu_s": client, "server_cpu_s": server}
+    details = {"streams": streams, "followers": streams * per, "appended": sum(appended),
+               "delivered": delivered, "seconds": t1 - t0, "client_cpu_s": client, "server_cpu_s": server}
     note = "" if server is not None or target.dialect == "sqlite" else "server CPU not measured (not ours)"
     return [Row("W13", f"{streams} live streams x {per} followers: events delivered, all in order",
                 float(delivered), None, "events", None, "(info)", None, "", details),
-            Row("W13", "CPU per delivered event (client + server, appends included)", 1e6 * cpu / delivered, None,
-                "us", None, "(info)", None, note, details)]
+            Row("W13", "CPU per delivered event (client + server, appends included)", 1e6 * cpu / delivered,
+                None, "us", None, "(info)", None, note, details)]

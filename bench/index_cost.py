@@ -38,7 +38,8 @@ def two_databases(dialect: str) -> Iterator[Tuple[peewee.Database, peewee.Databa
         directory = tempfile.mkdtemp(prefix="bap-index-cost-")
         try:
             yield (peewee.SqliteDatabase(os.path.join(directory, "with.db"), pragmas={"journal_mode": "wal"}),
-                   peewee.SqliteDatabase(os.path.join(directory, "without.db"), pragmas={"journal_mode": "wal"}))
+                   peewee.SqliteDatabase(os.path.join(directory, "without.db"),
+                                         pragmas={"journal_mode": "wal"}))
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         return
@@ -130,8 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("|---|---|---:|---:|---:|")
     for dialect in DIALECTS if args.dialect == "all" else (args.dialect,):
         for name, r in measure(dialect, args.rows, args.rounds, args.ops).items():
-            print(f"| {dialect} | {name} | {r['without_us']:.0f} µs | {r['with_us']:.0f} µs | {r['ratio']:.2f} |",
-                  flush=True)
+            print(f"| {dialect} | {name} | {r['without_us']:.0f} µs | {r['with_us']:.0f} µs "
+                  f"| {r['ratio']:.2f} |", flush=True)
     return 0
 
 

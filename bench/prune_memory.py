@@ -40,7 +40,8 @@ def build(w: Workloads) -> Dict[str, Any]:
     def runs() -> Iterator[Tuple[Any, ...]]:
         for i in range(sizes.prune_runs):
             run_id = f"prune-{i:07d}"
-            yield raw.run_row(run_id, finished_run(run_id, f"thread-{i % 1000:04d}", old + i, statuses[i % 3]))
+            yield raw.run_row(run_id,
+                              finished_run(run_id, f"thread-{i % 1000:04d}", old + i, statuses[i % 3]))
         for i in range(RECENT_RUNS):  # finished a minute ago: kept
             run_id = f"recent-{i:04d}"
             yield raw.run_row(run_id, finished_run(run_id, "thread-recent", now_ms() - 60_000))

@@ -61,7 +61,8 @@ def build(storage: Any, runs: int, events: int, step: int = 5000) -> None:
             bulk_insert(storage, m.run, [
                 {"run_id": r, "agent_name": "bench", "status": statuses[i % 3], "config": {"model": "x"},
                  "started_at": finished - 60_000, "updated_at": finished, "finished_at": finished,
-                 "final_event": {"type": "RUN_FINISHED"} if i % 3 == 0 else {"type": "RUN_ERROR", "message": "x"}}
+                 "final_event": {"type": "RUN_FINISHED"} if i % 3 == 0 else {"type": "RUN_ERROR",
+                                                                             "message": "x"}}
                 for i, r in enumerate(ids, start)])
             bulk_insert(storage, m.stream, [
                 {"id": r, "run_id": r, "status": "closed", "created_at": finished - 60_000,
@@ -72,7 +73,8 @@ def build(storage: Any, runs: int, events: int, step: int = 5000) -> None:
                 for r in ids for seq in range(1, events + 1)])
     storage.memory.threads.set("t1", {"id": "t1", "agentName": "bench", "createdAt": now - 40 * DAY,
                                       "updatedAt": now - 40 * DAY})
-    storage.memory.messages.append("t1", [{"id": f"m{i}", "role": "user", "content": "hi"} for i in range(10)],
+    storage.memory.messages.append("t1",
+                                   [{"id": f"m{i}", "role": "user", "content": "hi"} for i in range(10)],
                                    run_id="run-0000000")
 
 
@@ -105,7 +107,8 @@ def child(args: List[str], env: Dict[str, str]) -> Tuple[float, int, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dialect", choices=("sqlite", "postgres", "mysql"), default="sqlite")
     parser.add_argument("--database", help="URL of an existing EMPTY database (else a throwaway one)")
     parser.add_argument("--runs", type=int, default=100_000)
@@ -141,7 +144,8 @@ def main() -> None:
 
         env = dict(os.environ, DATABASE_URL=url, PYTHONPATH=str(ROOT))
         seconds, rss, _ = child(["check"], env)
-        print(f"baseline (`check`: import, connect, inspect the schema): {seconds:.1f}s wall, {rss} MiB peak RSS")
+        print(f"baseline (`check`: import, connect, inspect the schema): {seconds:.1f}s wall, "
+              f"{rss} MiB peak RSS")
         prune = ["prune", "--older-than", "7d", "--batch-size", str(args.batch_size)]
         for label, argv in (("dry run", prune + ["--dry-run"]), ("prune", prune)):
             seconds, rss, out = child(argv, env)

@@ -39,11 +39,13 @@ def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[s
     started = time.perf_counter()
     with open_target(dialect, log) as target:
         if shared_schema_only:  # adapter and baseline share the tables: both lose the indexes
-            log(f"{dialect}: without our performance indexes: {', '.join(drop_performance_indexes(target.database))}")
+            log(f"{dialect}: without our performance indexes: "
+                f"{', '.join(drop_performance_indexes(target.database))}")
         w = Workloads(target, settings, sizes, log)
         log(f"{dialect}: {target.server_version}; loading data ...")
         loaded = w.build_data()
-        log(f"  data loaded in {sum(loaded.values()):.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in loaded.items())})")
+        log(f"  data loaded in {sum(loaded.values()):.1f}s "
+            f"({', '.join(f'{k} {v:.1f}s' for k, v in loaded.items())})")
         rows: List[Row] = []
         steps = [("W1", w.w1_set), ("W2", w.w2_get), ("W3", w.w3_latest), ("W4", w.w4_append),
                  ("W5", w.w5_list), ("W6", w.w6_append), ("W7", w.w7_append_many), ("W8", w.w8_poll),
@@ -58,7 +60,8 @@ def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[s
                 got = step()
             except Exception as exc:  # one broken workload must not hide the others' numbers
                 log(f"  {name} FAILED: {exc!r}\n{traceback.format_exc()}")
-                got = missing_row(name, "failed", f"error: {str(exc).splitlines()[0][:120] if str(exc) else repr(exc)}")
+                got = missing_row(name, "failed",
+                                  f"error: {str(exc).splitlines()[0][:120] if str(exc) else repr(exc)}")
             new = got if isinstance(got, list) else [got]
             rows.extend(new)
             for r in new:
@@ -76,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dialect", choices=DIALECTS + ("all",), default="sqlite")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (small data, 2 rounds)")
-    parser.add_argument("--rounds", type=int, help="interleaved A/B rounds per workload (default 15, quick 2)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved A/B rounds per workload (default 15, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="write the results here (default: bench/results/...)")
     parser.add_argument("--only", metavar="W", action="append",
                         help="run only this workload (W1 ... W10, W12, W13); repeatable")
@@ -107,7 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for dialect in dialects:
             results[dialect] = run_dialect(dialect, settings, sizes, only=args.only,
                                            shared_schema_only=args.shared_schema_only)
-            print(format_table(f"{dialect} ({results[dialect]['server']})", results[dialect]["rows"]), flush=True)
+            print(format_table(f"{dialect} ({results[dialect]['server']})", results[dialect]["rows"]),
+                  flush=True)
             print(flush=True)
     except KeyboardInterrupt:
         _log("interrupted")

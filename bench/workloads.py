@@ -8,7 +8,7 @@ reads hit the same rows, writes go to different ids / threads / streams of the s
 |----|-----------------------------------------------------------|-------------------------------|
 | W1 | ``set`` a run record: a new id, then the same id again    | 100,000 runs                  |
 | W2 | ``get`` a run by id                                       | 100,000 runs                  |
-| W3 | latest run of a thread (where threadId, orderBy startedAt desc, take 1) | 100,000 runs over 1,000 threads |
+| W3 | latest thread run: where threadId, orderBy startedAt desc, take 1 | 100,000 runs / 1,000 threads |
 | W4 | ``memory.messages.append`` a batch of 10                  | 100,000 messages              |
 | W5 | ``memory.messages.list(limit=20)`` of one thread          | 100,000 messages / 1,000 threads |
 | W6 | ``streams.append`` one event                              |                               |
@@ -292,12 +292,13 @@ class Workloads:
                     append("w4-baseline", batch)
             return run
 
-        return ratio_row("W4", "memory.messages.append, batch of 10", compare(adapter, baseline, self.settings),
-                         self.limit)
+        return ratio_row("W4", "memory.messages.append, batch of 10",
+                         compare(adapter, baseline, self.settings), self.limit)
 
     def w5_list(self) -> Row:
         if not self.has_memory:
-            return missing_row("W5", "memory.messages.list limit=20", "storage.memory.messages not implemented")
+            return missing_row("W5", "memory.messages.list limit=20",
+                               "storage.memory.messages not implemented")
         storage, raw = self.storage, self.raw
         sql = raw.sql(f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE thread_id = ? "
                       "ORDER BY created_at DESC LIMIT 20")
@@ -339,7 +340,8 @@ class Workloads:
             return raw.sql(
                 'INSERT INTO stream_events (id, run_id, seq, "timestamp", event) '
                 "SELECT CONCAT(s.id, ':', n.seq), s.id, LAST_INSERT_ID(n.seq), ?, ? FROM streams s, "
-                "(SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM stream_events WHERE run_id = ?) n WHERE s.id = ?")
+                "(SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM stream_events WHERE run_id = ?) n "
+                "WHERE s.id = ?")
         return raw.sql(
             'INSERT INTO stream_events (id, run_id, seq, "timestamp", event) '
             "SELECT s.id || ':' || n.seq, s.id, n.seq, ?, ? FROM streams s, "
@@ -419,7 +421,8 @@ class Workloads:
         self._raw_stream("w7-baseline")
         head = raw.sql("SELECT (SELECT COUNT(*) FROM streams WHERE id = ?), "
                        "(SELECT COALESCE(MAX(seq), 0) FROM stream_events WHERE run_id = ?)")
-        execute, transaction, insert_many, event_row = raw.execute, raw.transaction, raw.insert_many, raw.event_row
+        execute, transaction, insert_many, event_row = (raw.execute, raw.transaction, raw.insert_many,
+                                                        raw.event_row)
         integrity = _integrity_errors(raw.dialect)
 
         def append_many(run_id: str, events: List[Dict[str, Any]]) -> List[int]:
@@ -466,7 +469,8 @@ class Workloads:
 
     def w8_poll(self) -> List[Row]:
         if not self.has_streams:
-            return [missing_row("W8", "resume poll 100 vs 100k events", "storage.streams.resume not implemented")]
+            return [missing_row("W8", "resume poll 100 vs 100k events",
+                                "storage.streams.resume not implemented")]
         storage, raw = self.storage, self.raw
         small, large = self.sizes.small_stream, self.sizes.large_stream
         tail = 10  # each poll delivers the last 10 events of a closed stream, then resume ends

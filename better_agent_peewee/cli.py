@@ -160,7 +160,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             sys.stderr.write(f"\rbatch {report.batches}: {report.runs} runs, {report.streams} streams, "
                              f"{report.events} events ({report.seconds:.1f}s)")
             sys.stderr.flush()
-    report = prune_runs(storage, args.older_than, statuses=args.statuses or ("completed", "failed", "aborted"),
+    report = prune_runs(storage, args.older_than,
+                        statuses=args.statuses or ("completed", "failed", "aborted"),
                         batch_size=args.batch_size, dry_run=args.dry_run,
                         include_interrupted=args.include_interrupted, progress=progress)
     if progress is not None and report.batches:

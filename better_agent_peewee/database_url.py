@@ -66,7 +66,8 @@ def open_database(url: str, *, pooled: bool = False, **options: Any) -> peewee.D
         if parts.netloc:
             # sqlite://agent.db reads "agent.db" as a host name and opens an in-memory database.
             raise DatabaseURLError(f"bad SQLite URL {url!r}: a file takes three slashes "
-                                   f"({parts.scheme}:///relative/path.db or {parts.scheme}:////absolute/path.db)")
+                                   f"({parts.scheme}:///relative/path.db or "
+                                   f"{parts.scheme}:////absolute/path.db)")
         pragmas = dict(SQLITE_PRAGMAS)
         pragmas.update(options.pop("pragmas", None) or {})
         options["pragmas"] = pragmas

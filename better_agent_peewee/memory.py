@@ -128,7 +128,8 @@ class Messages:
 
         # The first message of a run in the listing order (createdAt, then id).
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
-            (M.thread == marker("thread")) & (M.run_id == marker("run"))).order_by(M.created_at, M.id).limit(1))
+            (M.thread == marker("thread")) & (M.run_id == marker("run"))
+        ).order_by(M.created_at, M.id).limit(1))
         # Four listing shapes: with or without a limit, with or without a cut-off message.
         columns = select_columns(M, self._table.spec, self._dialect)
         before = (M.created_at < marker("at")) | ((M.created_at == marker("at2")) & (M.id < marker("id")))
@@ -215,7 +216,8 @@ class Messages:
             record["createdAt"] = now + i
             if not isinstance(record["id"], str):
                 raise RecordError(_MESSAGES, f"messages[{i}].id",
-                                  f"must be a string, got {type(record['id']).__name__}: {record['id']!r:.80}")
+                                  f"must be a string, got {type(record['id']).__name__}: "
+                                  f"{record['id']!r:.80}")
             try:  # validates completely: a bad message raises before anything is written
                 rows.append(self._to_row(message_id(thread_id, now + i, record["id"]), record))
             except RecordError as exc:

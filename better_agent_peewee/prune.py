@@ -218,7 +218,8 @@ def prune_runs(
             strays = [k for k in keys if k not in known]
             if not strays:
                 return []
-            return executor.rows(Event.select(Event.run_id).distinct().where(Event.run_id.in_(strays), *stray))
+            return executor.rows(Event.select(Event.run_id).distinct().where(Event.run_id.in_(strays),
+                                                                             *stray))
 
         windows: Tuple[Tuple[peewee.Field, bool, Callable[[List[Tuple[Any, ...]]], None],
                              Callable[[Sequence[Any]], List[Tuple[Any, ...]]]], ...] = (
@@ -375,7 +376,8 @@ def stats(storage: StorageParts) -> Dict[str, Any]:
     Run = m.run
     by_status = {status: count for status, count in
                  executor.rows(Run.select(Run.status, _COUNT).group_by(Run.status).order_by(Run.status))}
-    (oldest, newest), = executor.rows(Run.select(peewee.fn.MIN(Run.started_at), peewee.fn.MAX(Run.started_at)))
+    (oldest, newest), = executor.rows(Run.select(peewee.fn.MIN(Run.started_at),
+                                                 peewee.fn.MAX(Run.started_at)))
     return {
         "tables": tables,
         "runs": by_status,

@@ -105,7 +105,8 @@ class ListCompiler:
         try:
             return self._spec.queryable[field]
         except (KeyError, TypeError):
-            raise self._error(f"{clause} names {field!r:.80}, which is not a field of {self._spec.name}") from None
+            raise self._error(f"{clause} names {field!r:.80}, "
+                              f"which is not a field of {self._spec.name}") from None
 
     def _bind(self, field: str, kind: str, value: Any) -> Any:
         """Check a `where` value against the field's kind and encode it for the driver."""

@@ -123,8 +123,9 @@ def check_key(table: str, field: str, value: Any) -> str:
     if value[-1] == " ":
         # MySQL/MariaDB collations (utf8mb4_bin included) are PAD SPACE: "a" and "a " are the
         # same key there, so storing one would overwrite the other. Refused everywhere alike.
-        raise _fail(table, field, f"{value!r:.80} ends with a space; MySQL/MariaDB would treat it as the same "
-                                  "id as without the space, so ids must not end with one")
+        raise _fail(table, field,
+                    f"{value!r:.80} ends with a space; MySQL/MariaDB would treat it as the same "
+                    "id as without the space, so ids must not end with one")
     return cast(str, value)
 
 
@@ -142,7 +143,8 @@ def check_ts(table: str, field: str, value: Any) -> int:
     if type(value) is not int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(table, field,
-                        f"must be an integer timestamp (epoch milliseconds), got {type(value).__name__}: {value!r:.80}")
+                        f"must be an integer timestamp (epoch milliseconds), "
+                        f"got {type(value).__name__}: {value!r:.80}")
         value = int(value)
     if not 0 <= value <= MAX_TIMESTAMP_MS:
         raise _fail(table, field, f"timestamp {value} is outside 0..{MAX_TIMESTAMP_MS} (1970 to 9999)")
@@ -333,7 +335,8 @@ def message_mapper(dialect: Dialect) -> Mapper:
         check_text(T, "role", _need(T, r, "role"))
         expected = message_id(thread_id, created, msg_id)
         if key != expected:
-            raise _fail(T, "id", f"storage id {key!r:.120} does not match threadId:createdAt:id = {expected!r:.120}")
+            raise _fail(T, "id",
+                        f"storage id {key!r:.120} does not match threadId:createdAt:id = {expected!r:.120}")
         run_id = r.get("runId")
         body = {k: v for k, v in r.items() if k not in _MESSAGE_COLUMNS}
         try:
@@ -421,7 +424,8 @@ def run_mapper(dialect: Dialect) -> Mapper:
             rec["abortRequestedAt"] = ts_out(abort_at)
         if final is not None:
             rec["finalEvent"] = load(final)
-        rec["config"] = None if config is None else load(config)  # always present ("Records" in docs/contract.md)
+        # always present ("Records" in docs/contract.md)
+        rec["config"] = None if config is None else load(config)
         rec["startedAt"] = ts_out(started)
         rec["updatedAt"] = ts_out(updated)
         if finished is not None:
@@ -527,4 +531,5 @@ def _spec(model: Any) -> TableSpec:
 
 
 #: logical table name -> its spec, in creation order, derived from the models' declaration.
-TABLES: Mapping[str, TableSpec] = {spec.name: spec for spec in map(_spec, REFERENCE_MODELS.in_dependency_order())}
+TABLES: Mapping[str, TableSpec] = {spec.name: spec
+                                   for spec in map(_spec, REFERENCE_MODELS.in_dependency_order())}

@@ -144,16 +144,18 @@ class Runs:
         """
         run_id = check_key(_RUNS, "runId", run_id)
         if type(status) is not str or status not in FINISHED:
-            raise RecordError(_RUNS, "status", f"a run finishes as one of {', '.join(FINISHED)}, got {status!r:.80}")
+            raise RecordError(_RUNS, "status",
+                              f"a run finishes as one of {', '.join(FINISHED)}, got {status!r:.80}")
         final = None
         if final_event is not None:
             kind = final_event.get("type") if isinstance(final_event, Mapping) else None
             if kind not in FINAL_EVENT_TYPES:
                 raise RecordError(_RUNS, "finalEvent",
-                                  f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final_event!r:.80}")
+                                  "must be an object whose type is RUN_FINISHED or RUN_ERROR, "
+                                  f"got {final_event!r:.80}")
             if kind != FINISHED[status]:
-                raise RecordError(_RUNS, "finalEvent", f"a {status} run ends with a {FINISHED[status]} event, "
-                                                       f"got {kind}")
+                raise RecordError(_RUNS, "finalEvent",
+                                  f"a {status} run ends with a {FINISHED[status]} event, got {kind}")
             final = self._check_json(_RUNS, "finalEvent", dict(final_event))
         stamp = now_ms()
         params = self._finish.params({"status": status, "final": final, "now": self._encode_ts(stamp),
@@ -222,7 +224,8 @@ class Runs:
         """
         if not storable_key(run_id):
             return False
-        row = first_row(self._executor.execute(self._abort_stamp.sql, self._abort_stamp.params({"run": run_id})))
+        row = first_row(self._executor.execute(self._abort_stamp.sql,
+                                               self._abort_stamp.params({"run": run_id})))
         return row is not None and row[0] is not None
 
     def heartbeat(self, run_id: str) -> bool:

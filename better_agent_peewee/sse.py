@@ -33,8 +33,8 @@ from .followers import HEARTBEAT, Follower
 __all__ = ["SSE_HEADERS", "event_stream", "frames", "resume_point"]
 
 #: Headers of an SSE response (``X-Accel-Buffering: no`` stops nginx from buffering it).
-SSE_HEADERS: Dict[str, str] = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                               "X-Accel-Buffering": "no"}
+SSE_HEADERS: Dict[str, str] = {"Content-Type": "text/event-stream; charset=utf-8",
+                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def resume_point(last_event_id: Optional[str], after: Optional[str] = None) -> int:
@@ -75,7 +75,8 @@ def frames(follower: Follower, *, retry_ms: Optional[int] = 2000) -> Iterator[st
             if item is HEARTBEAT:
                 yield ": heartbeat\n\n"
                 continue
-            yield f"id: {item['seq']}\ndata: {json.dumps(item, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            yield (f"id: {item['seq']}\n"
+                   f"data: {json.dumps(item, ensure_ascii=False, separators=(',', ':'))}\n\n")
         if follower.reason in ("closed", "deleted"):
             end = {"runId": follower.run_id, "lastSeq": follower.last_seq, "reason": follower.reason}
             yield f"event: end\ndata: {json.dumps(end, ensure_ascii=False, separators=(',', ':'))}\n\n"

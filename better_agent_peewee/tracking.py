@@ -159,7 +159,8 @@ class TrackedRun:
         if existing is not None:
             if existing["status"] == "running":
                 raise ConflictError(f"runs: run {self.run_id!r} is already running (started at "
-                                    f"{existing['startedAt']} ms); a run id is tracked by one block at a time")
+                                    f"{existing['startedAt']} ms); "
+                                    "a run id is tracked by one block at a time")
             # A run that ended is started over under the same id: its old events go with it.
             R = self._models.run
             deleted = execute(R.delete().where((R.run_id == self.run_id) & (R.status != "running"))).rowcount
@@ -191,7 +192,8 @@ class TrackedRun:
         if type(event) is dict or isinstance(event, Mapping):  # (the type test first: it is cheaper)
             if event.get("type") in FINAL_EVENT_TYPES:
                 raise ValueError(f"runs: run {self.run_id!r}: a {event.get('type')} event ends the run; "
-                                 "call run.finish(...) or leave the block (raise to fail) instead of emitting it")
+                                 "call run.finish(...) or leave the block (raise to fail) "
+                                 "instead of emitting it")
             if "timestamp" not in event:
                 event = {**event, "timestamp": now_ms()}
         seq: int = self._streams.append(self.run_id, event)
@@ -258,7 +260,8 @@ class TrackedRun:
         :raises ConflictError: the run had already ended (e.g. failed by `reap_stale`).
         """
         self._require_running("finish")
-        base = {"type": "RUN_FINISHED", "timestamp": now_ms(), "runId": self.run_id, "threadId": self.thread_id or ""}
+        base = {"type": "RUN_FINISHED", "timestamp": now_ms(), "runId": self.run_id,
+                "threadId": self.thread_id or ""}
         if interrupts is not None:
             if result is not None:
                 raise ValueError("runs: an interrupted run ends with interrupts, not a result")
@@ -288,7 +291,8 @@ class TrackedRun:
         code = getattr(exc, "code", None)
         code = code if isinstance(code, str) and code else None
         status = "aborted" if code == RunAborted.code else "failed"
-        final = {"type": "RUN_ERROR", "timestamp": now_ms(), "message": _storable(str(exc) or type(exc).__name__)}
+        final = {"type": "RUN_ERROR", "timestamp": now_ms(),
+                 "message": _storable(str(exc) or type(exc).__name__)}
         if code is not None:
             final["code"] = _storable(code)
         try:
@@ -348,8 +352,8 @@ class TrackedRun:
     def _ended_elsewhere(self) -> ConflictError:
         run = self._runs.get(self.run_id) or {}
         return ConflictError(f"runs: run {self.run_id!r} had already ended ({run.get('status', 'deleted')}: "
-                             f"{(run.get('finalEvent') or {}).get('message', 'no message')}) before this block "
-                             "ended it; its outcome was not recorded")
+                             f"{(run.get('finalEvent') or {}).get('message', 'no message')}) "
+                             "before this block ended it; its outcome was not recorded")
 
 
 def _storable(text: str) -> str:

@@ -73,7 +73,8 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
                       AGENT_WORKERS=4, AGENT_WORD_SECONDS=0.05)
     app.config.update(config)
     if database is None or isinstance(database, str):
-        database = open_database(database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db", pooled=True)
+        database = open_database(database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db",
+                                 pooled=True)
     db = database
     # Convenient for a demo. In production create the tables once, as a migration user
     # (`better-agent-peewee init`), and run the app as a user that cannot (see the README).
@@ -145,10 +146,12 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
 
     @app.get("/runs/<run_id>/events")
     def run_events(run_id: str) -> Any:
-        after = resume_point(request.headers.get("Last-Event-ID"), request.args.get("after"))  # ValueError -> 400
+        # ValueError -> 400
+        after = resume_point(request.headers.get("Last-Event-ID"), request.args.get("after"))
         # Raises NotFoundError (-> 404) now, before any byte is sent, when there is no stream.
         body = event_stream(storage, run_id, after, heartbeat=app.config["SSE_HEARTBEAT_SECONDS"],
-                            max_seconds=app.config["SSE_MAX_SECONDS"], poll_interval=app.config["SSE_POLL_SECONDS"])
+                            max_seconds=app.config["SSE_MAX_SECONDS"],
+                            poll_interval=app.config["SSE_POLL_SECONDS"])
         # No stream_with_context: the body needs no app context, so the request's connection goes
         # back to the pool as the view returns, and the open response holds none.
         return Response(body, headers=SSE_HEADERS)

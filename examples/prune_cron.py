@@ -39,7 +39,8 @@ def main() -> int:
         storage = peewee_storage(database)
         if stale_after is not None:
             reaped = storage.runs.reap_stale(stale_after)
-            log.info("reaped %d stale run%s (running, silent for %s)", reaped, "" if reaped == 1 else "s", reap)
+            log.info("reaped %d stale run%s (running, silent for %s)", reaped, "" if reaped == 1 else "s",
+                     reap)
         report = storage.runs.prune(older_than, batch_size=batch_size)
         log.info("%s", report.summary())
     except Exception as exc:  # one line in the cron mail; the traceback only with DEBUG

@@ -77,7 +77,8 @@ def main(argv: List[str]) -> int:
     events: List[Dict[str, Any]] = [
         {"type": "RUN_STARTED", "threadId": thread_id, "runId": run_id},
         {"type": "TEXT_MESSAGE_START", "messageId": "msg-2", "role": "assistant"},
-        *({"type": "TEXT_MESSAGE_CONTENT", "messageId": "msg-2", "delta": word + " "} for word in reply.split()),
+        *({"type": "TEXT_MESSAGE_CONTENT", "messageId": "msg-2", "delta": word + " "}
+          for word in reply.split()),
         {"type": "TEXT_MESSAGE_END", "messageId": "msg-2"},
         {"type": "RUN_FINISHED", "threadId": thread_id, "runId": run_id},
     ]

@@ -65,7 +65,8 @@ def stream(run_id: str = "r1", **extra: Any) -> Dict[str, Any]:
 
 def event(run_id: str = "r1", seq: int = 1, **extra: Any) -> Dict[str, Any]:
     """A stream event record with id runId:seq."""
-    rec = {"id": f"{run_id}:{seq}", "runId": run_id, "seq": seq, "timestamp": T0 + (seq if type(seq) is int else 0),
+    rec = {"id": f"{run_id}:{seq}", "runId": run_id, "seq": seq,
+           "timestamp": T0 + (seq if type(seq) is int else 0),
            "event": {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": "hi"}}
     rec.update(extra)
     return rec
@@ -185,7 +186,8 @@ def module_database(request: pytest.FixtureRequest, dialect: str,
     """A database of `dialect` holding the five (empty) tables, for one module's tests."""
     server = None
     if dialect == "sqlite":
-        db: peewee.Database = peewee.SqliteDatabase(str(Path(tmp_path_factory.mktemp("shared")) / "shared.db"))
+        db: peewee.Database = peewee.SqliteDatabase(
+            str(Path(tmp_path_factory.mktemp("shared")) / "shared.db"))
     else:
         server = request.getfixturevalue(f"{dialect}_server")
         reset_database(server)

@@ -18,13 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = [f"W{i}" for i in range(1, 11)] + ["W12", "W13"]
 
 
-def test_quick_benchmark_prints_table_and_writes_json(dialect: str, database_url: str, tmp_path: Path) -> None:
+def test_quick_benchmark_prints_table_and_writes_json(dialect: str, database_url: str,
+                                                      tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if dialect != "sqlite":  # the test's own (empty) database instead of another throwaway server
         env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
-    proc = subprocess.run([sys.executable, "-m", "bench", "--dialect", dialect, "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench", "--dialect", dialect,
+                           "--quick", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -197,7 +197,8 @@ def test_check_prints_advice_and_exits_0_on_advice_alone(database: Any, database
     database.close()
     result = cli("check", url=database_url)
     one_error_line(result, 1, "schema does not match (1 difference")
-    assert result.stdout.splitlines()[0] == "missing index threads_agent_name_scope_idx on threads (agent_name, scope)"
+    assert result.stdout.splitlines()[0] == ("missing index threads_agent_name_scope_idx "
+                                             "on threads (agent_name, scope)")
     assert len(result.stdout.splitlines()) == 1 + len(dropped)
     result = cli("init", "--concurrently", url=database_url)  # CONCURRENTLY on PostgreSQL, ignored elsewhere
     assert result.returncode == 0, result.stderr
@@ -274,7 +275,8 @@ def test_prune_progress_on_a_terminal(storage: Any, database_url: str) -> None:
     master, slave = pty.openpty()
     environ = dict(os.environ, DATABASE_URL=database_url)
     proc = subprocess.Popen([sys.executable, "-m", "better_agent_peewee", "prune", "--older-than", "7d",
-                             "--batch-size", "1"], stdout=subprocess.PIPE, stderr=slave, env=environ, text=True)
+                             "--batch-size", "1"], stdout=subprocess.PIPE, stderr=slave, env=environ,
+                             text=True)
     os.close(slave)
     out, _ = proc.communicate(timeout=TIMEOUT)
     progress = read_all(master)
@@ -308,7 +310,8 @@ def test_stats(storage: Any, database_url: str) -> None:
     assert result.returncode == 0, result.stderr
     numbers = json.loads(result.stdout)
     assert numbers == stats(storage)
-    assert numbers["tables"] == {"threads": 1, "messages": 1, "agent_runs": 6, "streams": 6, "stream_events": 12}
+    assert numbers["tables"] == {"threads": 1, "messages": 1, "agent_runs": 6, "streams": 6,
+                                 "stream_events": 12}
     assert numbers["runs"] == {"completed": 2, "failed": 1, "interrupted": 1, "running": 2}
     assert numbers["oldestRun"] == now - 10 * DAY - HOUR and numbers["newestRun"] == now - HOUR
 
@@ -416,7 +419,8 @@ def test_export(storage: Any, database_url: str) -> None:
     result = cli("export", "t1", url=database_url)
     assert result.returncode == 0, result.stderr
     exported = json.loads(result.stdout)
-    assert exported == {"thread": storage.memory.threads.get("t1"), "messages": storage.memory.messages.list("t1")}
+    assert exported == {"thread": storage.memory.threads.get("t1"),
+                        "messages": storage.memory.messages.list("t1")}
     assert [m["id"] for m in exported["messages"]] == ["m1", "m2"]
     assert exported["messages"][1]["toolCalls"][0]["function"]["name"] == "f"
 

@@ -48,7 +48,8 @@ def writer_main(url: str, mode: str, names: str) -> None:
             batch = f"{names}-{n}"
             print("begin", batch, flush=True)
             began = time.monotonic()
-            storage.streams.append_many(STREAM, [{"type": "CUSTOM", "b": batch, "k": k} for k in range(BATCH)])
+            storage.streams.append_many(STREAM,
+                                        [{"type": "CUSTOM", "b": batch, "k": k} for k in range(BATCH)])
             print("acked", batch, time.monotonic() - began, flush=True)
     for tid in names.split(","):
         print("begin", tid, flush=True)

@@ -86,7 +86,8 @@ THREAD_FIELDS = ["agentName", "createdAt", "id", "scope", "title", "updatedAt"]
 @pytest.mark.parametrize("table, query, culprits", [
     # where / orderBy naming something that is not a field of the table: the allowed ones are listed
     ("memoryThreads", {"where": {"bogus": "x"}}, ["memoryThreads", "'bogus'", *THREAD_FIELDS]),
-    ("memoryThreads", {"where": {"agent_name": "x"}}, ["'agent_name'", *THREAD_FIELDS]),  # a column, not a field
+    # a column, not a field
+    ("memoryThreads", {"where": {"agent_name": "x"}}, ["'agent_name'", *THREAD_FIELDS]),
     ("memoryThreads", {"where": {"state": None}}, ["'state'", *THREAD_FIELDS]),  # JSON: not filterable
     ("memoryThreads", {"orderBy": {"updated_at": "asc"}}, ["orderBy", "'updated_at'", *THREAD_FIELDS]),
     ("runs", {"orderBy": {"startedAt": "desc", "createdAt": "desc"}}, ["runs", "'createdAt'", "startedAt",
@@ -147,7 +148,8 @@ def test_missing_required_field(storage: Any, table: str, field: str, how: str) 
         del rec[field]
     else:
         rec[field] = None
-    refused(storage, RecordError, [f"{table}.{field}", "required"], lambda: storage.set(table, sample.key, rec))
+    refused(storage, RecordError, [f"{table}.{field}", "required"],
+            lambda: storage.set(table, sample.key, rec))
 
 
 def _set(table: str, key: Any, rec: Any) -> Callable[[Any], None]:
@@ -170,7 +172,8 @@ BAD_RECORDS = [
     ("status-run", "runs", "r1", run(status="done"), ["runs.status", "'done'", "running", "aborted"]),
     ("status-run-case", "runs", "r1", run(status="Running"), ["runs.status", "'Running'"]),
     ("status-run-int", "runs", "r1", run(status=1), ["runs.status", "1"]),
-    ("status-stream", "streams", "r1", stream(status="running"), ["streams.status", "'running'", "open", "closed"]),
+    ("status-stream", "streams", "r1", stream(status="running"),
+     ["streams.status", "'running'", "open", "closed"]),
     # seq
     ("seq-str", "streamEvents", "r1:1", event(seq="1"), ["streamEvents.seq", "'1'"]),
     ("seq-zero", "streamEvents", "r1:0", event(seq=0), ["streamEvents.seq", "0"]),
@@ -190,7 +193,8 @@ BAD_RECORDS = [
     ("event-str", "streamEvents", "r1:1", event(event="RUN_STARTED"), ["streamEvents.event", "str"]),
     ("message-role", "memoryMessages", MID, message(role=3), ["memoryMessages.role", "int"]),
     ("message-id-int", "memoryMessages", "t1:1700000000000:7", message(mid=7), ["memoryMessages.id", "int"]),
-    ("thread-id-int", "memoryMessages", "7:1700000000000:m1", message(thread_id=7), ["memoryMessages.threadId"]),
+    ("thread-id-int", "memoryMessages", "7:1700000000000:m1", message(thread_id=7),
+     ["memoryMessages.threadId"]),
     ("unknown-field", "memoryThreads", "t1", thread(agent_name="x"), ["memoryThreads.agent_name", "unknown"]),
     ("unknown-field-run", "runs", "r1", run(createdAt=T0), ["runs.createdAt", "unknown"]),
     ("id-too-long", "memoryThreads", "t" * 256, thread("t" * 256), ["memoryThreads.id", "256", "255"]),
@@ -222,16 +226,20 @@ BAD_RECORDS = [
     ("nul-message-thread", "memoryMessages", MID, message(thread_id="t\x00"),
      ["memoryMessages.threadId", "NUL"]),
     ("nul-content", "memoryMessages", MID, message(content="a\x00b"), ["memoryMessages.content", "NUL"]),
-    ("nul-state-value", "memoryThreads", "t1", thread(state=["ok", {"x": "\x00"}]), ["memoryThreads.state", "NUL"]),
+    ("nul-state-value", "memoryThreads", "t1", thread(state=["ok", {"x": "\x00"}]),
+     ["memoryThreads.state", "NUL"]),
     ("nul-state-key", "memoryThreads", "t1", thread(state={"a\x00": 1}), ["memoryThreads.state", "NUL"]),
-    ("nul-metadata", "memoryThreads", "t1", thread(metadata={"m": "\x00"}), ["memoryThreads.metadata", "NUL"]),
+    ("nul-metadata", "memoryThreads", "t1", thread(metadata={"m": "\x00"}),
+     ["memoryThreads.metadata", "NUL"]),
     ("nul-config", "runs", "r1", run(config="\x00"), ["runs.config", "NUL"]),
     ("nul-final-event", "runs", "r1", run(finalEvent={"type": "RUN_ERROR", "message": "\x00"}),
      ["runs.finalEvent", "NUL"]),
-    ("nul-event", "streamEvents", "r1:1", event(event={"type": "X", "delta": "\x00"}), ["streamEvents.event", "NUL"]),
+    ("nul-event", "streamEvents", "r1:1", event(event={"type": "X", "delta": "\x00"}),
+     ["streamEvents.event", "NUL"]),
     ("nul-event-run", "streamEvents", "r\x00:1", event("r\x00"), ["streamEvents", "NUL"]),
     ("surrogate-title", "memoryThreads", "t1", thread(title="\ud800"), ["memoryThreads.title", "surrogate"]),
-    ("surrogate-state", "memoryThreads", "t1", thread(state={"s": "\udfff"}), ["memoryThreads.state", "surrogate"]),
+    ("surrogate-state", "memoryThreads", "t1", thread(state={"s": "\udfff"}),
+     ["memoryThreads.state", "surrogate"]),
     # NaN and infinities anywhere in JSON
     ("nan-state", "memoryThreads", "t1", thread(state=float("nan")), ["memoryThreads.state", "nan"]),
     ("inf-config", "runs", "r1", run(config={"x": float("inf")}), ["runs.config", "inf"]),

@@ -189,7 +189,8 @@ def test_flask_threads_and_messages(app: Any) -> None:
     assert [m["content"] for m in shown["messages"]] == [f"hello {i}" for i in range(5)]
     assert [m["id"] for m in client.get("/threads/t0?limit=2").json["messages"]] == ["m3", "m4"]
 
-    assert client.get("/threads/nope").status_code == 404 and "nope" in client.get("/threads/nope").json["error"]
+    assert (client.get("/threads/nope").status_code == 404
+            and "nope" in client.get("/threads/nope").json["error"])
     bad = client.get("/threads?limit=-1")
     assert bad.status_code == 400 and "limit" in bad.json["error"]
 
@@ -213,7 +214,8 @@ def test_flask_sse_of_a_closed_stream(app: Any) -> None:
     storage = app.extensions["agent_storage"]
     client = app.test_client()
     storage.streams.open("done")
-    storage.streams.append_many("done", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi"},
+    storage.streams.append_many("done", [{"type": "RUN_STARTED"},
+                                         {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi"},
                                          {"type": "RUN_FINISHED"}])
     storage.streams.close("done")
 
@@ -222,7 +224,8 @@ def test_flask_sse_of_a_closed_stream(app: Any) -> None:
     messages = sse_messages(response.get_data())
     data = [m for m in messages if "data" in m and "event" not in m]
     assert [m["id"] for m in data] == ["1", "2", "3"]
-    assert [json.loads(m["data"])["type"] for m in data] == ["RUN_STARTED", "TEXT_MESSAGE_CONTENT", "RUN_FINISHED"]
+    assert [json.loads(m["data"])["type"] for m in data] == ["RUN_STARTED", "TEXT_MESSAGE_CONTENT",
+                                                             "RUN_FINISHED"]
     assert json.loads(data[1]["data"]) == {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi", "seq": 2}
     assert messages[-1]["event"] == "end"
     assert json.loads(messages[-1]["data"]) == {"runId": "done", "lastSeq": 3, "reason": "closed"}
@@ -292,7 +295,8 @@ def test_open_database_pooled_picks_the_pool_class_of_the_url() -> None:
     assert pg.connect_params == {"user": "app", "password": "p@ss", "host": "db.internal", "port": 5433}
     mysql = open_database("mysql://app:secret@db.internal/app", pooled=True)
     assert isinstance(mysql, PooledMySQLDatabase) and mysql.connect_params["charset"] == "utf8mb4"
-    assert isinstance(open_database("postgresql+pool://app@db.internal/app", pooled=True), PooledPostgresqlDatabase)
+    assert isinstance(open_database("postgresql+pool://app@db.internal/app", pooled=True),
+                      PooledPostgresqlDatabase)
     assert not isinstance(open_database("postgresql://app@db.internal/app"), PooledPostgresqlDatabase)
 
 

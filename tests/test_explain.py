@@ -103,7 +103,8 @@ def whole_table_reads(database: Any, dialect: str, sql: str, params: Any,
                                                (node["Relation Name"],)).fetchone()
                 if rows >= SMALL_TABLE:
                     bad.append(f"Seq Scan on {node['Relation Name']} ({rows:.0f} rows)")
-            if node["Node Type"] == "Sort" and any(c["Plan Rows"] > SORT_LIMIT for c in node.get("Plans", [])):
+            if node["Node Type"] == "Sort" and any(c["Plan Rows"] > SORT_LIMIT
+                                                   for c in node.get("Plans", [])):
                 bad.append(f"Sort of {max(c['Plan Rows'] for c in node['Plans'])} rows")
             for child in node.get("Plans", []):
                 walk(child)

@@ -93,7 +93,8 @@ def test_the_flask_example_answers_every_request_under_load(served: Tuple[Any, i
 
     def list_threads(limit: int) -> None:
         status, body = request(port, "GET", f"/threads?agent=support&limit={limit}")
-        check(f"list {limit}", status == 200 and [t["id"] for t in body["threads"]] == expected["order"][:limit]
+        check(f"list {limit}",
+              status == 200 and [t["id"] for t in body["threads"]] == expected["order"][:limit]
               and all(t == expected["threads"][t["id"]] for t in body["threads"]), (status, body))
 
     def show_thread(tid: str, limit: int) -> None:
@@ -114,12 +115,14 @@ def test_the_flask_example_answers_every_request_under_load(served: Tuple[Any, i
         if n % ABORT_EVERY == 0:
             for _ in range(2):  # the second ask is answered already_requested or not_running
                 status, answer = request(port, "POST", f"/runs/{body['runId']}/abort")
-                check(f"abort {n}", status == 200 and answer["requested"] == (answer["abort"] == "requested"), answer)
+                check(f"abort {n}", status == 200 and answer["requested"] == (answer["abort"] == "requested"),
+                      answer)
                 if status == 200:
                     aborts.setdefault(body["runId"], []).append(answer["abort"])
 
     def refused() -> None:
-        for method, path, body, code in (("GET", "/runs/nope", None, 404), ("GET", "/threads?limit=-1", None, 400),
+        for method, path, body, code in (("GET", "/runs/nope", None, 404),
+                                         ("GET", "/threads?limit=-1", None, 400),
                                          ("GET", "/threads/nope", None, 404),
                                          ("POST", "/threads/x/runs", {"message": ""}, 400),
                                          ("POST", "/runs/nope/abort", None, 404)):
@@ -164,6 +167,7 @@ def test_the_flask_example_answers_every_request_under_load(served: Tuple[Any, i
             text = "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT")
             assert text == reply + " "
         mine = [m for m in storage.memory.messages.list(f"chat-{n % 10}") if m.get("runId") == run_id]
-        assert [m["role"] for m in mine] == (["user"] if run["status"] == "aborted" else ["user", "assistant"])
+        assert [m["role"] for m in mine] == (["user"] if run["status"] == "aborted"
+                                             else ["user", "assistant"])
     statuses = [storage.runs.get(r)["status"] for r in started.values()]
     assert statuses.count("completed") >= CHATS - CHATS // ABORT_EVERY  # only the asked ones stop

@@ -73,7 +73,8 @@ def write(storage: Any, run_id: str, count: int, tag: str) -> None:
         while i < count:
             if i % 7 == 3:
                 n = min(5, count - i)
-                storage.streams.append_many(run_id, [{"type": "DELTA", "w": tag, "i": i + k} for k in range(n)])
+                storage.streams.append_many(run_id,
+                                            [{"type": "DELTA", "w": tag, "i": i + k} for k in range(n)])
                 i += n
             else:
                 storage.streams.append(run_id, {"type": "DELTA", "w": tag, "i": i})
@@ -229,7 +230,8 @@ def connections(database: peewee.Database, dialect: str) -> int:
         sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                "AND pid <> pg_backend_pid()")
     else:
-        sql = "SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+        sql = ("SELECT COUNT(*) FROM information_schema.processlist "
+               "WHERE db = DATABASE() AND id <> CONNECTION_ID()")
     return int(database.execute_sql(sql).fetchone()[0])
 
 

@@ -130,7 +130,8 @@ def store_and_read(s: Any, table: str, key: str, rec: Dict[str, Any]) -> None:
             value = got.get(field) if field != "id" else (key if table != "streams" else key)
             if column.kind == "text" and isinstance(value, str):
                 items = s.list(table, {"where": {field: value}})["items"]
-                assert any(same(i, want) for i in items), f"list where {field}={value!r:.80} misses the record"
+                assert any(same(i, want) for i in items), \
+                    f"list where {field}={value!r:.80} misses the record"
     finally:
         s.delete(table, key)
     assert s.get(table, key) is None
@@ -213,8 +214,8 @@ def _inj_event(s: Any, v: str) -> None:
 
 
 def _inj_where(s: Any, v: str) -> None:
-    for table, field in (("memoryThreads", "id"), ("memoryThreads", "agentName"), ("memoryMessages", "threadId"),
-                         ("runs", "status"), ("streamEvents", "runId")):
+    for table, field in (("memoryThreads", "id"), ("memoryThreads", "agentName"),
+                         ("memoryMessages", "threadId"), ("runs", "status"), ("streamEvents", "runId")):
         assert s.list(table, {"where": {field: v}, "orderBy": {field: "asc"}})["items"] == []
     assert s.get("memoryThreads", v) is None
     s.delete("memoryThreads", v)  # must delete nothing
@@ -318,13 +319,15 @@ def _(s: Any) -> None:
 
 for _i, _name in enumerate(["threads", "threads; DROP TABLE threads", "memoryThreads ", "MEMORYTHREADS", "",
                             "memoryThreads\x00", None, 1, ("memoryThreads",)]):
-    add(f"table-name-{_i}", lambda s, n=_name: refused(s, UnsupportedTableError, lambda: s.get(n, "sentinel")))
+    add(f"table-name-{_i}",
+        lambda s, n=_name: refused(s, UnsupportedTableError, lambda: s.get(n, "sentinel")))
 
 
 # -- 3. id lengths, empty ids, ids differing only in case ------------------------------------------
 
 def _table_rec(table: str, key: str) -> Dict[str, Any]:
-    return {"memoryThreads": lambda: thread(key), "runs": lambda: run(key), "streams": lambda: stream(key)}[table]()
+    return {"memoryThreads": lambda: thread(key), "runs": lambda: run(key),
+            "streams": lambda: stream(key)}[table]()
 
 
 for _table in ("memoryThreads", "runs", "streams"):
@@ -466,8 +469,9 @@ for _label, _bad in BAD_STRINGS.items():
         "memoryThreads", "x", thread("x", state={"deep": [1, {"v": b}]}))))
     add(f"{_label}-in-json-key", lambda s, b=_bad: refused(s, RecordError, lambda: s.set(
         "runs", "x", run("x", config={b: 1}))))
-    add(f"{_label}-in-message-content", lambda s, b=_bad: refused(s, RecordError, lambda: s.memory.messages.append(
-        "sentinel", [{"role": "user", "content": "fine"}, {"role": "user", "content": b}])))
+    add(f"{_label}-in-message-content", lambda s, b=_bad: refused(
+        s, RecordError, lambda: s.memory.messages.append(
+            "sentinel", [{"role": "user", "content": "fine"}, {"role": "user", "content": b}])))
     add(f"{_label}-in-event", lambda s, b=_bad: refused(s, RecordError, lambda: s.streams.append(
         "sentinel", {"type": "CUSTOM", "v": b})))
     add(f"{_label}-in-event-batch", lambda s, b=_bad: refused(s, RecordError, lambda: s.streams.append_many(
@@ -599,10 +603,11 @@ WRONG_TYPES: Dict[str, Dict[str, List[Any]]] = {
         "updatedAt": ["x", 1.0, False], "id": ["other", 1],
     },
     "runs": {
-        "agentName": [1, []], "threadId": [1, {}], "scope": [2.5], "status": ["bogus", "RUNNING", 1, "running "],
+        "agentName": [1, []], "threadId": [1, {}], "scope": [2.5],
+        "status": ["bogus", "RUNNING", 1, "running "],
         "abortRequestedAt": ["now", 1.5], "finalEvent": ["done", [], {"type": "BOGUS"}, {"no": "type"}],
-        "config": [{1, 2}, object()], "startedAt": ["x", -5], "updatedAt": [None.__class__], "finishedAt": [1.5],
-        "runId": ["other", 7],
+        "config": [{1, 2}, object()], "startedAt": ["x", -5], "updatedAt": [None.__class__],
+        "finishedAt": [1.5], "runId": ["other", 7],
     },
     "streams": {
         "status": ["bogus", "OPEN", 1], "createdAt": ["x"], "updatedAt": [1.5], "closedAt": ["x", -1],
@@ -619,8 +624,8 @@ WRONG_TYPES: Dict[str, Dict[str, List[Any]]] = {
 }
 
 _BASE = {"memoryThreads": ("sentinel", thread("sentinel", title="keep me", state={"keep": True})),
-         "runs": ("sentinel", run("sentinel", threadId="sentinel")), "streams": ("sentinel", stream("sentinel")),
-         "streamEvents": ("sentinel:1", event("sentinel", 1)),
+         "runs": ("sentinel", run("sentinel", threadId="sentinel")),
+         "streams": ("sentinel", stream("sentinel")), "streamEvents": ("sentinel:1", event("sentinel", 1)),
          "memoryMessages": (message_key(message("m0", "sentinel")), message("m0", "sentinel"))}
 
 for _table, _fields in WRONG_TYPES.items():
@@ -656,7 +661,8 @@ add("non-dict-messages-batch", lambda s: refused(s, RecordError, lambda: s.memor
     "sentinel", [{"role": "user", "content": "ok"}, "not a message"])))
 add("non-list-messages-batch", lambda s: refused(s, RecordError, lambda: s.memory.messages.append(
     "sentinel", {"role": "user", "content": "a dict, not a list"})))
-add("non-dict-event", lambda s: refused(s, RecordError, lambda: s.streams.append("sentinel", ["not", "a", "dict"])))
+add("non-dict-event",
+    lambda s: refused(s, RecordError, lambda: s.streams.append("sentinel", ["not", "a", "dict"])))
 add("non-dict-event-in-batch", lambda s: refused(s, RecordError, lambda: s.streams.append_many(
     "sentinel", [{"type": "OK"}, None])))
 

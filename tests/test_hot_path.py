@@ -25,7 +25,8 @@ from tests.samples import T0, run
 _SAME = ['{"a":1}', '[1,2,3]', '"text"', '123', '-1.5e3', 'true', 'null', '{"a":"\\u00e9\\ud83d\\ude00"}',
          ' {"a":1}', '{"a":1} ', '\n[1]\n', '{"a": 1, "b" : [ ]}', 'NaN', '[Infinity,-Infinity]',
          '{"k":{"k":{"k":[[[]]]}}}', '""']
-_BROKEN = ['', ' ', '{"a":1} x', '{"a":1}{}', '\ufeff{"a":1}', '{"a":', "{'a':1}", '[1,]', 'nul', '{"a":1}\x00']
+_BROKEN = ['', ' ', '{"a":1} x', '{"a":1}{}', '\ufeff{"a":1}', '{"a":', "{'a':1}", '[1,]', 'nul',
+           '{"a":1}\x00']
 
 
 @pytest.mark.parametrize("text", _SAME)
@@ -64,14 +65,17 @@ def testload_text_passes_bytes_and_decoded_values() -> None:
 
 # -- SQLite timestamps: the inlined fast path agrees with parse_iso_ms -----------------------
 
-@pytest.mark.parametrize("text", ["1970-01-01T00:00:00.000Z", "2023-11-14T22:13:20.123Z", "9999-12-31T23:59:59.999Z",
-                                  "2024-02-29T12:00:00.500Z", "2023-11-14 22:13:20.123Z", "2023-11-14T22:13:20.123",
-                                  "2023-11-14T22:13:20.123+02:00", "2023-11-14T22:13:20Z", "2023-11-14T22:13:20.1234Z"])
+@pytest.mark.parametrize("text", ["1970-01-01T00:00:00.000Z", "2023-11-14T22:13:20.123Z",
+                                  "9999-12-31T23:59:59.999Z", "2024-02-29T12:00:00.500Z",
+                                  "2023-11-14 22:13:20.123Z", "2023-11-14T22:13:20.123",
+                                  "2023-11-14T22:13:20.123+02:00", "2023-11-14T22:13:20Z",
+                                  "2023-11-14T22:13:20.1234Z"])
 def test_sqlite_timestamp_reader_agrees_with_parse_iso_ms(text: str) -> None:
     assert sqlite_decode_ts(text) == parse_iso_ms(text)
 
 
-@pytest.mark.parametrize("text", ["2023-11-14X22:13:20.123Z", "2023-13-14T22:13:20.123Z", "not a timestamp, 24 ch"])
+@pytest.mark.parametrize("text",
+                         ["2023-11-14X22:13:20.123Z", "2023-13-14T22:13:20.123Z", "not a timestamp, 24 ch"])
 def test_sqlite_timestamp_reader_refuses_like_parse_iso_ms(text: str) -> None:
     with pytest.raises(ValueError):
         parse_iso_ms(text)

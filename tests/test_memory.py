@@ -1,4 +1,5 @@
-"""storage.memory: threads, messages and fork, as Better Agent's memory uses them ("Memory" in docs/contract.md)."""
+"""storage.memory: threads, messages and fork, as Better Agent's memory uses them
+("Memory" in docs/contract.md)."""
 from __future__ import annotations
 
 import math
@@ -55,7 +56,8 @@ class Statements:
 
 def test_threads_get_set_and_list_newest_first(storage: Any) -> None:
     a = put_thread(storage, "a", scope="s1", updatedAt=T0 + 1)
-    b = put_thread(storage, "b", scope="s2", updatedAt=T0 + 3, title="B", state={"step": 2}, metadata={"k": 1})
+    b = put_thread(storage, "b", scope="s2", updatedAt=T0 + 3, title="B", state={"step": 2},
+                   metadata={"k": 1})
     c = put_thread(storage, "c", agentName="other", updatedAt=T0 + 2)
     assert storage.memory.threads.get("b") == b
     assert storage.memory.threads.get("zzz") is None
@@ -246,7 +248,8 @@ def test_fork_copies_the_thread_and_its_messages(storage: Any) -> None:
     before = now_ms()
     forked = storage.memory.fork("copy", "src")
     assert before <= forked["createdAt"] == forked["updatedAt"] <= now_ms()
-    assert forked == {**source, "id": "copy", "createdAt": forked["createdAt"], "updatedAt": forked["updatedAt"]}
+    assert forked == {**source, "id": "copy", "createdAt": forked["createdAt"],
+                      "updatedAt": forked["updatedAt"]}
     assert storage.memory.threads.get("copy") == forked
     copies = storage.memory.messages.list("copy")
     assert [{k: v for k, v in m.items() if k != "createdAt"} for m in copies] == [

@@ -51,7 +51,8 @@ SHORT = st.text(CHARS, max_size=12)  # values likely to collide, for where / ord
 TS = st.integers(0, MAX_TIMESTAMP_MS)
 SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
            | st.floats(allow_nan=False, allow_infinity=False) | TEXT)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+JSON = st.recursive(SCALARS,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                     max_leaves=12)
 OBJECT = st.dictionaries(TEXT, JSON, max_size=4)
 
@@ -98,12 +99,14 @@ def streams(draw: Any) -> Dict[str, Any]:
 def events(draw: Any) -> Dict[str, Any]:
     run_id = draw(st.text(CHARS, min_size=1, max_size=30).filter(lambda s: not s.endswith(" ")))
     seq = draw(st.integers(1, MAX_SEQ))
-    return {"id": f"{run_id}:{seq}", "runId": run_id, "seq": seq, "timestamp": draw(TS), "event": draw(OBJECT)}
+    return {"id": f"{run_id}:{seq}", "runId": run_id, "seq": seq, "timestamp": draw(TS),
+            "event": draw(OBJECT)}
 
 
 @st.composite
 def messages(draw: Any) -> Dict[str, Any]:
-    body = draw(st.dictionaries(TEXT.filter(lambda k: k not in ("threadId", "runId", "createdAt", "id", "role")),
+    body = draw(st.dictionaries(TEXT.filter(lambda k: k not in ("threadId", "runId", "createdAt",
+                                                                "id", "role")),
                                 JSON, max_size=3))
     rec = {**body, "id": draw(KEY), "role": draw(SHORT), "content": draw(JSON),
            "threadId": draw(st.text(CHARS, min_size=1, max_size=40).filter(lambda s: not s.endswith(" "))),
@@ -122,8 +125,9 @@ def read_back(table: str, rec: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("table,strategy", [("memoryThreads", threads()), ("runs", runs()), ("streams", streams()),
-                                            ("streamEvents", events()), ("memoryMessages", messages())],
+@pytest.mark.parametrize("table,strategy", [("memoryThreads", threads()), ("runs", runs()),
+                                            ("streams", streams()), ("streamEvents", events()),
+                                            ("memoryMessages", messages())],
                          ids=["threads", "runs", "streams", "events", "messages"])
 def test_set_then_get_is_identity(storage: Any, table: str, strategy: Any) -> None:
     @SETTINGS
@@ -147,15 +151,16 @@ def test_set_then_get_is_identity(storage: Any, table: str, strategy: Any) -> No
             got = storage.get(table, key)
             assert got is not None and canonical(got) == canonical(read_back(table, rec)), (key, got, rec)
         items = storage.list(table)["items"]
-        assert sorted(canonical(i) for i in items) == sorted(canonical(read_back(table, r)) for r in stored.values())
+        assert sorted(canonical(i) for i in items) == sorted(canonical(read_back(table, r))
+                                                             for r in stored.values())
 
     check()
 
 
 # -- 2. list equals the reference of "The interface" ------------------------------------------------
 
-RUN_FIELDS = ("runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "startedAt", "updatedAt",
-              "finishedAt")
+RUN_FIELDS = ("runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "startedAt",
+              "updatedAt", "finishedAt")
 
 
 def reference_compare(order: Dict[str, str]) -> Any:
@@ -200,7 +205,8 @@ def run_sets_and_queries(draw: Any) -> Any:
             optional(rec, field, draw(st.none() | ts))
         records.append(rec)
     value_for = {f: (ts if f in ("abortRequestedAt", "startedAt", "updatedAt", "finishedAt") else
-                     st.sampled_from(["running", "completed", "failed", "aborted"]) if f == "status" else text)
+                     st.sampled_from(["running", "completed", "failed", "aborted"]) if f == "status" else
+                     text)
                  for f in RUN_FIELDS}
     where_fields = draw(st.lists(st.sampled_from(RUN_FIELDS), unique=True, max_size=2))
     where = {f: draw(st.none() | value_for[f]) for f in where_fields}

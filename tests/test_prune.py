@@ -49,7 +49,8 @@ def add_runs(storage: Any, runs: List[Dict[str, Any]], events_per_run: int = 3,
         started = run.get("started_at", (run.get("finished_at") or NOW) - HOUR)
         run_rows.append({"run_id": run["run_id"], "agent_name": "agent", "status": run["status"],
                          "thread_id": run.get("thread_id"), "config": None,
-                         "started_at": started, "updated_at": run.get("updated_at", run.get("finished_at") or started),
+                         "started_at": started,
+                         "updated_at": run.get("updated_at", run.get("finished_at") or started),
                          "finished_at": run.get("finished_at")})
         if stream and run.get("stream", True):
             stream_rows.append({"id": run["run_id"], "run_id": run["run_id"],
@@ -183,7 +184,8 @@ def test_dry_run_deletes_nothing_and_counts_what_the_real_run_deletes(storage: A
     assert dry.dry_run and "would prune" in dry.summary()
     real = prune_runs(storage, KEEP, now_ms=NOW, batch_size=2)
     assert (dry.runs, dry.streams, dry.events) == (real.runs, real.streams, real.events)
-    assert (real.runs, real.streams, real.events) == (EXPECTED["runs"], EXPECTED["streams"], EXPECTED["events"])
+    assert (real.runs, real.streams, real.events) == (EXPECTED["runs"], EXPECTED["streams"],
+                                                      EXPECTED["events"])
     assert "pruned 4 runs, 4 streams, 14 events" in real.summary()
 
 
@@ -207,7 +209,8 @@ def test_many_runs_in_batches(storage: Any) -> None:
             "finished_at": OLD - i} for i in range(250)]
     keep = [{"run_id": f"keep-{i:04d}", "status": "completed", "finished_at": NEW + i} for i in range(40)]
     # Interleave ids so batches by run_id mix pruned and kept runs.
-    keep += [{"run_id": f"old-{i:04d}x", "status": "interrupted", "finished_at": OLD} for i in range(0, 250, 10)]
+    keep += [{"run_id": f"old-{i:04d}x", "status": "interrupted", "finished_at": OLD}
+             for i in range(0, 250, 10)]
     add_runs(storage, old + keep, events_per_run=2)
     dry = prune_runs(storage, KEEP, now_ms=NOW, batch_size=7, dry_run=True)
     report = prune_runs(storage, KEEP, now_ms=NOW, batch_size=7)

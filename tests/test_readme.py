@@ -68,14 +68,16 @@ def blocks(text: str) -> List[Tuple[str, int, str]]:
 
 
 def _python(page: Path) -> List[Tuple[int, str]]:
-    return [(line, source) for lang, line, source in blocks(page.read_text(encoding="utf-8")) if lang == "python"]
+    return [(line, source) for lang, line, source in blocks(page.read_text(encoding="utf-8"))
+            if lang == "python"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_fences_are_known(page: Path) -> None:
     kinds = {lang for lang, _, _ in blocks(page.read_text(encoding="utf-8"))}
     unknown = kinds - NOT_RUN - {"python"}
-    assert not unknown, f"{page.name}: code blocks with fences neither run nor listed as shown-only: {unknown}"
+    assert not unknown, \
+        f"{page.name}: code blocks with fences neither run nor listed as shown-only: {unknown}"
 
 
 @pytest.mark.sqlite

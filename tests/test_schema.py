@@ -64,7 +64,8 @@ COLUMNS: Dict[str, List[Tuple[str, str, bool]]] = {
     "stream_events": [("id", "key", False), ("run_id", "key", False), ("seq", "int", False),
                       ("timestamp", "ts", False), ("event", "json", False)],
 }
-PRIMARY_KEYS = {"threads": ["id"], "messages": ["id"], "agent_runs": [], "streams": ["id"], "stream_events": ["id"]}
+PRIMARY_KEYS = {"threads": ["id"], "messages": ["id"], "agent_runs": [], "streams": ["id"],
+                "stream_events": ["id"]}
 # (table, name or None for "any name", columns, unique)
 INDEXES = [
     ("threads", "threads_agent_name_scope_idx", ["agent_name", "scope"], False),
@@ -169,7 +170,8 @@ def assert_contract_schema(database: peewee.Database, dialect: str) -> None:
             assert col.full_type in TYPES[dialect][kind], f"{table}.{name}: {col.full_type}"
         assert sorted(database.get_primary_keys(table)) == PRIMARY_KEYS[table], table
     for table, index, indexed, unique in INDEXES:
-        matching = [ix for ix in database.get_indexes(table) if ix.columns == indexed and bool(ix.unique) == unique]
+        matching = [ix for ix in database.get_indexes(table)
+                    if ix.columns == indexed and bool(ix.unique) == unique]
         assert matching, f"no {'unique ' if unique else ''}index on {table}{indexed}"
         if index is not None:
             assert index in [ix.name for ix in matching]
@@ -286,7 +288,8 @@ OWN_MIGRATION_CASES = [
     for t in SAMPLES
 ] + [
     pytest.param(contract.test_set_is_a_full_replace, {"table": "runs"}, id="full-replace-runs"),
-    pytest.param(contract.test_set_is_a_full_replace, {"table": "memoryMessages"}, id="full-replace-messages"),
+    pytest.param(contract.test_set_is_a_full_replace, {"table": "memoryMessages"},
+                 id="full-replace-messages"),
     pytest.param(contract.test_absent_optional_field_is_a_null_column_both_ways, {"table": "memoryThreads"},
                  id="null-columns-threads"),
     pytest.param(contract.test_run_config_is_always_present, {}, id="config-present"),
@@ -317,7 +320,8 @@ def user_tables(database: peewee.Database) -> peewee.Database:
 @pytest.mark.parametrize("with_our_indexes", [False, True], ids=["shared-indexes", "plus-ours"])
 @pytest.mark.parametrize("case, kwargs", OWN_MIGRATION_CASES)
 def test_contract_on_tables_made_by_raw_postgres_ddl(user_tables: peewee.Database, with_our_indexes: bool,
-                                                     case: Callable[..., None], kwargs: Dict[str, Any]) -> None:
+                                                     case: Callable[..., None],
+                                                     kwargs: Dict[str, Any]) -> None:
     if with_our_indexes:
         assert sorted(create_tables(user_tables)) == sorted(PERFORMANCE_INDEXES)
     case(peewee_storage(user_tables), **kwargs)
@@ -325,7 +329,8 @@ def test_contract_on_tables_made_by_raw_postgres_ddl(user_tables: peewee.Databas
 
 def raw_rows(database: peewee.Database) -> Dict[str, List[Tuple[Any, ...]]]:
     """Every row of the five tables as the driver returns it, in key order."""
-    return {t: sorted(database.execute_sql(f"SELECT * FROM {t}").fetchall(), key=repr) for t in PHYSICAL_TABLES}
+    return {t: sorted(database.execute_sql(f"SELECT * FROM {t}").fetchall(), key=repr)
+            for t in PHYSICAL_TABLES}
 
 
 @pytest.mark.postgres
@@ -374,7 +379,8 @@ def test_an_invalid_index_left_by_an_interrupted_concurrent_build_is_rebuilt(
     assert "bap_agent_runs_status_finished_idx" in {ix.name for ix in user_tables.get_indexes("agent_runs")}
     assert "bap_agent_runs_status_finished_idx" in sorted(create_tables(user_tables, concurrently=True))
     (valid,) = user_tables.execute_sql(
-        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'bap_agent_runs_status_finished_idx'::regclass").fetchone()
+        "SELECT indisvalid FROM pg_index "
+        "WHERE indexrelid = 'bap_agent_runs_status_finished_idx'::regclass").fetchone()
     assert valid is True
     assert check_schema(user_tables).advice == []
 
@@ -559,7 +565,8 @@ def test_storage_through_a_database_proxy(database: peewee.Database, dialect: st
     assert database.get_tables() == []
 
 
-@pytest.mark.parametrize("name", ["sqlite", "postgres", "mysql", "postgresql", "mariadb", "sqlite3", "PostgreSQL"])
+@pytest.mark.parametrize("name",
+                         ["sqlite", "postgres", "mysql", "postgresql", "mariadb", "sqlite3", "PostgreSQL"])
 def test_explicit_dialect_must_match_the_database(database: peewee.Database, dialect: str, name: str) -> None:
     aliases = {"postgresql": "postgres", "mariadb": "mysql", "sqlite3": "sqlite"}
     if aliases.get(name.lower(), name.lower()) == dialect:
@@ -598,12 +605,14 @@ def test_two_storages_on_two_dialects_in_one_process(database: peewee.Database, 
                 got = storage.get("memoryThreads", f"t{i}")
                 assert got["state"] == value and got["title"] == where
                 assert storage.get("runs", f"r{i}")["config"] == value
-            assert [r["runId"] for r in storage.list("runs", {"orderBy": {"startedAt": "desc"}, "take": 2})["items"]] \
+            assert [r["runId"] for r in
+                    storage.list("runs", {"orderBy": {"startedAt": "desc"}, "take": 2})["items"]] \
                 == ["r4", "r3"]
             # The models work for plain peewee queries too, each with its own dialect's JSON.
             Thread = storage.models.thread
             states = {t.id: t.state for t in Thread.select().order_by(Thread.id)}
-            assert states["t0"] == "top-level string" and states["t1"] == [1, "a"] and states["t3"] == {"k": "v"}
+            assert states["t0"] == "top-level string" and states["t1"] == [1, "a"] \
+                and states["t3"] == {"k": "v"}
             assert Thread.select().where(Thread.title == where).count() == 5
     finally:
         close_database(lite_db)
@@ -611,7 +620,8 @@ def test_two_storages_on_two_dialects_in_one_process(database: peewee.Database, 
 
 @pytest.mark.mysql
 @pytest.mark.parametrize("dialect", ["mysql"], indirect=True)
-def test_check_schema_reports_case_insensitive_key_columns_and_the_fix_works(database: peewee.Database) -> None:
+def test_check_schema_reports_case_insensitive_key_columns_and_the_fix_works(
+        database: peewee.Database) -> None:
     """Tables made with the server's default collation: `Run1` and `run1` would be one key."""
     create_tables(database)
     assert check_schema(database) == []

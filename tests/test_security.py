@@ -38,15 +38,17 @@ REVIEWED = {
     ("followers.py", 'self._storage.execute(f"UNLISTEN {CHANNEL}")'),
     ("followers.py", 'self._storage.execute(f"DEALLOCATE {_PREPARED}")'),
     ("followers.py", 'self._storage.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", arrays)'),
-    ("followers.py", 'self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
+    ("followers.py",
+     'self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
     # Index maintenance: index and table names from the models' declaration, never a value.
     ("schema.py", 'database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")'),
     ("schema.py", 'real.execute_sql(f"DROP INDEX {_quote(real, str(index.name))}{on}")'),
     # The collation check: one %s placeholder per table name; the names travel as parameters.
-    ("dialects.py", 'self.database.execute_sql(\n            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, '
-                    'COLLATION_NAME FROM information_schema.COLUMNS "\n            f"WHERE TABLE_SCHEMA = DATABASE() '
-                    'AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN (\'varchar\', \'char\') "\n            '
-                    '"ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))'),
+    ("dialects.py",
+     'self.database.execute_sql(\n            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, '
+     'COLLATION_NAME FROM information_schema.COLUMNS "\n            f"WHERE TABLE_SCHEMA = DATABASE() '
+     'AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN (\'varchar\', \'char\') "\n            '
+     '"ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))'),
 }
 
 SQL_CALLS = {"execute_sql", "execute", "SQL", "raw", "executemany"}
@@ -61,7 +63,8 @@ def formatted_sql_calls() -> Set[Tuple[str, str]]:
             if not isinstance(node, ast.Call) or not node.args:
                 continue
             func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            name = (func.attr if isinstance(func, ast.Attribute)
+                    else func.id if isinstance(func, ast.Name) else "")
             if name not in SQL_CALLS:
                 continue
             sql = node.args[0]
@@ -107,7 +110,8 @@ def test_values_travel_as_parameters(database: peewee.Database) -> None:
     s.set("runs", v, run(v, agentName=v, threadId=v, scope=v, config={v: v}))
     s.set("streams", v, stream(v))
     s.set("streamEvents", f"{v}:1", event(v, 1, event={v: v}))
-    for table, field in (("memoryThreads", "agentName"), ("memoryThreads", "scope"), ("memoryMessages", "threadId"),
+    for table, field in (("memoryThreads", "agentName"), ("memoryThreads", "scope"),
+                         ("memoryMessages", "threadId"),
                          ("runs", "threadId"), ("runs", "agentName"), ("streamEvents", "runId")):
         assert s.list(table, {"where": {field: v}, "orderBy": {field: "desc"}, "take": 5})["items"]
     s.memory.threads.list(agent_name=v, scope=v, limit=3)
@@ -146,7 +150,8 @@ def runtime_role(server: Any, database: peewee.Database) -> Iterator[peewee.Data
     admin = server.connect(admin=True)
     try:
         cur = admin.cursor()
-        cur.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD %s NOSUPERUSER NOCREATEDB NOCREATEROLE', (password,))
+        cur.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD %s NOSUPERUSER NOCREATEDB NOCREATEROLE',
+                    (password,))
         cur.execute(f'REVOKE ALL ON SCHEMA public FROM "{role}"')
         cur.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
         cur.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON {", ".join(PHYSICAL_TABLES)} TO "{role}"')
@@ -166,7 +171,8 @@ def runtime_role(server: Any, database: peewee.Database) -> Iterator[peewee.Data
 def test_storage_works_with_least_privileges(dialect: str, runtime_role: peewee.Database) -> None:
     db = runtime_role
     role = db.connect_params["user"]
-    assert db.execute_sql("SELECT has_schema_privilege(%s, 'public', 'CREATE')", (role,)).fetchone() == (False,)
+    assert db.execute_sql("SELECT has_schema_privilege(%s, 'public', 'CREATE')",
+                          (role,)).fetchone() == (False,)
     s = peewee_storage(db)
 
     # The four verbs on the five tables.
@@ -186,7 +192,8 @@ def test_storage_works_with_least_privileges(dialect: str, runtime_role: peewee.
 
     # Memory.
     s.memory.threads.set("t2", thread("t2", agentName="bot"))
-    s.memory.messages.append("t2", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    s.memory.messages.append("t2",
+                             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                              run_id="r1")
     assert [x["content"] for x in s.memory.messages.list("t2", limit=1)] == ["yo"]
     s.memory.fork("t3", "t2")

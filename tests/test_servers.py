@@ -32,7 +32,8 @@ def test_database_fixture_roundtrip(database: peewee.Database) -> None:
 _leaked: list = []  # raw connections deliberately never closed
 
 
-def test_leaves_a_mess_behind(database: peewee.Database, make_database) -> None:  # type: ignore[no-untyped-def]
+def test_leaves_a_mess_behind(  # type: ignore[no-untyped-def]
+        database: peewee.Database, make_database) -> None:
     """Leaves a table, an open transaction and a leaked locking connection."""
     database.connect()
     with database.bind_ctx([Note]):

@@ -81,7 +81,9 @@ def work(storage: Any, name: str, seconds: float, seed: int) -> Dict[str, Any]:
 
     def op_thread_set() -> None:
         title = f"title {counter}"
-        s.memory.threads.set(tid, thread(tid, agentName="soak", title=title, updatedAt=1_700_000_000_000 + counter))
+        s.memory.threads.set(tid,
+                             thread(tid, agentName="soak", title=title,
+                                    updatedAt=1_700_000_000_000 + counter))
         ledger["title"] = title
 
     def op_messages_append() -> None:
@@ -138,7 +140,8 @@ def work(storage: Any, name: str, seconds: float, seed: int) -> Dict[str, Any]:
         assert seqs == list(range(after + 1, after + 1 + len(seqs))), "resume skipped or repeated a seq"
 
     def op_list_runs() -> None:
-        items = s.list("runs", {"where": {"agentName": name}, "orderBy": {"startedAt": "desc"}, "take": 5})["items"]
+        items = s.list("runs",
+                       {"where": {"agentName": name}, "orderBy": {"startedAt": "desc"}, "take": 5})["items"]
         started = [r["startedAt"] for r in items]
         assert started == sorted(started, reverse=True) and len(items) <= 5
         assert all(r["agentName"] == name for r in items)
@@ -238,7 +241,8 @@ def check(storage: Any, ledgers: List[Dict[str, Any]], followers: List[Follower]
         assert f.error is None, f.error
         assert not f.is_alive(), f"{f.name} did not end when its stream closed"
         expected = sorted(acked[f.sid].items())
-        assert f.seen == expected, f"{f.sid}: the follower saw {len(f.seen)} events, {len(expected)} were stored"
+        assert f.seen == expected, \
+            f"{f.sid}: the follower saw {len(f.seen)} events, {len(expected)} were stored"
 
     # Threads and messages: acknowledged writes read back, in order.
     total_messages = 0
@@ -251,7 +255,8 @@ def check(storage: Any, ledgers: List[Dict[str, Any]], followers: List[Follower]
         by_batch: Dict[str, List[int]] = defaultdict(list)
         for m in msgs:
             by_batch[m["content"]].append(m["k"])
-        assert sorted(by_batch) == sorted(b for b, _ in ledger["batches"]), f"{ledger['name']}: batches differ"
+        assert sorted(by_batch) == sorted(b for b, _ in ledger["batches"]), \
+            f"{ledger['name']}: batches differ"
         for batch, size in ledger["batches"]:
             assert by_batch[batch] == list(range(size)), f"batch {batch} out of order or incomplete"
         created = [m["createdAt"] for m in msgs]

@@ -52,7 +52,8 @@ def test_event_stream_frames_a_closed_stream(storage: Any) -> None:
     assert json.loads(messages[3]["data"]) == {"runId": "r", "lastSeq": 2, "reason": "closed"}
     assert len(messages) == 4
     # Resuming after the last event: only the end.
-    assert [m.get("event") for m in sse_messages("".join(event_stream(storage, "r", 2)).encode())] == [None, "end"]
+    assert [m.get("event") for m in sse_messages("".join(event_stream(storage, "r", 2)).encode())] \
+        == [None, "end"]
     assert SSE_HEADERS["Content-Type"].startswith("text/event-stream")
     with pytest.raises(NotFoundError):
         event_stream(storage, "missing")  # at once: before the response starts
@@ -175,7 +176,8 @@ def test_the_flask_example_serves_a_thousand_followers_in_one_process(database_u
             assert [m["id"] for m in data] == [str(i) for i in range(1, events + 1)]
             assert [json.loads(m["data"])["delta"] for m in data] == [f"w{i}" for i in range(events)]
             assert messages[-1].get("event") == "end", messages[-3:]
-            assert json.loads(messages[-1]["data"]) == {"runId": c.run_id, "lastSeq": events, "reason": "closed"}
+            assert json.loads(messages[-1]["data"]) == {"runId": c.run_id, "lastSeq": events,
+                                                        "reason": "closed"}
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -191,7 +193,8 @@ def chromium(profile: Path) -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver_path, "chromium and chromium-driver are not installed (scripts/test.sh installs them)"
+    assert binary and driver_path, \
+        "chromium and chromium-driver are not installed (scripts/test.sh installs them)"
     options = Options()
     options.binary_location = binary
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
@@ -228,5 +231,7 @@ def test_a_browser_shows_a_runs_events_as_they_are_appended(database_url: str, t
         storage.streams.close("live run")
         storage.database.close()
         wait.until(lambda _: browser.find_element(By.ID, "status").text == "ended: closed")
-        assert shown() == [{"seq": "1", "text": "RUN_STARTED"}, {"seq": "2", "text": "TEXT_MESSAGE_CONTENT Hello"},
-                           {"seq": "3", "text": "TEXT_MESSAGE_CONTENT there"}, {"seq": "4", "text": "RUN_FINISHED"}]
+        assert shown() == [{"seq": "1", "text": "RUN_STARTED"},
+                           {"seq": "2", "text": "TEXT_MESSAGE_CONTENT Hello"},
+                           {"seq": "3", "text": "TEXT_MESSAGE_CONTENT there"},
+                           {"seq": "4", "text": "RUN_FINISHED"}]

@@ -288,8 +288,10 @@ def test_nulls_last_on_threads_scope(storage: Any) -> None:
     for i, scope in enumerate(["b", None, "a", None, "c"]):
         extra = {} if scope is None else {"scope": scope}
         storage.set("memoryThreads", f"t{i}", thread(f"t{i}", **extra))
-    assert ids(storage, "memoryThreads", {"orderBy": {"scope": "asc", "id": "asc"}}) == ["t2", "t0", "t4", "t1", "t3"]
-    assert ids(storage, "memoryThreads", {"orderBy": {"scope": "desc", "id": "desc"}}) == ["t4", "t0", "t2", "t3", "t1"]
+    assert ids(storage, "memoryThreads", {"orderBy": {"scope": "asc", "id": "asc"}}) \
+        == ["t2", "t0", "t4", "t1", "t3"]
+    assert ids(storage, "memoryThreads", {"orderBy": {"scope": "desc", "id": "desc"}}) \
+        == ["t4", "t0", "t2", "t3", "t1"]
     assert ids(storage, "memoryThreads", {"orderBy": {"scope": "desc"}, "take": 3}) == ["t4", "t0", "t2"]
 
 
@@ -343,7 +345,8 @@ MILLISECONDS = [0, 1, 999, 1000, 1_700_000_000_123, 951_782_400_007, MAX_TIMESTA
 
 
 def _iso(ms: int) -> str:
-    return (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=ms)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @pytest.mark.parametrize("ms", MILLISECONDS)

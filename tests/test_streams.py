@@ -53,7 +53,8 @@ def test_open_writes_an_open_stream_and_close_closes_it(storage: Any) -> None:
     storage.streams.open("r1")
     after = now_ms()
     rec = storage.streams.get("r1")
-    assert rec == {"runId": "r1", "status": "open", "createdAt": rec["createdAt"], "updatedAt": rec["createdAt"]}
+    assert rec == {"runId": "r1", "status": "open", "createdAt": rec["createdAt"],
+                   "updatedAt": rec["createdAt"]}
     assert before <= rec["createdAt"] <= after
     assert storage.get("streams", "r1") == rec  # the same record Better Agent reads
 
@@ -107,7 +108,8 @@ def test_append_numbers_events_and_stores_better_agent_records(storage: Any) -> 
     assert seqs == [1, 2, 3]
     stored = stored_events(storage, "r1")
     assert stored[:2] == [
-        {"id": "r1:1", "runId": "r1", "seq": 1, "timestamp": T0, "event": {"type": "RUN_STARTED", "timestamp": T0}},
+        {"id": "r1:1", "runId": "r1", "seq": 1, "timestamp": T0,
+         "event": {"type": "RUN_STARTED", "timestamp": T0}},
         {"id": "r1:2", "runId": "r1", "seq": 2, "timestamp": T0 + 1,
          "event": {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi", "timestamp": T0 + 1.0}},
     ]
@@ -141,7 +143,8 @@ def test_append_refuses_what_it_cannot_store(storage: Any) -> None:
 
 def test_an_append_is_one_statement_in_the_common_case(storage: Any) -> None:
     storage.streams.open("r1")
-    seqs, statements = counting(storage.database, lambda: [storage.streams.append("r1", {"i": i}) for i in range(10)])
+    seqs, statements = counting(storage.database,
+                                lambda: [storage.streams.append("r1", {"i": i}) for i in range(10)])
     assert seqs == list(range(1, 11))
     assert len(statements) == 10
 
@@ -263,7 +266,8 @@ def test_concurrent_threads_and_processes_number_every_event_once(
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding connections
     results = ctx.Queue()
-    processes = [ctx.Process(target=_process_writer, args=(database_url, "by-processes", w, PER_WRITER, results))
+    processes = [ctx.Process(target=_process_writer,
+                             args=(database_url, "by-processes", w, PER_WRITER, results))
                  for w in range(PROCESSES)]
     for p in processes:
         p.start()
@@ -301,7 +305,8 @@ def test_concurrent_threads_and_processes_number_every_event_once(
         assert [e["seq"] for e in stored] == list(range(1, total + 1))  # no gap, no duplicate
         assert all(e["id"] == f"{run_id}:{e['seq']}" for e in stored)
         written = sorted((e["event"]["writer"], e["event"]["i"]) for e in stored)
-        assert written == [(w, i) for w in range(writers) for i in range(PER_WRITER)]  # none lost or overwritten
+        # none lost or overwritten
+        assert written == [(w, i) for w in range(writers) for i in range(PER_WRITER)]
         for w in range(writers):  # each writer's events keep its order
             mine = [e["event"]["i"] for e in stored if e["event"]["writer"] == w]
             assert mine == list(range(PER_WRITER))
@@ -415,7 +420,8 @@ def test_resume_skips_gaps_in_the_numbering(storage: Any) -> None:
     storage.streams.open("gappy")
     for seq in (1, 2, 3, 1500, 1501, 4000):
         storage.set("streamEvents", f"gappy:{seq}",
-                    {"id": f"gappy:{seq}", "runId": "gappy", "seq": seq, "timestamp": T0, "event": {"n": seq}})
+                    {"id": f"gappy:{seq}", "runId": "gappy", "seq": seq, "timestamp": T0,
+                     "event": {"n": seq}})
     storage.streams.close("gappy")
     assert [item["seq"] for item in storage.streams.resume("gappy", poll_interval=60)] == \
         [1, 2, 3, 1500, 1501, 4000]

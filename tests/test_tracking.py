@@ -29,8 +29,8 @@ from tests.samples import snapshot
 REPO = Path(__file__).resolve().parent.parent
 
 #: The fields of Better Agent's RunRecord (packages/core/src/storage/types.ts).
-TS_RUN_FIELDS = {"runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "finalEvent", "config",
-                 "startedAt", "updatedAt", "finishedAt"}
+TS_RUN_FIELDS = {"runId", "agentName", "threadId", "scope", "status", "abortRequestedAt", "finalEvent",
+                 "config", "startedAt", "updatedAt", "finishedAt"}
 
 
 @pytest.fixture
@@ -61,7 +61,8 @@ def test_a_clean_block_writes_what_better_agent_writes(storage: Any) -> None:
                            "updatedAt": running["startedAt"]}
         assert storage.get("streams", "r1")["status"] == "open"
         thread = storage.get("memoryThreads", "t1")
-        assert thread == {"id": "t1", "agentName": "support", "scope": "user-7", "createdAt": thread["createdAt"],
+        assert thread == {"id": "t1", "agentName": "support", "scope": "user-7",
+                          "createdAt": thread["createdAt"],
                           "updatedAt": thread["createdAt"]} and t0 <= thread["createdAt"]
         assert run.emit({"type": "TEXT_MESSAGE_START", "messageId": "m2", "role": "assistant"}) == 2
         for i, word in enumerate(["Hello", " there"]):
@@ -76,14 +77,16 @@ def test_a_clean_block_writes_what_better_agent_writes(storage: Any) -> None:
     final = rec["finalEvent"]
     assert final == {"type": "RUN_FINISHED", "timestamp": final["timestamp"], "runId": "r1", "threadId": "t1",
                      "outcome": "success"}
-    assert rec["status"] == "completed" and t0 <= rec["startedAt"] <= rec["finishedAt"] == rec["updatedAt"] <= t1
+    assert rec["status"] == "completed" \
+        and t0 <= rec["startedAt"] <= rec["finishedAt"] == rec["updatedAt"] <= t1
     assert run.status == "completed" and run.final_event == final
 
     stored = events(storage, "r1")
     assert [e["seq"] for e in stored] == list(range(1, 7))
     assert [e["id"] for e in stored] == [f"r1:{n}" for n in range(1, 7)]
-    assert [e["event"]["type"] for e in stored] == ["RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
-                                                    "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END", "RUN_FINISHED"]
+    assert [e["event"]["type"] for e in stored] == ["RUN_STARTED", "TEXT_MESSAGE_START",
+                                                    "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CONTENT",
+                                                    "TEXT_MESSAGE_END", "RUN_FINISHED"]
     assert stored[0]["event"] == {"type": "RUN_STARTED", "timestamp": stored[0]["timestamp"], "runId": "r1",
                                   "threadId": "t1"}
     assert stored[-1]["event"] == final  # the stream's last event is the run's final event
@@ -93,15 +96,16 @@ def test_a_clean_block_writes_what_better_agent_writes(storage: Any) -> None:
     assert stream["status"] == "closed" and rec["finishedAt"] <= stream["closedAt"] <= t1
 
     messages = storage.memory.messages.list("t1")
-    assert [(m["id"], m["role"], m["runId"]) for m in messages] == [("m1", "user", "r1"), ("m2", "assistant", "r1")]
+    assert [(m["id"], m["role"], m["runId"]) for m in messages] == [("m1", "user", "r1"),
+                                                                    ("m2", "assistant", "r1")]
     thread = storage.get("memoryThreads", "t1")
     assert thread["updatedAt"] >= rec["finishedAt"]
     assert [e["type"] for e in storage.streams.resume("r1", 0, timeout=5)][-1] == "RUN_FINISHED"
 
 
 def test_an_existing_thread_is_bumped_and_lends_its_scope(storage: Any) -> None:
-    storage.memory.threads.set("t1", {"id": "t1", "agentName": "support", "scope": "org-1", "title": "Billing",
-                                      "createdAt": 1_000, "updatedAt": 2_000})
+    storage.memory.threads.set("t1", {"id": "t1", "agentName": "support", "scope": "org-1",
+                                      "title": "Billing", "createdAt": 1_000, "updatedAt": 2_000})
     with storage.runs.track("r1", "support", thread_id="t1") as run:
         assert storage.runs.get("r1")["scope"] == "org-1"  # as Better Agent: the thread's scope
         entered = storage.get("memoryThreads", "t1")
@@ -153,8 +157,9 @@ def test_an_exception_fails_the_run_and_propagates(storage: Any) -> None:
     with pytest.raises(HttpError):
         with storage.runs.track("r3", "support"):
             raise HttpError()
-    assert storage.runs.get("r3")["finalEvent"] == {"type": "RUN_ERROR", "message": "HttpError",
-                                                    "timestamp": storage.runs.get("r3")["finalEvent"]["timestamp"]}
+    assert storage.runs.get("r3")["finalEvent"] == {
+        "type": "RUN_ERROR", "message": "HttpError",
+        "timestamp": storage.runs.get("r3")["finalEvent"]["timestamp"]}
     with pytest.raises(ValueError):
         with storage.runs.track("r4", "support"):
             raise ValueError("bad \x00 byte \ud800")  # what no dialect stores is escaped, not lost
@@ -314,7 +319,8 @@ def test_entry_refuses_a_running_id_and_writes_nothing_on_bad_input(storage: Any
     storage.runs.start("busy", "support")
     before = snapshot(storage.database)
     with pytest.raises(ConflictError, match="already running"):
-        with storage.runs.track("busy", "support", thread_id="t1", messages=[{"role": "user", "content": "x"}]):
+        with storage.runs.track("busy", "support", thread_id="t1",
+                                messages=[{"role": "user", "content": "x"}]):
             pytest.fail("the block must not run")
     with pytest.raises(RecordError, match=r"messages\[1\]"):
         with storage.runs.track("new", "support", thread_id="t1",
@@ -325,7 +331,8 @@ def test_entry_refuses_a_running_id_and_writes_nothing_on_bad_input(storage: Any
     with pytest.raises(RecordError, match="runId"):
         storage.runs.track("", "support")
     with pytest.raises(RecordError, match="list of message dicts"):
-        storage.runs.track("new", "support", thread_id="t1", messages={"role": "user"})  # type: ignore[arg-type]
+        storage.runs.track("new", "support", thread_id="t1",
+                           messages={"role": "user"})  # type: ignore[arg-type]
     assert snapshot(storage.database) == before
 
 
@@ -491,7 +498,8 @@ from better_agent_peewee import peewee_storage
 from better_agent_peewee.cli import open_database
 
 storage = peewee_storage(open_database(sys.argv[1]))
-with storage.runs.track("doomed", "worker", thread_id="t1", messages=[{"role": "user", "content": "hi"}]) as run:
+with storage.runs.track("doomed", "worker", thread_id="t1",
+                        messages=[{"role": "user", "content": "hi"}]) as run:
     for k in range(3):
         run.emit({"type": "CUSTOM", "k": k})
     print("streamed", flush=True)
@@ -511,7 +519,8 @@ def test_a_killed_worker_leaves_what_reap_stale_cleans_up(storage: Any, database
         proc.kill()
         proc.communicate(timeout=30)
     assert proc.returncode == -9
-    assert storage.runs.get("doomed")["status"] == "running" and storage.streams.get("doomed")["status"] == "open"
+    assert storage.runs.get("doomed")["status"] == "running" \
+        and storage.streams.get("doomed")["status"] == "open"
     assert reap_stale(storage, timedelta(minutes=5), now_ms=now_ms() + 10 * 60_000) == 1
     rec = storage.runs.get("doomed")
     assert rec["status"] == "failed" and rec["finalEvent"]["code"] == "STALE_RUN"
