@@ -413,7 +413,9 @@ class Poller:
         if conn is not None:
             with contextlib.suppress(Exception):
                 poll.register(conn.fileno(), select.POLLIN)
-        if pause > 0 and not (conn is not None and conn.notifies):  # (those came in with a poll's reply)
+        if conn is not None and self._notified(conn):  # NOTIFYs that came in with a poll's reply
+            pause = 0
+        if pause > 0:
             with contextlib.suppress(InterruptedError):
                 poll.poll(pause * 1000)
         with self._lock:
@@ -424,25 +426,20 @@ class Poller:
         if conn is not None:
             self._notified(conn)
 
-    def _notified(self, conn: Any) -> None:
-        """Mark the streams named by NOTIFYs received on `conn` (none read: nothing happens)."""
+    def _notified(self, conn: Any) -> bool:
+        """Mark the streams named by NOTIFYs received on `conn`; False when none had come."""
         try:
-            conn.poll()
+            payloads = _take_notifies(conn)
         except Exception:  # a dead connection: the next poll finds out and reconnects
             self.listening = False
-            return
-        if not conn.notifies:
-            return
-        runs = set()
-        everything = False
-        while conn.notifies:
-            payload = conn.notifies.pop(0).payload
-            if payload:
-                runs.add(payload)
-            else:
-                everything = True
+            return False
+        if not payloads:
+            return False
+        runs = set(filter(None, payloads))
+        everything = len(runs) < len(payloads)  # an empty payload: a run id too long to send
         with self._lock:
             self._dirty.update(self._watches if everything else runs & self._watches.keys())
+        return True
 
     def _connect(self) -> Any:
         """The poller's connection, set up (LISTEN, PREPARE) whenever it is a new one."""
@@ -458,7 +455,7 @@ class Poller:
         return conn
 
     def _setup_postgres(self, conn: Any) -> None:
-        if hasattr(conn, "notifies") and hasattr(conn, "poll"):  # psycopg2
+        if hasattr(conn, "notifies"):  # psycopg2 and psycopg 3 (other drivers: polling only)
             try:
                 self._storage.execute(f"LISTEN {CHANNEL}")
                 self.listening = True
@@ -705,6 +702,19 @@ def _reinit_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _take_notifies(conn: Any) -> List[str]:
+    """The payloads of the NOTIFYs the PostgreSQL driver connection `conn` has received, without
+    waiting: psycopg2 keeps them in a list that `poll()` fills from the socket; psycopg 3 hands them
+    out through `notifies(timeout=0)`, including those that came in with a statement's reply."""
+    notifies = conn.notifies
+    if callable(notifies):  # psycopg 3
+        return [n.payload for n in notifies(timeout=0)]
+    conn.poll()
+    payloads = [n.payload for n in notifies]
+    del notifies[:len(payloads)]
+    return payloads
 
 
 def _first(item: Tuple[int, Any]) -> int:
