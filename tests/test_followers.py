@@ -274,18 +274,27 @@ def test_followers_in_a_pre_forked_worker_pool(dialect: str, make_database: Any,
         time.sleep(0.01)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    children = [context.Process(target=_child_follows, args=(storage, "shared", results)) for _ in range(3)]
+    # Daemons, and terminated if still there: a child that hangs fails this test instead of
+    # hanging the whole run (multiprocessing joins non-daemon children at exit).
+    children = [context.Process(target=_child_follows, args=(storage, "shared", results), daemon=True)
+                for _ in range(3)]
     for child in children:
         child.start()
-    ready = [results.get(timeout=60) for _ in children]
-    assert ready == ["following"] * 3
-    for i in range(1, 30):
-        storage.streams.append("shared", {"i": i})
-    storage.streams.close("shared")
-    got = [results.get(timeout=120) for _ in children]
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
+    try:
+        ready = [results.get(timeout=60) for _ in children]
+        assert ready == ["following"] * 3
+        for i in range(1, 30):
+            storage.streams.append("shared", {"i": i})
+        storage.streams.close("shared")
+        got = [results.get(timeout=120) for _ in children]
+        for child in children:
+            child.join(60)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+                child.join(10)
     want = expected(storage, "shared")
     assert all(g == want for g in got), got
     assert parent.finished().items == want
