@@ -42,8 +42,8 @@ from .timestamps import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dialect", "detect_dialect", "unwrap", "DIALECT_NAMES", "MAX_TIMESTAMP_MS", "DialectField", "TimestampField",
-           "JSONField"]
+__all__ = ["Dialect", "detect_dialect", "unwrap", "DIALECT_NAMES", "MAX_TIMESTAMP_MS", "DialectField",
+           "TimestampField", "JSONField"]
 
 DIALECT_NAMES = ("sqlite", "postgres", "mysql")
 
@@ -385,7 +385,8 @@ class PostgresDialect(Dialect):
         return "" if pg_code(exc) == "54001" else None
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
-        code: Optional[str] = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(exc, "pgcode", None)
+        code: Optional[str] = (getattr(getattr(exc, "orig", None), "pgcode", None)
+                               or getattr(exc, "pgcode", None))
         if code is not None:
             return code == "23503"
         return "foreign key" in str(exc)
@@ -500,13 +501,16 @@ class MySQLDialect(Dialect):
             return []
         marks = ", ".join(["%s"] * len(tables))
         cursor = self.database.execute_sql(
-            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME FROM information_schema.COLUMNS "
-            f"WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN ('varchar', 'char') "
+            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME "
+            "FROM information_schema.COLUMNS "
+            f"WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks}) "
+            "AND DATA_TYPE IN ('varchar', 'char') "
             "ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))
         bad: Dict[str, List[str]] = {}
         for table, column, charset, collation in cursor.fetchall():
             collation = str(collation or "").lower()
-            if str(charset or "").lower() != "utf8mb4" or not (collation.endswith("_bin") or "_cs" in collation):
+            if str(charset or "").lower() != "utf8mb4" or not (collation.endswith("_bin")
+                                                                or "_cs" in collation):
                 bad.setdefault(str(table), []).append(f"{column} ({collation or charset})")
         return [f"table {table} has key columns whose collation is case-insensitive or not utf8mb4: "
                 f"{', '.join(columns)}; ids differing only in case would be one key. Fix with: "
@@ -573,7 +577,8 @@ class MySQLDialect(Dialect):
         return match.group(1) if match else ""
 
 
-_BY_NAME: Dict[str, Type[Dialect]] = {"sqlite": SqliteDialect, "postgres": PostgresDialect, "mysql": MySQLDialect}
+_BY_NAME: Dict[str, Type[Dialect]] = {"sqlite": SqliteDialect, "postgres": PostgresDialect,
+                                      "mysql": MySQLDialect}
 _ALIASES = {"postgresql": "postgres", "pg": "postgres", "mariadb": "mysql", "sqlite3": "sqlite"}
 
 

@@ -79,9 +79,10 @@ def _reconnect_pause(attempt: int, deadline: float) -> None:
 
 def json_refused(table: str, field: Optional[str], exc: Exception) -> RecordError:
     """The RecordError for a JSON value the server refused (`Dialect.rejected_json_column`)."""
-    return RecordError(table, field, f"the database refused this JSON value, most likely because it is nested "
-                                     f"too deeply (MariaDB accepts at most 31 levels; MySQL 100); nothing was "
-                                     f"written: {exc}")
+    return RecordError(table, field,
+                       f"the database refused this JSON value, most likely because it is nested "
+                       f"too deeply (MariaDB accepts at most 31 levels; MySQL 100); nothing was "
+                       f"written: {exc}")
 
 
 def read_back_after(lost: ConnectionLostError, read_back: Callable[[], _T]) -> _T:
@@ -163,7 +164,8 @@ def _drop_connection(database: peewee.Database) -> None:
 
 def _lost(database: peewee.Database, exc: BaseException, what: str) -> ConnectionLostError:
     return ConnectionLostError(f"{what}: the connection to the {database.__class__.__name__} server was lost "
-                               f"or could not be made: {exc}".replace("\n", " ").strip(), getattr(exc, "orig", exc))
+                               f"or could not be made: {exc}".replace("\n", " ").strip(),
+                               getattr(exc, "orig", exc))
 
 
 def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Callable[[], Any]) -> Any:
@@ -373,8 +375,10 @@ class Executor:
                 if deadline is None:
                     deadline = now + self.reconnect_window
                 elif now >= deadline:
-                    # Still unsure: the read-back never ran, so the caller must not take this as "not applied".
-                    what = f"the server stayed unreachable for the reconnect window ({self.reconnect_window:g} s)"
+                    # Still unsure: the read-back never ran, so the caller must not take this as
+                    # "not applied".
+                    what = (f"the server stayed unreachable for the reconnect window "
+                            f"({self.reconnect_window:g} s)")
                     if unsure:
                         what += "; the statement whose reply was lost may or may not have been applied"
                     lost = _lost(database, exc, what)

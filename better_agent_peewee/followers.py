@@ -295,7 +295,8 @@ class Poller:
                 self._unchecked -= 1
             self._version += 1
             if watch.interval <= self._interval:
-                self._interval = min((w.interval for ws in self._watches.values() for w in ws), default=LINGER)
+                self._interval = min((w.interval for ws in self._watches.values() for w in ws),
+                                     default=LINGER)
             if not self._watches:
                 self._wake()  # so it starts lingering now
 
@@ -495,11 +496,13 @@ class Poller:
         """A poll failed: followers not yet started get the error; the others just wait longer,
         unless it is not a lost connection (then they get it too: retrying would not help)."""
         lost = isinstance(exc, (ConnectionLostError, PoolExhaustedError)) or (
-            isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)) and self._dialect.is_connection_lost(exc))
+            isinstance(exc, (peewee.OperationalError, peewee.InterfaceError))
+            and self._dialect.is_connection_lost(exc))
         if lost:
             # (The executor has dropped a dead connection already: the next round connects anew,
             # and LISTENs and PREPAREs again.)
-            logger.warning("stream poller: %s; retrying", str(exc).strip().splitlines()[0] if str(exc) else exc)
+            logger.warning("stream poller: %s; retrying",
+                           str(exc).strip().splitlines()[0] if str(exc) else exc)
             self._conn = None
             self.listening = False
         else:
@@ -539,7 +542,8 @@ class Poller:
                     chunk = wanted[start:start + per]
                     window = POLL_BATCH if per == CHECKS_PER_POLL else \
                         max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
-                    plan.append((chunk, window, self._params([(r, a, a + window) for r, a, _ in chunk], full)))
+                    plan.append((chunk, window,
+                                 self._params([(r, a, a + window) for r, a, _ in chunk], full)))
                 if full:
                     self._plan = (self._version, plan)
         for chunk, window, params in plan:
@@ -761,7 +765,8 @@ def _poll_sql(name: str, models: Models) -> str:
         # those with `_one_sql`, as constants. (A hole in the numbering of an open stream is then
         # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
         return (f"SELECT j.run, s.status FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET "
-                f"utf8mb4 COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j "
+                f"utf8mb4 COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', "
+                f"upto BIGINT PATH '$[2]')) AS j "
                 f"LEFT JOIN {streams} s ON s.id = j.run WHERE s.id IS NULL OR s.status <> 'open' OR EXISTS "
                 f"(SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
     return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
@@ -769,7 +774,8 @@ def _poll_sql(name: str, models: Models) -> str:
             f"json_extract(j.value, '$[2]') AS upto, (SELECT MAX(x.seq) FROM {events} x INDEXED BY {index} "
             f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w "
             f"LEFT JOIN {streams} s ON s.id = w.run "
-            f"LEFT JOIN {events} e INDEXED BY {index} ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+            f"LEFT JOIN {events} e INDEXED BY {index} "
+            f"ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
             f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
 
 

@@ -9,7 +9,20 @@ dialect; nothing here knows which database it is.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast, get_args
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    cast,
+    get_args,
+)
 
 from .dialects import Dialect
 from .errors import RecordError

@@ -111,7 +111,8 @@ def missing_indexes(database: peewee.Database, dialect: Dialect, models: Models,
             if index.name is None:  # a UNIQUE column constraint: part of the table itself
                 continue
             if index.name in invalid:  # an interrupted CREATE INDEX CONCURRENTLY: drop, build again
-                logger.warning("dropping invalid index %s (left by an interrupted concurrent build)", index.name)
+                logger.warning("dropping invalid index %s (left by an interrupted concurrent build)",
+                               index.name)
                 database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")
             elif _matching(found, index):
                 continue
@@ -268,7 +269,8 @@ def _index_advice(database: peewee.Database, models: Models, missing_tables: Set
         found = database.get_indexes(table)
         for index in ours:
             if not _matching(found, index):
-                advice.append(f"missing performance index {index.name} on {table} ({', '.join(index.columns)}), "
+                advice.append(f"missing performance index {index.name} on {table} "
+                              f"({', '.join(index.columns)}), "
                               f"for {PERFORMANCE_INDEXES[str(index.name)]}; "
                               "`better-agent-peewee init` (or create_tables) adds it")
     return advice

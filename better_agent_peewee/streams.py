@@ -153,8 +153,9 @@ class Streams:
         updatedAt and closedAt anew. Followers (`resume`) end once they have read every event.
         """
         if status not in _CLOSED_STATUSES or type(status) is not str:
-            raise RecordError(_STREAMS, "status", f"a stream is closed with one of {', '.join(_CLOSED_STATUSES)}, "
-                                                  f"got {status!r:.80}")
+            raise RecordError(_STREAMS, "status",
+                              f"a stream is closed with one of {', '.join(_CLOSED_STATUSES)}, "
+                              f"got {status!r:.80}")
         if not storable_key(run_id):  # no stream can have this id
             return
         self._execute(self._close_sql.sql, self._close_sql.params(
@@ -261,8 +262,8 @@ class Streams:
             failed, transient = seq, 0
             self._next.pop(run_id, None)
             _backoff(attempt)
-        raise ConflictError(f"{_EVENTS}: gave up appending to stream {run_id!r} after {MAX_ATTEMPTS} attempts; "
-                            "other writers took every number tried")
+        raise ConflictError(f"{_EVENTS}: gave up appending to stream {run_id!r} after {MAX_ATTEMPTS} "
+                            "attempts; other writers took every number tried")
 
     def _insert_batch(self, run_id: str, seq: int, encoded: List[Tuple[Any, str]]) -> bool:
         """Store events numbered from `seq` in one transaction; False when `seq` is not next."""
@@ -283,7 +284,8 @@ class Streams:
         # `type(...) is dict` first: isinstance against typing.Mapping costs microseconds per event.
         if type(event) is not dict:
             if not isinstance(event, Mapping):
-                raise RecordError(_EVENTS, where, f"must be an event object (dict), got {type(event).__name__}")
+                raise RecordError(_EVENTS, where,
+                                  f"must be an event object (dict), got {type(event).__name__}")
             event = dict(event)  # a Mapping the JSON encoder may not take as it is
         stamp = event.get("timestamp")
         if isinstance(stamp, float) and math.isfinite(stamp):
@@ -342,13 +344,14 @@ class Streams:
     def _taken(self, run_id: str, params: List[Any], exc: Optional[Exception]) -> ConflictError:
         first, last = params[2], params[-3]
         detail = f": {exc}" if exc is not None else ""
-        return ConflictError(f"{_EVENTS}: cannot store events {first}..{last} of stream {run_id!r}: a row with "
-                             f"one of their ids ({run_id}:{first} ...) already exists and was not written by "
-                             f"this stream's appenders{detail}")
+        return ConflictError(f"{_EVENTS}: cannot store events {first}..{last} of stream {run_id!r}: "
+                             f"a row with one of their ids ({run_id}:{first} ...) already exists and was "
+                             f"not written by this stream's appenders{detail}")
 
     def _stuck(self, run_id: str, seq: int) -> ConflictError:
         return ConflictError(
-            f"{_EVENTS}: cannot store event {seq} of stream {run_id!r}: the row id {run_id}:{seq} is taken by a "
+            f"{_EVENTS}: cannot store event {seq} of stream {run_id!r}: "
+            f"the row id {run_id}:{seq} is taken by a "
             "row that is not part of this stream, or (inside a transaction on MySQL/MariaDB) another writer "
             "appended to the stream after the transaction began")
 
@@ -358,7 +361,8 @@ class Streams:
         row = first_row(self._execute(self._last_seq.sql, self._last_seq.params({"run": run_id})))
         if row is None:
             raise NotFoundError(_STREAMS, run_id,
-                                f"streams: no stream for run {run_id!r}; open it first (storage.streams.open)")
+                                f"streams: no stream for run {run_id!r}; "
+                                "open it first (storage.streams.open)")
         if row[0] != "open":
             raise ConflictError(f"{_EVENTS}: stream {run_id!r} is {row[0]}: a closed stream takes no more "
                                 f"events (its followers have ended); nothing was appended")

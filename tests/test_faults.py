@@ -125,7 +125,8 @@ class Worker(threading.Thread):
             batch = f"m{n}-{i}"
             self.message_batches[batch] = False
             ok, _ = self.call("messages.append", lambda batch=batch: s.memory.messages.append(
-                self.tid, [{"id": f"{batch}-{k}", "role": "user", "content": batch, "k": k} for k in range(10)]))
+                self.tid,
+                [{"id": f"{batch}-{k}", "role": "user", "content": batch, "k": k} for k in range(10)]))
             self.message_batches[batch] = ok
             ebatch = f"e{n}-{i}"
             self.event_batches[ebatch] = (20, False)
@@ -142,7 +143,8 @@ class Worker(threading.Thread):
             if ok:
                 self.acked_seqs.append((single, [seq]))
             rid = f"w{n}-run-{i}"
-            ok, _ = self.call("runs.start", lambda rid=rid: s.runs.start(rid, f"agent-{n}", thread_id=self.tid))
+            ok, _ = self.call("runs.start",
+                              lambda rid=rid: s.runs.start(rid, f"agent-{n}", thread_id=self.tid))
             if ok:
                 self.call("runs.request_abort", lambda rid=rid: s.runs.request_abort(rid))
                 ok, _ = self.call("runs.finish", lambda rid=rid: s.runs.finish(
@@ -228,24 +230,28 @@ def check_invariants(storage: Any, crew: List[Worker]) -> Dict[str, int]:
             seen[e["batch"]].append((e["k"], e["seq"]))
         for batch, (size, acked) in w.event_batches.items():
             stored = seen.pop(batch, [])
-            assert len(stored) in (0, size), f"event batch {batch} half-written ({len(stored)} of {size}) or doubled"
+            assert len(stored) in (0, size), \
+                f"event batch {batch} half-written ({len(stored)} of {size}) or doubled"
             if acked:
                 assert stored, f"acknowledged event batch {batch} is missing"
             if stored:
                 ks, seqs = zip(*stored)
                 assert list(ks) == list(range(size)), f"event batch {batch} out of order"
-                assert list(seqs) == list(range(seqs[0], seqs[0] + size)), f"event batch {batch} not consecutive"
+                assert list(seqs) == list(range(seqs[0], seqs[0] + size)), \
+                    f"event batch {batch} not consecutive"
             counts["events"] += len(stored)
         assert not seen, f"events nobody wrote: {list(seen)[:3]}"
         by_seq = {e["seq"]: e["batch"] for e in events}
         for batch, seqs in w.acked_seqs:
-            assert all(by_seq.get(q) == batch for q in seqs), f"acknowledged seqs of {batch} hold other events"
+            assert all(by_seq.get(q) == batch for q in seqs), \
+                f"acknowledged seqs of {batch} hold other events"
 
         # Thread deletes: the thread and its 30 messages, both or neither.
         for dtid, acked in w.deletes.items():
             present = s.memory.threads.get(dtid) is not None
             n = len(s.memory.messages.list(dtid))
-            assert (present, n) in ((True, 30), (False, 0)), f"delete of {dtid} half done: thread {present}, {n} msgs"
+            assert (present, n) in ((True, 30), (False, 0)), \
+                f"delete of {dtid} half done: thread {present}, {n} msgs"
             if acked:
                 assert not present, f"acknowledged delete of {dtid} did not happen"
             counts["deletes"] += not present
@@ -286,8 +292,8 @@ def test_restarts_under_load(dialect: str, server: Any, make_database: Callable[
     counts = check_invariants(storage, crew)
     summary = summarise(crew, windows)
     assert counts["events"] > 0 and counts["messages"] > 0
-    print(f"\nfaults {dialect} {'pooled' if pooled else 'plain'}: {len(faults)} restarts survived; {summary}; "
-          f"data checked {counts}")
+    print(f"\nfaults {dialect} {'pooled' if pooled else 'plain'}: {len(faults)} restarts survived; "
+          f"{summary}; data checked {counts}")
 
 
 def test_transaction_is_never_retried(dialect: str, server: Any, database: peewee.Database) -> None:
@@ -312,7 +318,8 @@ def test_transaction_is_never_retried(dialect: str, server: Any, database: peewe
     assert s.memory.threads.get("before") is None and s.memory.messages.list("before") == []
 
 
-def test_server_down_then_back(dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
+def test_server_down_then_back(dialect: str, server: Any,
+                               make_database: Callable[..., peewee.Database]) -> None:
     """With the reconnect window off, while the server is down every call raises ConnectionLostError
     (no hang, no other error); once it is back, the very next call of every kind works."""
     storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0)
@@ -346,7 +353,8 @@ def test_server_down_then_back(dialect: str, server: Any, make_database: Callabl
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pooled"])
 def test_resume_follows_through_a_restart(dialect: str, server: Any,
-                                          make_database: Callable[..., peewee.Database], pooled: bool) -> None:
+                                          make_database: Callable[..., peewee.Database],
+                                          pooled: bool) -> None:
     """A reader following a stream keeps following across a restart and gets every event once."""
     storage = make_storage(make_database, dialect, pooled)
     storage.streams.open("r")
@@ -643,7 +651,8 @@ def test_a_tracked_run_whose_end_commit_is_lost_reads_it_back(
     storage = make_storage(make_database, dialect, pooled=False)
     storage.execute("CREATE SEQUENCE slow_once")
     storage.execute("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
-                    "$$ BEGIN IF nextval('slow_once') = 1 THEN PERFORM pg_sleep(60); END IF; RETURN NULL; END $$")
+                    "$$ BEGIN IF nextval('slow_once') = 1 THEN PERFORM pg_sleep(60); END IF; "
+                    "RETURN NULL; END $$")
     storage.execute("CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON agent_runs DEFERRABLE "
                     "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()")
     results: Dict[str, Any] = {}
@@ -665,7 +674,8 @@ def test_a_tracked_run_whose_end_commit_is_lost_reads_it_back(
     worker.join(60)
     assert results == {"status": "completed"}
     assert storage.runs.get("r")["status"] == "completed"
-    assert [e["type"] for e in storage.streams.resume("r", timeout=0)] == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+    assert [e["type"] for e in storage.streams.resume("r", timeout=0)] \
+        == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
 
 
 def test_a_block_that_raised_keeps_its_error_when_its_rollback_finds_the_server_gone(
@@ -718,7 +728,8 @@ def test_a_thousand_followers_ride_through_restarts(dialect: str, server: Any,
 
     old = threading.stack_size(256 * 1024)
     try:
-        readers = [threading.Thread(target=follow, args=(run_id, k), daemon=True) for run_id in runs for k in range(50)]
+        readers = [threading.Thread(target=follow, args=(run_id, k), daemon=True)
+                   for run_id in runs for k in range(50)]
         for t in readers:
             t.start()
     finally:

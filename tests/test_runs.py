@@ -8,7 +8,14 @@ from typing import Any, Dict, List
 import peewee
 import pytest
 
-from better_agent_peewee import AbortRequest, ConflictError, NotFoundError, RecordError, create_tables, peewee_storage
+from better_agent_peewee import (
+    AbortRequest,
+    ConflictError,
+    NotFoundError,
+    RecordError,
+    create_tables,
+    peewee_storage,
+)
 from better_agent_peewee.records import now_ms
 from tests.samples import snapshot
 

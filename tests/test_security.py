@@ -45,10 +45,12 @@ REVIEWED = {
     ("schema.py", 'real.execute_sql(f"DROP INDEX {_quote(real, str(index.name))}{on}")'),
     # The collation check: one %s placeholder per table name; the names travel as parameters.
     ("dialects.py",
-     'self.database.execute_sql(\n            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, '
-     'COLLATION_NAME FROM information_schema.COLUMNS "\n            f"WHERE TABLE_SCHEMA = DATABASE() '
-     'AND TABLE_NAME IN ({marks}) AND DATA_TYPE IN (\'varchar\', \'char\') "\n            '
-     '"ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))'),
+     'self.database.execute_sql(\n'
+     '            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME "\n'
+     '            "FROM information_schema.COLUMNS "\n'
+     '            f"WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks}) "\n'
+     '            "AND DATA_TYPE IN (\'varchar\', \'char\') "\n'
+     '            "ORDER BY TABLE_NAME, ORDINAL_POSITION", list(tables))'),
 }
 
 SQL_CALLS = {"execute_sql", "execute", "SQL", "raw", "executemany"}
