@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import peewee
 import pytest
@@ -132,31 +132,38 @@ def test_request_abort_of_an_unknown_run_is_not_found(storage: Any) -> None:
 RACERS, ROUNDS = 4, 10
 
 
-def test_threads_racing_to_abort_have_exactly_one_winner(storage: Any) -> None:
+def race(storage: Any, call: Callable[[int, int], Any]) -> List[List[Any]]:
+    """RACERS threads, each on its own connection, run ``call(racer, round)`` together in every
+    round (a barrier starts them at one moment); the results of each round, in finishing order."""
     for round_ in range(ROUNDS):
         put_run(storage, f"race-{round_}")
     barrier = threading.Barrier(RACERS)
-    results: List[List[AbortRequest]] = [[] for _ in range(ROUNDS)]
+    results: List[List[Any]] = [[] for _ in range(ROUNDS)]
     errors: List[BaseException] = []
 
-    def racer() -> None:
+    def racer(n: int) -> None:
         try:
             storage.database.connect(reuse_if_open=True)  # connected before the start signal
             for round_ in range(ROUNDS):
-                barrier.wait(timeout=30)  # all racers ask at the same moment
-                results[round_].append(storage.runs.request_abort(f"race-{round_}"))
+                barrier.wait(timeout=30)
+                results[round_].append(call(n, round_))
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
         finally:
             storage.database.close()
 
-    threads = [threading.Thread(target=racer) for _ in range(RACERS)]
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(RACERS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert errors == []
+    return results
+
+
+def test_threads_racing_to_abort_have_exactly_one_winner(storage: Any) -> None:
+    results = race(storage, lambda n, round_: storage.runs.request_abort(f"race-{round_}"))
     for round_ in range(ROUNDS):
         expected = [AbortRequest.ALREADY_REQUESTED] * (RACERS - 1) + [AbortRequest.REQUESTED]
         assert sorted(results[round_]) == expected
@@ -223,31 +230,11 @@ def test_finish_keeps_the_outcome_of_a_run_that_already_ended(storage: Any, ende
 
 
 def test_threads_racing_to_finish_have_exactly_one_winner(storage: Any) -> None:
-    for round_ in range(ROUNDS):
-        put_run(storage, f"race-{round_}")
-    barrier = threading.Barrier(RACERS)
-    results: List[List[Any]] = [[] for _ in range(ROUNDS)]
-    errors: List[BaseException] = []
+    def finish(n: int, round_: int) -> Any:
+        status, final = ("completed", FINISHED) if n % 2 else ("aborted", FAILED)
+        return storage.runs.finish(f"race-{round_}", status, final), status
 
-    def racer(n: int) -> None:
-        try:
-            storage.database.connect(reuse_if_open=True)
-            for round_ in range(ROUNDS):
-                barrier.wait(timeout=30)
-                status, final = ("completed", FINISHED) if n % 2 else ("aborted", FAILED)
-                results[round_].append((storage.runs.finish(f"race-{round_}", status, final), status))
-        except BaseException as exc:
-            errors.append(exc)
-            barrier.abort()
-        finally:
-            storage.database.close()
-
-    threads = [threading.Thread(target=racer, args=(n,)) for n in range(RACERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert errors == []
+    results = race(storage, finish)
     for round_ in range(ROUNDS):
         winners = [status for won, status in results[round_] if won]
         assert len(winners) == 1
