@@ -8,7 +8,9 @@ A `Dialect` answers three questions for the rest of the package:
 * how a multi-statement transaction is opened, and what a driver error means (the
   classifiers live in `driver_errors`).
 
-Nothing outside this module asks "which database am I?".
+Nothing outside this module asks "which database am I?": the streams, their followers and the
+schema set-up ask capability flags and methods instead (`stream_row_share_lock`,
+`notifies_appends`, `build_poll_sql`, `drop_index_sql`, ...).
 """
 from __future__ import annotations
 
@@ -102,6 +104,27 @@ class Dialect:
     #: One writer at a time for the whole database (SQLite): callers may queue their own
     #: threads for it rather than leave them to the busy timeout, which grants no turn order.
     single_writer = False
+
+    # What the streams, their followers and the schema set-up do differently (streams.py,
+    # followers.py, schema.py ask these rather than the dialect's name).
+    #: The locking clause that holds the stream row shared while an event is appended, so a
+    #: racing close waits; None where one writer at a time makes it needless (SQLite).
+    stream_row_share_lock: Optional[str] = None
+    #: Appends and closes NOTIFY the pollers of every process in the same statement, and the
+    #: pollers LISTEN for it (PostgreSQL).
+    notifies_appends = False
+    #: The poller PREPAREs its poll statement on its connection (PostgreSQL).
+    prepares_polls = False
+    #: The poll statement takes three arrays (run ids, after, upto) rather than one JSON array.
+    polls_with_arrays = False
+    #: A timed poll first asks which streams have news, then reads each alone with constant
+    #: bounds (MariaDB reads an index range only for constants).
+    polls_by_checks = False
+    #: PRAGMA data_version tells whether anything was committed since the last timed poll (SQLite).
+    has_data_version = False
+    #: CREATE INDEX CONCURRENTLY exists (outside a transaction; an interrupted build leaves an
+    #: invalid index behind).
+    can_build_index_concurrently = False
 
     encode_ts: Callable[[int], Any] = staticmethod(postgres_encode_ts)
     decode_ts: Callable[[Any], int] = staticmethod(datetime_to_ms)
@@ -231,6 +254,20 @@ class Dialect:
     def prepare(self, causal_reads: bool = True) -> None:
         """Per-database settings the storage relies on (SQLite pragmas; Galera's causal reads)."""
 
+    # Streams, followers and indexes.
+    def build_poll_sql(self, models: Any) -> str:
+        """The followers' poll statement over the stream tables of `models` (see followers.py).
+
+        Every read of stream_events goes through the unique (run_id, seq) index, bounded: the last
+        seq is one index entry read backwards, the events a range of it. (MariaDB and SQLite would
+        otherwise pick the run_id index and read every event of the stream.)
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no poll statement")
+
+    def drop_index_sql(self, index: str, table: str) -> str:
+        """DROP INDEX of the quoted `index` on the quoted `table`."""
+        return f"DROP INDEX {index}"
+
     # Lost connections (the storage's reconnect layer asks these; only after a statement failed).
     def is_connection_lost(self, exc: BaseException) -> bool:
         """True when `exc`, just raised on the calling thread, means its connection is gone
@@ -276,6 +313,7 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     now_default = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
     single_writer = True
+    has_data_version = True
     encode_ts = staticmethod(sqlite_encode_ts)
     decode_ts = staticmethod(sqlite_decode_ts)
 
@@ -316,6 +354,20 @@ class SqliteDialect(Dialect):
             # WAL lets readers (stream followers) run while one writer appends.
             db.pragma("journal_mode", "wal", permanent=True)
 
+    def build_poll_sql(self, models: Any) -> str:
+        streams = models.stream._meta.table_name
+        events = models.stream_event._meta.table_name
+        index = "stream_events_run_id_seq_unique"
+        return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
+                f"(SELECT json_extract(j.value, '$[0]') AS run, json_extract(j.value, '$[1]') AS since, "
+                f"json_extract(j.value, '$[2]') AS upto, "
+                f"(SELECT MAX(x.seq) FROM {events} x INDEXED BY {index} "
+                f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w "
+                f"LEFT JOIN {streams} s ON s.id = w.run "
+                f"LEFT JOIN {events} e INDEXED BY {index} "
+                f"ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+                f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+
 
 class PostgresDialect(Dialect):
     """PostgreSQL: jsonb and timestamptz."""
@@ -328,6 +380,22 @@ class PostgresDialect(Dialect):
     decode_ts = staticmethod(datetime_to_ms)
     field_load_json = staticmethod(load_native)
     dump_json = staticmethod(dumps_for_jsonb)
+    stream_row_share_lock = "FOR SHARE"
+    notifies_appends = True
+    prepares_polls = True
+    polls_with_arrays = True
+    can_build_index_concurrently = True
+
+    def build_poll_sql(self, models: Any) -> str:
+        # $1..$3: the poller PREPAREs it (or puts %s in their place for plain statements).
+        streams = models.stream._meta.table_name
+        events = models.stream_event._meta.table_name
+        return (f"SELECT w.run, s.status, w.last, e.seq, e.event::text FROM "
+                f"(SELECT j.run, j.since, j.upto, (SELECT max(x.seq) FROM {events} x WHERE x.run_id = j.run) "
+                f"AS last FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS j(run, since, upto)) w "
+                f"LEFT JOIN {streams} s ON s.id = w.run "
+                f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
+                f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
 
     def select_json(self, column: peewee.Field) -> peewee.Node:
         # As text, so SQL NULL (absent) and JSON null (None) stay apart: the driver's
@@ -404,6 +472,25 @@ class MySQLDialect(Dialect):
     now_default = "CURRENT_TIMESTAMP(3)"
     encode_ts = staticmethod(mysql_encode_ts)
     decode_ts = staticmethod(datetime_to_ms)
+    stream_row_share_lock = "LOCK IN SHARE MODE"
+    polls_by_checks = True
+
+    def build_poll_sql(self, models: Any) -> str:
+        # MariaDB reads a range of the index only when its bounds are constants, not columns of
+        # JSON_TABLE: a timed poll first asks which streams have news (the next seq is there --
+        # one point lookup each --, the status is not open, or the stream is gone), then reads
+        # those one at a time, as constants. (A hole in the numbering of an open stream is then
+        # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
+        streams = models.stream._meta.table_name
+        events = models.stream_event._meta.table_name
+        return (f"SELECT j.run, s.status FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET "
+                f"utf8mb4 COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', "
+                f"upto BIGINT PATH '$[2]')) AS j "
+                f"LEFT JOIN {streams} s ON s.id = j.run WHERE s.id IS NULL OR s.status <> 'open' OR EXISTS "
+                f"(SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
+
+    def drop_index_sql(self, index: str, table: str) -> str:
+        return f"DROP INDEX {index} ON {table}"
 
     def __init__(self, database: peewee.Database) -> None:
         super().__init__(database)

@@ -46,6 +46,7 @@ from playhouse.pool import PooledDatabase
 from .errors import ConnectionLostError, PoolExhaustedError
 
 if TYPE_CHECKING:
+    from .dialects import Dialect
     from .executor import Executor
     from .models import Models
 
@@ -227,8 +228,8 @@ class Poller:
         #: True while this poller's PostgreSQL connection LISTENs (then appends arrive as NOTIFY).
         self.listening = False
         self._conn: Any = None  # the driver connection LISTEN / PREPARE were done on
-        self._prepare = self._dialect.name == "postgres"
-        self._sql = _poll_sql(self._dialect.name, models)
+        self._prepare = self._dialect.prepares_polls
+        self._sql = self._dialect.build_poll_sql(models)
         self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
         self._one_sql = _one_sql(models)
         self._news_sql = _news_sql(models)
@@ -451,7 +452,7 @@ class Poller:
             self._conn = conn
             self._data_version = None
             self.listening = False
-            if self._dialect.name == "postgres":
+            if self._dialect.notifies_appends:
                 self._setup_postgres(conn)
         return conn
 
@@ -482,7 +483,7 @@ class Poller:
         if db.is_closed() or os.getpid() != self._pid or self.inline:
             return
         try:
-            if conn is not None and isinstance(db, PooledDatabase) and self._dialect.name == "postgres" and \
+            if conn is not None and isinstance(db, PooledDatabase) and self._dialect.notifies_appends and \
                     not db.in_transaction():
                 self._storage.execute(f"UNLISTEN {CHANNEL}")
                 if self._prepare:
@@ -519,7 +520,7 @@ class Poller:
         """One round: read the `targets` streams, or (`full`) every followed stream, in chunks of
         STREAMS_PER_POLL, and feed their watches."""
         self._connect()
-        if full and self._dialect.name == "sqlite" and not self._unchecked:
+        if full and self._dialect.has_data_version and not self._unchecked:
             # Nothing committed by any connection since the last timed poll: nothing to read.
             version = self._storage.execute("PRAGMA data_version").fetchone()[0]
             if version == self._data_version:
@@ -537,7 +538,7 @@ class Poller:
                         wanted.append((run_id, min(w.cursor for w in hungry), hungry))
                 plan = []
                 # (MariaDB's check returns run ids only, and reads each stream with news alone.)
-                per = CHECKS_PER_POLL if self._dialect.name == "mysql" else STREAMS_PER_POLL
+                per = CHECKS_PER_POLL if self._dialect.polls_by_checks else STREAMS_PER_POLL
                 for start in range(0, len(wanted), per):
                     chunk = wanted[start:start + per]
                     window = POLL_BATCH if per == CHECKS_PER_POLL else \
@@ -553,9 +554,9 @@ class Poller:
 
     def _params(self, entries: List[Tuple[str, int, int]], full: bool) -> Any:
         """The poll statement's parameters for (run id, after, upto) entries."""
-        if self._dialect.name == "postgres":
+        if self._dialect.polls_with_arrays:
             return ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
-        if self._dialect.name == "mysql":
+        if self._dialect.polls_by_checks:
             return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")) if full else None, entries)
         return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")),)
 
@@ -578,9 +579,9 @@ class Poller:
 
     def _read(self, params: Any) -> List[Row]:
         self.polls += 1
-        if self._dialect.name == "mysql":
+        if self._dialect.polls_by_checks:
             return self._read_mysql(params)
-        if self._dialect.name != "postgres":
+        if not self._dialect.polls_with_arrays:
             return list(self._storage.execute(self._sql, params).fetchall())
         arrays = params
         if not self._prepare:
@@ -730,53 +731,15 @@ def _pg_code(exc: BaseException) -> Optional[str]:
     return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
 
 
-def notify_sql(dialect_name: str, returning_sql: str) -> str:
+def notify_sql(dialect: Dialect, returning_sql: str) -> str:
     """`returning_sql` (an INSERT/UPDATE ... RETURNING the run id) made to NOTIFY the pollers of
     every process for each row it writes, in the same statement (``RETURNING pg_notify(...)``);
-    its row count stays the rows written. Elsewhere: unchanged."""
-    if dialect_name != "postgres":
+    its row count stays the rows written. Elsewhere (`Dialect.notifies_appends` false): unchanged."""
+    if not dialect.notifies_appends:
         return returning_sql
     head, column = returning_sql.rsplit(" RETURNING ", 1)
     return (f"{head} RETURNING pg_notify('{CHANNEL}', "
             f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END)")
-
-
-def _poll_sql(name: str, models: Models) -> str:
-    """The poll statement of dialect `name` (see the module doc); PostgreSQL's uses $1..$3.
-
-    Every read of stream_events goes through the unique (run_id, seq) index, bounded: the last
-    seq is one index entry read backwards, the events a range of it. (MariaDB and SQLite would
-    otherwise pick the run_id index and read every event of the stream.)
-    """
-    streams = models.stream._meta.table_name
-    events = models.stream_event._meta.table_name
-    index = "stream_events_run_id_seq_unique"
-    if name == "postgres":
-        return (f"SELECT w.run, s.status, w.last, e.seq, e.event::text FROM "
-                f"(SELECT j.run, j.since, j.upto, (SELECT max(x.seq) FROM {events} x WHERE x.run_id = j.run) "
-                f"AS last FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS j(run, since, upto)) w "
-                f"LEFT JOIN {streams} s ON s.id = w.run "
-                f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
-                f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
-    if name == "mysql":
-        # MariaDB reads a range of the index only when its bounds are constants, not columns of
-        # JSON_TABLE: a timed poll first asks which streams have news (the next seq is there --
-        # one point lookup each --, the status is not open, or the stream is gone), then reads
-        # those with `_one_sql`, as constants. (A hole in the numbering of an open stream is then
-        # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
-        return (f"SELECT j.run, s.status FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET "
-                f"utf8mb4 COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', "
-                f"upto BIGINT PATH '$[2]')) AS j "
-                f"LEFT JOIN {streams} s ON s.id = j.run WHERE s.id IS NULL OR s.status <> 'open' OR EXISTS "
-                f"(SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
-    return (f"SELECT w.run, s.status, w.last, e.seq, e.event FROM "
-            f"(SELECT json_extract(j.value, '$[0]') AS run, json_extract(j.value, '$[1]') AS since, "
-            f"json_extract(j.value, '$[2]') AS upto, (SELECT MAX(x.seq) FROM {events} x INDEXED BY {index} "
-            f"WHERE x.run_id = json_extract(j.value, '$[0]')) AS last FROM json_each(?) AS j) w "
-            f"LEFT JOIN {streams} s ON s.id = w.run "
-            f"LEFT JOIN {events} e INDEXED BY {index} "
-            f"ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
-            f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
 
 
 def _news_sql(models: Models) -> str:

@@ -84,7 +84,7 @@ def create_tables(database: Any, dialect: Optional[str] = None, *,
                 logger.debug("create table %s", model._meta.table_name)
                 model.create_table(safe=True)
     added = []
-    pg_concurrently = concurrently and found.name == "postgres"
+    pg_concurrently = concurrently and found.can_build_index_concurrently
     for index in missing_indexes(real, found, models, present):
         sql = _create_index_sql(real, index, pg_concurrently)
         logger.info("adding index %s to %s: %s", index.name, index.table, sql)
@@ -125,7 +125,7 @@ def _matching(found: Sequence[Any], index: IndexSpec) -> List[Any]:
 
 
 def _invalid_indexes(database: peewee.Database, dialect: Dialect, table: str) -> Set[str]:
-    if dialect.name != "postgres":
+    if not dialect.can_build_index_concurrently:  # only a concurrent build leaves an invalid index
         return set()
     cursor = database.execute_sql(
         "SELECT i.relname FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid "
@@ -163,8 +163,7 @@ def drop_performance_indexes(database: Any, dialect: Optional[str] = None) -> Li
         names = {f.name for f in real.get_indexes(table)}
         for index in expected_indexes(model):
             if is_performance_index(index) and index.name in names:
-                on = f" ON {_quote(real, table)}" if d.name == "mysql" else ""
-                real.execute_sql(f"DROP INDEX {_quote(real, str(index.name))}{on}")
+                real.execute_sql(d.drop_index_sql(_quote(real, str(index.name)), _quote(real, table)))
                 dropped.append(str(index.name))
     return dropped
 

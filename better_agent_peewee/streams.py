@@ -105,17 +105,17 @@ class Streams:
                            d.json_param(marker("event"))).where(
             (S.id == marker("run")) & (last_seq == marker("prev")))
         checked = checked.where(S.status == "open")  # a closed stream takes no more events
-        if d.name != "sqlite":
+        if d.stream_row_share_lock is not None:
             # Lock the stream row shared: a close racing this append waits for it to commit, or it
             # sees the close (READ COMMITTED re-reads the locked row) and stores nothing. Without
             # the lock an append begun before the close could commit after it, unseen by the
             # followers that ended at the close. (SQLite has one writer at a time anyway.)
-            checked = checked.for_update("FOR SHARE" if d.name == "postgres" else "LOCK IN SHARE MODE")
+            checked = checked.for_update(d.stream_row_share_lock)
         # On PostgreSQL the same statement NOTIFYs the pollers of all processes (followers.notify_sql).
-        notify = d.name == "postgres"
+        notify = d.notifies_appends
         insert = d.skip_duplicates(E.insert_from(checked, self._event_fields))
         statement = compile_statement(self._db, insert.returning(E.run_id) if notify else insert.returning())
-        self._insert_checked = statement._replace(sql=notify_sql(d.name, statement.sql))
+        self._insert_checked = statement._replace(sql=notify_sql(d, statement.sql))
         # The status and last seq of a stream (0 when it has no event); no row when there is no stream.
         self._last_seq = compile_statement(
             self._db, S.select(S.status, last_seq).where(S.id == marker("run")))
@@ -125,7 +125,7 @@ class Streams:
         close = S.update({S.status: marker("status"), S.updated_at: marker("now"),
                           S.closed_at: marker("now")}).where(S.id == marker("run"))
         statement = compile_statement(self._db, close.returning(S.id) if notify else close)
-        self._close_sql = statement._replace(sql=notify_sql(d.name, statement.sql))
+        self._close_sql = statement._replace(sql=notify_sql(d, statement.sql))
 
         self._rows = MultiRowInsert(self._db, E, self._event_fields, d.skip_duplicates)
         self._poller: Optional[Poller] = None  # made by the first resume

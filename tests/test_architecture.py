@@ -97,3 +97,21 @@ def test_public_functions_and_methods_have_docstrings() -> None:
                             if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
                             and m.name not in PEEWEE_HOOKS and ast.get_docstring(m) is None]
     assert not missing, f"public functions without a docstring: {', '.join(missing)}"
+
+
+def test_only_the_dialects_module_asks_which_database_it_is() -> None:
+    """Dialect differences are the `Dialect` hierarchy's flags and methods ("Where dialect
+    differences go" in docs/architecture.md): no other module compares anything with a dialect's name."""
+    names = {"sqlite", "postgres", "mysql", "mariadb", "postgresql"}
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value.lower() in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(e) for e in node.elts)
+        return False
+
+    found = [f"{name}: line {node.lineno}" for name, tree in _trees().items() if name != "dialects"
+             for node in ast.walk(tree) if isinstance(node, ast.Compare)
+             and any(named(side) for side in [node.left, *node.comparators])]
+    assert not found, f"modules other than dialects.py compare with a dialect's name: {found}"
