@@ -42,7 +42,7 @@ REVIEWED = {
      'self._storage.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
     # Index maintenance: index and table names from the models' declaration, never a value.
     ("schema.py", 'database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")'),
-    ("schema.py", 'real.execute_sql(f"DROP INDEX {_quote(real, str(index.name))}{on}")'),
+    ("schema.py", 'real.execute_sql(d.drop_index_sql(_quote(real, str(index.name)), _quote(real, table)))'),
     # The collation check: one %s placeholder per table name; the names travel as parameters.
     ("dialects.py",
      'self.database.execute_sql(\n'
@@ -73,7 +73,7 @@ def formatted_sql_calls() -> Set[Tuple[str, str]]:
             formatted = (isinstance(sql, ast.JoinedStr)
                          or (isinstance(sql, ast.BinOp) and isinstance(sql.op, (ast.Mod, ast.Add)))
                          or (isinstance(sql, ast.Call) and isinstance(sql.func, ast.Attribute)
-                             and sql.func.attr in ("format", "join", "replace")))
+                             and sql.func.attr in ("format", "join", "replace", "drop_index_sql")))
             if formatted:
                 found.add((path.name, ast.get_source_segment(source, node) or ""))
     return found
