@@ -8,6 +8,7 @@
 # pip), then runs pytest --cluster; arguments are passed to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup-lib.sh
 
 missing=()
 [[ -e /usr/lib/galera/libgalera_smm.so ]] || missing+=(galera-4)
@@ -16,19 +17,7 @@ command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgb
 command -v rsync >/dev/null || missing+=(rsync)
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql-15)
-if ((${#missing[@]})); then
-    if [[ $(id -u) != 0 ]]; then
-        echo "scripts/cluster-test.sh: missing packages; install them first:" >&2
-        echo "    sudo apt-get install -y ${missing[*]}" >&2
-        exit 1
-    fi
-    echo "scripts/cluster-test.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q "${missing[@]}"
-fi
-
-python -m pip install -q -e ".[test]"
+install_and_setup scripts/cluster-test.sh "${missing[@]}"
 
 if (($# == 0)); then
     set -- -q -ra -p no:cacheprovider tests/cluster_suite

@@ -10,6 +10,7 @@
 # BAP_TEST_POSTGRES_URL / BAP_TEST_MYSQL_URL.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup-lib.sh
 
 dialects=",${BAP_TEST_DIALECTS:-sqlite,postgres,mysql},"
 missing=()
@@ -25,19 +26,7 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     missing+=(chromium chromium-driver)
 fi
-if ((${#missing[@]})); then
-    if [[ $(id -u) != 0 ]]; then
-        echo "scripts/test.sh: missing packages (database servers, browser); install them first:" >&2
-        echo "    sudo apt-get install -y ${missing[*]}" >&2
-        exit 1
-    fi
-    echo "scripts/test.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q "${missing[@]}"
-fi
-
-python -m pip install -q -e ".[test]"
+install_and_setup scripts/test.sh "${missing[@]}"
 
 if (($# == 0)); then
     set -- -q -ra tests
