@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import Server
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = [f"W{i}" for i in range(1, 11)] + ["W12", "W13"]
 
@@ -88,3 +90,38 @@ def test_growth_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: P
     assert len(result["indexes_added"]) >= 5 and all(n.startswith("bap_") for n in result["indexes_added"])
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(lookups), proc.stdout
+
+
+def test_prune_at_scale_benchmark_smoke_run(dialect: str, database_url: str, server: Server | None,
+                                            tmp_path: Path) -> None:
+    """``python -m bench.prune_kept`` on tiny databases: every case timed on both sides, the old
+    runs pruned whole and every kept run left (the benchmark checks both and fails otherwise)."""
+    out = tmp_path / "prune-kept.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    argv = ["--dialect", dialect, "--kept", "400", "--small", "100", "--events", "3", "--prune", "30",
+            "--quick", "--json", str(out)]
+    other = None
+    if server is not None:  # the test's own (empty) database is the big side, a second one the small
+        other = server.create_database(f"bap_prune_small_{os.getpid()}")
+        argv += ["--big-url", database_url,
+                 "--small-url", other.url + ("?charset=utf8mb4" if dialect == "mysql" else "")]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.prune_kept", *argv],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        if server is not None and other is not None:
+            server.drop_database(other.database)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["kept"] == 400 and result["small"] == 100
+    summary = result["summary"]
+    assert {"nothing to delete, default window", "nothing to delete, orphan_scan=None (full orphan sweep)",
+            "prune of 30 runs (300 events), default window"} <= set(summary)
+    for name, row in summary.items():
+        assert row["small"]["samples"] >= 1 and row["big"]["samples"] >= 1, name
+        assert row["big"]["median_s"] > 0 and row["ratio"] > 0, name
+    pruned = result["cases"]["prune of 30 runs (300 events), default window"]["big"][0]
+    assert (pruned["runs"], pruned["streams"], pruned["events"]) == (30, 30, 300)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(summary), proc.stdout
