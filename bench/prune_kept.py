@@ -40,8 +40,10 @@ import gc
 import io
 import itertools
 import json
+import logging
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -293,6 +295,43 @@ class Timing:
                 handle.close()
 
 
+class _Statements(logging.Handler):
+    """Collects the (sql, params) peewee logs at DEBUG for every statement it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: List[Tuple[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, tuple) and len(record.msg) == 2:
+            self.seen.append(record.msg)
+
+
+def explain(side: Side, count: int) -> List[Dict[str, Any]]:
+    """The plan of every statement one prune of `count` old runs runs on `side` (one per shape:
+    IN lists of any length count as one), as the server plans it at this size."""
+    side.add_old(count)
+    handler, log = _Statements(), logging.getLogger("peewee")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        prune_runs(side.storage, KEEP, now_ms=side.now)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    shapes: Dict[str, Tuple[str, Any]] = {}
+    for sql, params in handler.seen:
+        if sql.split(None, 1)[0].upper() in ("SELECT", "DELETE"):
+            shapes.setdefault(re.sub(r"(\?|%s)(, (\?|%s))+", "...", sql), (sql, params))
+    prefix = "EXPLAIN QUERY PLAN " if side.dialect == "sqlite" else "EXPLAIN "
+    plans = []
+    for shape, (sql, params) in shapes.items():
+        rows = side.database.execute_sql(prefix + sql, params).fetchall()
+        plans.append({"statement": shape, "plan": [" | ".join(str(c) for c in row) for row in rows]})
+    return plans
+
+
 # -- the benchmark --------------------------------------------------------------------------
 
 NOTHING: Tuple[Tuple[str, Dict[str, Any]], ...] = (("nothing to delete, default window", {}),
@@ -430,6 +469,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run the timed parts at this niceness (this process and its server)")
     parser.add_argument("--small-url", help="an existing empty database for the small side")
     parser.add_argument("--big-url", help="an existing empty database for the big side")
+    parser.add_argument("--explain", type=int, metavar="P",
+                        help="at the end, EXPLAIN every statement of a prune of P old runs on the big side")
     parser.add_argument("--quick", action="store_true", help="one call per case (the CI smoke run)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
@@ -468,6 +509,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         every = [float(load.split()[0]) for pair in timing.loads for load in pair]
         result["load_min"], result["load_max"] = min(every), max(every)
         result["locked_seconds"] = timing.locked_seconds
+        if args.explain:
+            result["explain"] = explain(sides[1], args.explain)
+            for plan in result["explain"]:
+                _log(plan["statement"] + "\n    " + "\n    ".join(plan["plan"]))
     print(format_result(args.dialect, result) + "\n", flush=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.json or os.path.join(RESULTS, f"{stamp}-prune-kept-{args.dialect}.json")
