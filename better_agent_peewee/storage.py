@@ -112,11 +112,13 @@ class Storage:
         """
         return self.executor.connection()
 
-    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True) -> Any:
+    def execute(self, sql: str, params: Any = (), *, idempotent: bool = False) -> Any:
         """Run one SQL statement on the calling thread's connection; the driver's cursor.
 
         See `Executor.execute`: a lost connection is reopened and the statement run again
-        when that is safe (`idempotent`, or it never reached the server).
+        when that is safe: it never reached the server, or the caller says running it twice
+        does no harm (`idempotent=True`, e.g. a SELECT). The default assumes it might
+        (an INSERT must not be applied twice).
         """
         return self.executor.execute(sql, params, idempotent=idempotent)
 

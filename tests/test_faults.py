@@ -763,3 +763,59 @@ def test_a_thousand_followers_ride_through_restarts(dialect: str, server: Any,
     assert all(len(seqs) == 4 for seqs in want.values())
     assert all(seqs == want[run_id] for (run_id, _), seqs in got.items())
     assert reasons == ["closed"] * len(readers)
+
+
+@pytest.mark.parametrize("idempotent", [None, True], ids=["default", "idempotent"])
+def test_a_raw_write_cut_off_by_a_restart_is_run_again_only_when_said_to_be_idempotent(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database],
+        idempotent: Optional[bool]) -> None:
+    """`storage.execute` of the caller's own INSERT, in flight (waiting for a row lock) when the
+    server goes down and comes back within the reconnect window: by default it is not run again
+    (it might have been applied; the error says so and nothing is written twice); with
+    `idempotent=True` it is run again once the server is back."""
+    storage = make_storage(make_database, dialect, pooled=False, reconnect_window=30)
+    storage.streams.open("r")
+    storage.execute("CREATE TABLE scratch (note VARCHAR(20))")
+    share = "FOR SHARE" if dialect == "postgres" else "LOCK IN SHARE MODE"
+    insert = f"INSERT INTO scratch (note) SELECT 'written' FROM streams WHERE id = 'r' {share}"
+    holder = server.connect()
+    cur = holder.cursor()
+    cur.execute("BEGIN")
+    cur.execute("SELECT status FROM streams WHERE id = 'r' FOR UPDATE")  # the INSERT waits for it
+    results: Dict[str, Any] = {}
+
+    def write() -> None:
+        try:
+            if idempotent is None:
+                storage.execute(insert)
+            else:
+                storage.execute(insert, idempotent=idempotent)
+            results["done"] = True
+        except BaseException as exc:
+            results["error"] = exc
+
+    worker = threading.Thread(target=write)
+    worker.start()
+    down = False
+    try:
+        deadline = time.monotonic() + 30
+        while not _lock_waits(server):
+            assert worker.is_alive(), f"the INSERT ended before the server went away: {results}"
+            assert time.monotonic() < deadline, f"the INSERT never reached the server: {results}"
+            time.sleep(0.01)
+        server._shutdown()
+        down = True
+    finally:
+        holder.close()
+        if down:
+            server._launch(server)
+    worker.join(60)
+    assert not worker.is_alive()
+    rows = storage.execute("SELECT count(*) FROM scratch", idempotent=True).fetchone()[0]
+    if idempotent:
+        assert results == {"done": True} and rows == 1
+    else:
+        error = results.get("error")
+        assert isinstance(error, ConnectionLostError), results
+        assert error.maybe_applied is True
+        assert rows == 0
