@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import gc
 import io
 import itertools
@@ -124,9 +125,14 @@ class Side:
         self.now = now
         self.rng = random.Random(seed)
         self.old_batches = 0
+        self.old_rng = random.Random()  # not the kept runs' sequence: a reused database has those
+        #: Writes back what a load left dirty (outside the timing): a checkpoint.
+        self.checkpoint: Callable[[], None] = lambda: None
+        if self.dialect == "sqlite":
+            self.checkpoint = lambda: self.database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
-    def _run_id(self) -> str:
-        return f"run-{self.rng.getrandbits(64):016x}"
+    def _run_id(self, rng: Optional[random.Random] = None) -> str:
+        return f"run-{(rng or self.rng).getrandbits(64):016x}"
 
     def _load_runs(self, runs: List[Dict[str, Any]], per_run: int) -> None:
         m = self.storage.models
@@ -183,9 +189,12 @@ class Side:
         statuses = ("completed", "failed", "aborted")
         base = self.now - OLD_DAYS * DAY
         for start in range(0, count, step):
-            runs = [self._run(self._run_id(), statuses[i % 3], base - 60_000 + i, base + i)
+            runs = [self._run(self._run_id(self.old_rng), statuses[i % 3], base - 60_000 + i, base + i)
                     for i in range(start, min(start + step, count))]
             self._load_runs(runs, per_run)
+        # Else the prune timed next would pay for writing back what this load left dirty (SQLite's
+        # WAL checkpoint runs on a commit once the WAL is big; PostgreSQL's when it comes due).
+        self.checkpoint()
         self.old_batches += 1
         return time.perf_counter() - started
 
@@ -230,13 +239,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def timed_prune(side: Side, **options: Any) -> Dict[str, Any]:
+def timed_prune(side: Side, prune: Callable[..., Any] = prune_runs, **options: Any) -> Dict[str, Any]:
     """One prune call on `side`: seconds, RSS before, peak growth, and what it deleted."""
     gc.collect()
     before = _status_kb("VmRSS")
     reset = _reset_peak()
     t0 = time.perf_counter()
-    report = prune_runs(side.storage, KEEP, now_ms=side.now, **options)
+    report = prune(side.storage, KEEP, now_ms=side.now, **options)
     seconds = time.perf_counter() - t0
     peak = _status_kb("VmHWM") if reset else _status_kb("VmRSS")
     return {"seconds": seconds, "rss_before_mb": before / 1024, "rss_growth_mb": max(0, peak - before) / 1024,
@@ -343,36 +352,63 @@ PRUNES: Tuple[Tuple[str, Dict[str, Any]], ...] = (("default window", {}),
 
 
 def run(sides: Sequence[Side], prunes: Sequence[int], rounds: int, repeat: int, timing: Timing,
+        implementations: Sequence[Tuple[str, Callable[..., Any]]] = (("", prune_runs),),
         log: Callable[[str], None] = _log) -> Dict[str, Any]:
-    """The timed prunes on every side, interleaved; {case: {side: [samples]}}."""
+    """The timed prunes on every side (and with every implementation: `label`, prune_runs),
+    interleaved; {case: {side: [samples]}}, one case per implementation (label appended)."""
     cases: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+
+    def note(name: str) -> None:
+        log(f"  {name}: " + ", ".join(
+            f"{s.label} {statistics.median(x['seconds'] for x in cases[name][s.label]) * 1000:.1f} ms"
+            for s in sides))
+
     for _ in range(rounds):
-        for name, options in NOTHING:
+        for (case, options), (suffix, prune) in itertools.product(NOTHING, implementations):
+            name = case + suffix
             for side in sides:
                 with timing.section():
-                    samples = [timed_prune(side, **options) for _ in range(repeat)]
+                    samples = [timed_prune(side, prune, **options) for _ in range(repeat)]
                 if any(s["runs"] or s["streams"] or s["events"] for s in samples):
                     raise AssertionError(f"{side.label}: prune with nothing old enough deleted {samples}")
                 cases.setdefault(name, {}).setdefault(side.label, []).extend(samples)
-            log(f"  {name}: " + ", ".join(
-                f"{s.label} {statistics.median(x['seconds'] for x in cases[name][s.label]) * 1000:.1f} ms"
-                for s in sides))
+            note(name)
     added: Dict[str, Dict[str, List[float]]] = {}
     for count, (window, options) in itertools.product(prunes, PRUNES):
-        name = f"prune of {count:,} runs ({count * 10:,} events), {window}"
         for _ in range(rounds):
-            for side in sides:
-                added.setdefault(str(count), {}).setdefault(side.label, []).append(side.add_old(count))
-            with timing.section():
-                pruned = {side.label: timed_prune(side, **options) for side in sides}
-            for label, sample in pruned.items():
-                if (sample["runs"], sample["streams"], sample["events"]) != (count, count, count * 10):
-                    raise AssertionError(f"{label}: prune of {count} old runs deleted {sample}")
-                cases.setdefault(name, {}).setdefault(label, []).append(sample)
-        log(f"  {name}: " + ", ".join(
-            f"{s.label} {statistics.median(x['seconds'] for x in cases[name][s.label]):.2f} s"
-            for s in sides))
+            for suffix, prune in implementations:
+                name = f"prune of {count:,} runs ({count * 10:,} events), {window}{suffix}"
+                for side in sides:
+                    added.setdefault(str(count), {}).setdefault(side.label, []).append(side.add_old(count))
+                with timing.section():
+                    pruned = {side.label: timed_prune(side, prune, **options) for side in sides}
+                for label, sample in pruned.items():
+                    if (sample["runs"], sample["streams"], sample["events"]) != (count, count, count * 10):
+                        raise AssertionError(f"{label}: prune of {count} old runs deleted {sample}")
+                    cases.setdefault(name, {}).setdefault(label, []).append(sample)
+        for suffix, _prune in implementations:
+            note(f"prune of {count:,} runs ({count * 10:,} events), {window}{suffix}")
     return {"cases": cases, "add_old_seconds": added}
+
+
+def baseline_prune(revision: str) -> Callable[..., Any]:
+    """`prune_runs` as better_agent_peewee/prune.py was at git `revision` (run side by side)."""
+    import importlib.util
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{revision}:better_agent_peewee/prune.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="bap-baseline-"), "prune.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("better_agent_peewee._baseline_prune", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # its relative imports resolve inside better_agent_peewee
+    found: Callable[..., Any] = module.prune_runs
+    return found
 
 
 def summarise(cases: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> Dict[str, Dict[str, Any]]:
@@ -394,8 +430,13 @@ def summarise(cases: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> Dict[str, Di
 def format_result(dialect: str, r: Dict[str, Any]) -> str:
     """The table of one dialect (markdown)."""
     small, big = f"{r['small']:,}", f"{r['kept']:,}"
+
+    def built(label: str) -> str:
+        seconds = r["build_s"][label]
+        return "reused" if seconds is None else f"{seconds:.1f} s"
+
     lines = [f"{dialect} ({r['server']}): kept runs {small} / {big} with {r['events']} events each; "
-             f"build {r['build_s']['small']:.1f} s / {r['build_s']['big']:.1f} s; loads (1-min) "
+             f"build {built('small')} / {built('big')}; loads (1-min) "
              f"{r['load_min']}..{r['load_max']}",
              "",
              f"| prune | {small} kept | {big} kept | big / small | peak RSS growth (big) |",
@@ -416,6 +457,7 @@ def open_sides(args: argparse.Namespace, now: int) -> Iterator[Tuple[List[Side],
     server = None
     directory = None
     sides: List[Side] = []
+    checkpoint: Optional[Callable[[str], Any]] = None
     try:
         if args.small_url or args.big_url:
             if not (args.small_url and args.big_url):
@@ -423,8 +465,19 @@ def open_sides(args: argparse.Namespace, now: int) -> Iterator[Tuple[List[Side],
             urls = {"small": args.small_url, "big": args.big_url}
             pids: List[int] = [os.getpid()]
         elif args.dialect == "sqlite":
-            directory = tempfile.mkdtemp(prefix="bap-prune-kept-")
-            urls = {label: f"sqlite:///{directory}/{label}.db" for label in ("small", "big")}
+            if args.sqlite_dir:  # kept, for the next run to reuse
+                os.makedirs(args.sqlite_dir, exist_ok=True)
+                folder = args.sqlite_dir
+                meta = os.path.join(folder, "built.json")
+                if os.path.exists(meta):
+                    with open(meta) as f:
+                        now = json.load(f)["now"]  # the kept runs' ages are relative to it
+                else:
+                    with open(meta, "w") as f:
+                        json.dump({"now": now}, f)
+            else:
+                folder = directory = tempfile.mkdtemp(prefix="bap-prune-kept-")
+            urls = {label: f"sqlite:///{folder}/{label}.db" for label in ("small", "big")}
             pids = [os.getpid()]
         else:
             from tests.servers import start_mariadb, start_postgres
@@ -434,8 +487,13 @@ def open_sides(args: argparse.Namespace, now: int) -> Iterator[Tuple[List[Side],
             suffix = "?charset=utf8mb4" if args.dialect == "mysql" else ""
             urls = {"small": other.url + suffix, "big": server.url + suffix}
             pids = [os.getpid()] + ([server.pid] if server.pid else [])
+            if args.dialect == "postgres":
+                checkpoint = server.admin_execute  # CHECKPOINT needs a superuser
         sides = [Side("small", urls["small"], args.small, args.events, now, 1),
                  Side("big", urls["big"], args.kept, args.events, now, 2)]
+        if checkpoint is not None:
+            for side in sides:
+                side.checkpoint = functools.partial(checkpoint, "CHECKPOINT")
         query = {"sqlite": "SELECT sqlite_version()", "postgres": "SHOW server_version",
                  "mysql": "SELECT VERSION()"}[sides[0].dialect]
         row = sides[0].database.execute_sql(query).fetchone()
@@ -467,10 +525,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lock", metavar="PATH", help="flock PATH (exclusive) around every timed part")
     parser.add_argument("--timed-priority", type=int, metavar="NICE",
                         help="run the timed parts at this niceness (this process and its server)")
+    parser.add_argument("--sqlite-dir", metavar="DIR",
+                        help="SQLite: keep the two files in DIR, and reuse them when a run left them built")
     parser.add_argument("--small-url", help="an existing empty database for the small side")
     parser.add_argument("--big-url", help="an existing empty database for the big side")
     parser.add_argument("--explain", type=int, metavar="P",
                         help="at the end, EXPLAIN every statement of a prune of P old runs on the big side")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="time prune.py as it was at git REV too, interleaved (rows marked [REV])")
     parser.add_argument("--quick", action="store_true", help="one call per case (the CI smoke run)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
@@ -490,6 +552,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["server"] = version
         result["build_s"] = {}
         for side in sides:
+            if args.sqlite_dir and side.count_runs() == side.kept:
+                _log(f"{args.dialect}: the {side.label} side is built already ({args.sqlite_dir})")
+                result["build_s"][side.label] = None
+                continue
             _log(f"{args.dialect}: building {side.kept:,} kept runs ({side.kept * args.events:,} events) "
                  f"for the {side.label} side; load {_load()}")
             result["build_s"][side.label] = side.build()
@@ -499,7 +565,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _log(f"  built in {result['build_s'][side.label]:.1f} s, analyzed in "
                  f"{result['analyze_s'][side.label]:.1f} s; load {_load()}")
         timing = Timing(args.lock, args.timed_priority, pids)
-        measured = run(sides, prunes, args.rounds, args.repeat, timing)
+        implementations: List[Tuple[str, Callable[..., Any]]] = [("", prune_runs)]
+        if args.baseline:
+            implementations.append((f" [{args.baseline}]", baseline_prune(args.baseline)))
+        measured = run(sides, prunes, args.rounds, args.repeat, timing, implementations)
         left = {side.label: side.count_runs() for side in sides}
         if left != {side.label: side.kept for side in sides}:
             raise AssertionError(f"runs left after the prunes: {left}, expected every kept one")

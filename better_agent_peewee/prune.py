@@ -137,13 +137,27 @@ def prune_runs(
     # on PostgreSQL the SELECT and the DELETE see different moments).
     finished = [Run.status.in_(chosen), Run.finished_at.is_null(False), Run.finished_at < cutoff]
 
-    def finished_runs(after: Optional[str]) -> peewee.Query:
-        # Deleted rows stop matching, so a real prune needs no keyset (nor its ORDER BY run_id,
-        # which would lead SQLite to read the whole run_id index instead of the status one).
-        return _page(Run.select(Run.run_id).where(*finished), Run.run_id, after, batch_size, ordered=dry_run)
+    def finished_runs(status: str) -> Callable[[Optional[Tuple[Any, ...]]], peewee.Query]:
+        # One status at a time, oldest first: the order of bap_agent_runs_status_finished_idx, so
+        # every planner walks that index and stops after a page. Unordered (or with several
+        # statuses), PostgreSQL may estimate that old finished runs are common (it multiplies the
+        # selectivities of status and finishedAt) and pick a sequential scan for the LIMIT,
+        # reading every kept run when the old ones are few or lie at the end of the table.
+        mine = [Run.status == status, Run.finished_at.is_null(False), Run.finished_at < cutoff]
+
+        def select(after: Optional[Tuple[Any, ...]]) -> peewee.Query:
+            query: peewee.Query = Run.select(Run.run_id, Run.finished_at).where(*mine)
+            if not dry_run:  # deleted rows stop matching: no keyset needed
+                return query.order_by(Run.finished_at).limit(batch_size)
+            if after is not None:  # keyset on (finishedAt, runId): runs can finish in the same ms
+                run_id, at = after[0], executor.dialect.decode_ts(after[1])
+                query = query.where((Run.finished_at > at)
+                                    | ((Run.finished_at == at) & (Run.run_id > run_id)))
+            return query.order_by(Run.finished_at, Run.run_id).limit(batch_size)
+        return select
 
     def prune_finished(rows: List[Tuple[Any, ...]]) -> None:
-        ids = sorted(r for (r,) in rows)  # key order: the DELETEs then walk each index in order
+        ids = sorted(r for r, _ in rows)  # key order: the DELETEs then walk each index in order
         if dry_run:
             report.runs += len(ids)
             gone = ids
@@ -156,8 +170,9 @@ def prune_runs(
 
     orphan = [Stream.created_at < cutoff, no_run(Stream.run_id)]
 
-    def orphan_streams(after: Optional[str]) -> peewee.Query:
-        return _page(Stream.select(Stream.id, Stream.run_id).where(*orphan), Stream.id, after, batch_size)
+    def orphan_streams(after: Optional[Tuple[Any, ...]]) -> peewee.Query:
+        return _page(Stream.select(Stream.id, Stream.run_id).where(*orphan), Stream.id,
+                     None if after is None else after[0], batch_size)
 
     def prune_orphan_streams(rows: List[Tuple[Any, ...]]) -> None:
         ids = [stream_id for stream_id, _ in rows]
@@ -172,18 +187,20 @@ def prune_runs(
 
     stray = [Event.timestamp < cutoff, no_run(Event.run_id), no_stream(Event.run_id)]
 
-    def orphan_events(after: Optional[str]) -> peewee.Query:
-        return _page(Event.select(Event.run_id).distinct().where(*stray), Event.run_id, after, batch_size)
+    def orphan_events(after: Optional[Tuple[Any, ...]]) -> peewee.Query:
+        return _page(Event.select(Event.run_id).distinct().where(*stray), Event.run_id,
+                     None if after is None else after[0], batch_size)
 
     def prune_orphan_events(rows: List[Tuple[Any, ...]]) -> None:
         report.events += _delete_or_count(executor, Event, Event.run_id, [r for (r,) in rows], dry_run, stray)
 
-    phases: List[Tuple[str, Any, Any]] = [("finished runs", finished_runs, prune_finished)]
+    phases: List[Tuple[str, Any, Any]] = [(f"finished runs ({status})", finished_runs(status), prune_finished)
+                                          for status in chosen]
     if orphan_scan is None:
         phases += [("orphan streams", orphan_streams, prune_orphan_streams),
                    ("orphan events", orphan_events, prune_orphan_events)]
     for name, select, prune in phases:
-        last: Optional[str] = None
+        last: Optional[Tuple[Any, ...]] = None
         while True:
             # One transaction per page: a kill part-way loses (rolls back) at most this page,
             # never half of a run's data. On SQLite it holds the write lock from the start.
@@ -192,7 +209,7 @@ def prune_runs(
                 if not rows:
                     break
                 prune(rows)
-            last = rows[-1][0]
+            last = rows[-1]
             report.batches += 1
             report.seconds = time.monotonic() - started
             logger.debug("prune %s: batch of %d, totals %s", name, len(rows), report)
