@@ -15,8 +15,10 @@ ours to measure: its CPU is left out (said in the row's note).
 """
 from __future__ import annotations
 
+import gc
 import os
 import resource
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -63,17 +65,14 @@ def server_cpu(server: Any) -> Optional[float]:
 
 
 def held_connections(target: Any) -> int:
-    """Connections to the database, not counting the one asking (SQLite: open handles of its file)."""
+    """Connections to the database, not counting the one asking (SQLite: this process's open ones)."""
     if target.dialect == "sqlite":
-        path = os.path.realpath(target.sqlite_path)
-        count = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == path:
-                    count += 1
-            except OSError:
-                pass
-        return count - 1  # the raw connection the benchmark keeps for itself
+        # Not the file's descriptors: SQLite's unix VFS keeps the descriptor of a CLOSED connection
+        # open while another connection of the process holds a lock on the file (in WAL mode every
+        # open connection holds a shared lock, always), to keep POSIX locks from being dropped; it
+        # reuses or closes them later. Those are no connections: count the open ones instead.
+        return sum(1 for c in gc.get_objects() if isinstance(c, sqlite3.Connection) and _is_open(c)
+                   and c is not target.raw)
     raw = target.raw
     if target.dialect == "postgres":
         sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -84,6 +83,27 @@ def held_connections(target: Any) -> int:
     cursor = raw.cursor()
     cursor.execute(sql)
     return int(cursor.fetchone()[0])
+
+
+def _is_open(conn: sqlite3.Connection) -> bool:
+    try:
+        return conn.in_transaction or True  # (raises on a closed connection; no other effect)
+    except sqlite3.ProgrammingError:
+        return False
+
+
+def sqlite_file_descriptors(target: Any) -> int:
+    """Descriptors of this process open on the SQLite file (open connections, and closed ones'
+    that SQLite keeps while the file is locked), the benchmark's own raw connection included."""
+    path = os.path.realpath(target.sqlite_path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                count += 1
+        except OSError:
+            pass
+    return count
 
 
 class Crowd:
@@ -138,6 +158,7 @@ def w12_idle(w: Any, quick: bool) -> List[Row]:
     try:
         time.sleep(min(2.0, seconds))  # settle: every follower past its first poll
         connections = held_connections(target)
+        descriptors = sqlite_file_descriptors(target) if target.dialect == "sqlite" else None
         c0, s0, t0 = process_cpu(), server_cpu(target.server), time.perf_counter()
         time.sleep(seconds)
         c1, s1, t1 = process_cpu(), server_cpu(target.server), time.perf_counter()
@@ -145,7 +166,8 @@ def w12_idle(w: Any, quick: bool) -> List[Row]:
         client = 100 * (c1 - c0) / wall
         server = None if s0 is None or s1 is None else 100 * (s1 - s0) / wall
         total = client + (server or 0.0)
-        details = {"followers": n, "seconds": wall, "connections": connections}
+        details = {"followers": n, "seconds": wall, "connections": connections,
+                   "sqlite_file_descriptors": descriptors}
         note = ("" if server is not None or target.dialect == "sqlite"
                 else "server CPU not measured (not ours)")
         rows.append(Row("W12", f"{n:,} idle followers: client CPU", client, None, "% core", None, "(info)",

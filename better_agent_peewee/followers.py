@@ -24,8 +24,9 @@ other processes arrive at once too; the timed poll then only backs that up (ever
 `PUSH_FALLBACK` seconds) for writers that do not notify. Elsewhere the timed poll, every
 `poll_interval` of the most eager follower, is how other processes' appends are seen.
 
-After `fork()` the child starts its own poller with its own connection; the parent's
-inherited connection is made inert first, so the child can never talk on it.
+A `fork()` waits until the poller is out of its statement (so the child inherits no lock taken
+inside the database library), and the child starts its own poller with its own connection; the
+parent's inherited connection is made inert first, so the child can never talk on it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import select
 import threading
 import time
@@ -63,8 +65,11 @@ STREAMS_PER_POLL = 500
 CHECKS_PER_POLL = 2000
 #: About the most event rows one poll statement may return (the window shrinks as streams add up).
 ROWS_PER_POLL = 10_000
-#: MariaDB/MySQL: one timed check in this many reads the streams' status (the others, only events).
-STATUS_EVERY = 4
+#: MariaDB/MySQL: seconds between the timed checks that also read the streams' status (for closes
+#: and deletes by other processes that append no event; the others look for new events only).
+STATUS_PAUSE = 0.5
+#: MariaDB/MySQL: fewest seconds between two PREPAREs of a chunk's timed check.
+PREPARE_PAUSE = 1.0
 #: Seconds between timed polls while PostgreSQL push (LISTEN/NOTIFY) works.
 PUSH_FALLBACK = 0.5
 #: Seconds the poller stays after its last follower left (a quick next `resume` reuses it).
@@ -74,6 +79,8 @@ CHANNEL = "better_agent_streams"
 #: Longest run id sent as a NOTIFY payload (PostgreSQL allows under 8000 bytes).
 _PAYLOAD_BYTES = 7000
 _PREPARED = "better_agent_follow"
+#: MariaDB/MySQL: the prepared statements (this, then the chunk's number) of the timed checks.
+_CHECK_STATEMENT = "better_agent_check"
 
 Row = Tuple[Any, ...]
 
@@ -210,6 +217,8 @@ class Poller:
         self._db: peewee.Database = executor.database
         self._dialect = executor.dialect
         self._lock = threading.Lock()
+        #: Held while the poller runs SQL: a fork waits for it (see `_before_fork`).
+        self._busy = threading.Lock()
         self._watches: Dict[str, List[_Watch]] = {}
         self._dirty: Set[str] = set()
         self._stoppable = 0  # watches with a stop event: the poller checks those every tick
@@ -232,8 +241,17 @@ class Poller:
         self._sql = self._dialect.build_poll_sql(models)
         self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
         self._one_sql = _one_sql(models)
-        self._news_sql = _news_sql(models)
-        self._rounds = 0  # MariaDB: timed checks; every STATUS_EVERY-th also reads the status
+        self._models = models
+        self._status_at = 0.0  # MariaDB: when a timed check last read the status
+        self._with_status = False  # MariaDB: this round's timed check reads the status
+        self._check_sqls = {status: self._dialect.build_check_sql(models, status)
+                            for status in (False, True)} if self._dialect.polls_by_checks else {}
+        # MariaDB: per chunk of a timed check, its PREPAREd statement: the connection, the token,
+        # and the pairs written into it (run id -> seq); and when the last PREPARE was.
+        self._prepared: Dict[int, Tuple[Any, int, Dict[str, int]]] = {}
+        self._prepared_at = -PREPARE_PAUSE
+        #: Per chunk: its last entries, and those of them not as written into its statement.
+        self._hot: Dict[int, Tuple[Any, List[Tuple[str, int, int]]]] = {}
         #: An in-memory SQLite database is per connection: followers poll on their own thread.
         self.inline = in_memory_sqlite(self._db)
         self.polls = 0  # statements run (for tests and benchmarks)
@@ -421,10 +439,11 @@ class Poller:
             with contextlib.suppress(InterruptedError):
                 poll.poll(pause * 1000)
         with self._lock:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._rfd, 4096):
-                    pass
-            self._woken = False
+            if self._woken:  # (nothing was written to the pipe otherwise)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._rfd, 4096):
+                        pass
+                self._woken = False
         if conn is not None:
             self._notified(conn)
 
@@ -451,6 +470,7 @@ class Poller:
                 self.poke_all()
             self._conn = conn
             self._data_version = None
+            self._prepared = {}
             self.listening = False
             if self._dialect.notifies_appends:
                 self._setup_postgres(conn)
@@ -482,12 +502,22 @@ class Poller:
         self.listening = False
         if db.is_closed() or os.getpid() != self._pid or self.inline:
             return
+        prepared, self._prepared = self._prepared, {}
+        with self._busy:
+            self._clean_up(db, conn, prepared)
+
+    def _clean_up(self, db: peewee.Database, conn: Any, prepared: Dict[int, Tuple[Any, int, Dict[str, int]]]
+                  ) -> None:
         try:
             if conn is not None and isinstance(db, PooledDatabase) and self._dialect.notifies_appends and \
                     not db.in_transaction():
                 self._storage.execute(f"UNLISTEN {CHANNEL}")
                 if self._prepare:
                     self._storage.execute(f"DEALLOCATE {_PREPARED}")
+            if isinstance(db, PooledDatabase) and not db.in_transaction():
+                for index, (on, _, _) in prepared.items():
+                    if on is conn:
+                        self._storage.execute(self._dialect.check_statements(f"{_CHECK_STATEMENT}{index}")[2])
         except Exception:
             logger.debug("stream poller: cleaning up the connection failed", exc_info=True)
         with contextlib.suppress(Exception):
@@ -519,6 +549,10 @@ class Poller:
     def _poll(self, targets: Set[str], full: bool = False) -> None:
         """One round: read the `targets` streams, or (`full`) every followed stream, in chunks of
         STREAMS_PER_POLL, and feed their watches."""
+        with self._busy:  # (a fork waits for it: see _before_fork)
+            self._poll_round(targets, full)
+
+    def _poll_round(self, targets: Set[str], full: bool) -> None:
         self._connect()
         if full and self._dialect.has_data_version and not self._unchecked:
             # Nothing committed by any connection since the last timed poll: nothing to read.
@@ -526,6 +560,11 @@ class Poller:
             if version == self._data_version:
                 full = False
             self._data_version = version
+        if full and self._dialect.polls_by_checks:
+            now = time.monotonic()
+            self._with_status = bool(self._unchecked) or now - self._status_at >= STATUS_PAUSE
+            if self._with_status:
+                self._status_at = now
         with self._lock:
             if full and self._plan is not None and self._plan[0] == self._version:
                 plan = self._plan[1]  # an idle round: the same statement parameters as the last one
@@ -544,7 +583,7 @@ class Poller:
                     window = POLL_BATCH if per == CHECKS_PER_POLL else \
                         max(16, min(POLL_BATCH, ROWS_PER_POLL // len(chunk)))
                     plan.append((chunk, window,
-                                 self._params([(r, a, a + window) for r, a, _ in chunk], full)))
+                                 self._params([(r, a, a + window) for r, a, _ in chunk], full, len(plan))))
                 if full:
                     self._plan = (self._version, plan)
         for chunk, window, params in plan:
@@ -552,35 +591,108 @@ class Poller:
             if rows or self._unchecked:
                 self._deliver(chunk, window, rows)
 
-    def _params(self, entries: List[Tuple[str, int, int]], full: bool) -> Any:
-        """The poll statement's parameters for (run id, after, upto) entries."""
+    def _params(self, entries: List[Tuple[str, int, int]], full: bool, index: int) -> Any:
+        """The poll statement's parameters for (run id, after, upto) entries (chunk `index` of a round)."""
         if self._dialect.polls_with_arrays:
             return ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
         if self._dialect.polls_by_checks:
-            return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")) if full else None, entries)
+            check = json.dumps([e[:2] for e in entries], ensure_ascii=False, separators=(",", ":")) \
+                if full else None
+            return (check, entries, index)
         return (json.dumps(entries, ensure_ascii=False, separators=(",", ":")),)
 
-    def _read_mysql(self, params: Any) -> List[Row]:
+    def _read_by_checks(self, params: Any) -> List[Row]:
         """MariaDB/MySQL: (for a timed poll) which streams have news, then each of those read alone."""
-        check, entries = params
+        check, entries, index = params
         if check is not None:
             # Most timed checks only look for new events (an index point lookup per stream); one
-            # in STATUS_EVERY also reads each stream's row, for closes and deletes that came
+            # every STATUS_PAUSE also reads each stream's row, for closes and deletes that came
             # without an event (this process's own closes poke the poller at once anyway).
-            self._rounds += 1
-            sql = self._sql if self._rounds % STATUS_EVERY == 1 or self._unchecked else self._news_sql
-            changed = {row[0] for row in self._storage.execute(sql, (check,)).fetchall()}
-            entries = [e for e in entries if e[0] in changed]
+            if self._with_status:
+                news = list(self._storage.execute(self._check_sqls[True], (check,)).fetchall())
+            else:
+                news = self._check(check, entries, index)
+            changed = {row[0] for row in news}
+            entries = [e for e in entries if e[0] in changed] if changed else []
         rows: List[Row] = []
         for run_id, since, upto in entries:
             got = self._storage.execute(self._one_sql, (run_id, since, upto, run_id)).fetchall()
             rows.extend(got if got else [(run_id, None, 0, None, None)])  # no row: the stream is gone
         return rows
 
+    def _check(self, check: str, entries: List[Tuple[str, int, int]], index: int) -> List[Row]:
+        """The rows of the timed check (new events only) of chunk `index`: `entries`, whose pairs
+        the JSON array `check` holds.
+
+        Sending the array costs the client tens of kilobytes to escape and send, and the server
+        parsing them, every round, for streams that are mostly idle. So the pairs are written into
+        a statement PREPAREd on the poller's connection (at most every PREPARE_PAUSE), which each
+        round EXECUTEs; only the streams whose seq moved since ("hot") go as an array beside it
+        (written in at the next PREPARE: when they stay put for a round, or most have moved).
+        When the statement is gone (a new session: a reconnect anywhere on
+        the way) or is not ours (another poller's on a pooled connection; told by its token), the
+        whole array is sent as before.
+        """
+        conn = self._storage.connection()
+        prepared = self._prepared.get(index)
+        hot: List[Tuple[str, int, int]] = []
+        now = time.monotonic()
+        if prepared is not None and prepared[0] is conn:
+            last = self._hot.get(index)
+            if last is not None and last[0] is entries:
+                hot = last[1]  # the plan of the last round (an idle round)
+                if hot and now - self._prepared_at >= PREPARE_PAUSE:
+                    prepared = None  # the moved streams stay where they are: write them in
+            else:
+                written = prepared[2]
+                hot = [e for e in entries if written.get(e[0]) != e[1]]
+                self._hot[index] = (entries, hot)
+                if len(hot) * 4 > len(entries) + 64:
+                    prepared = None  # most of it has moved: write the statement anew
+        if prepared is None or prepared[0] is not conn:
+            if now - self._prepared_at < PREPARE_PAUSE:
+                return list(self._storage.execute(self._check_sqls[False], (check,)).fetchall())
+            self._prepared_at = now
+            prepared = self._prepare_check(entries, index)
+            if prepared is None:
+                return list(self._storage.execute(self._check_sqls[False], (check,)).fetchall())
+            hot = []
+        rows: List[Row]
+        try:
+            rows = list(self._storage.execute(self._dialect.check_statements(f"{_CHECK_STATEMENT}{index}")[1],
+                                              (prepared[1],)).fetchall())
+        except peewee.DatabaseError:
+            rows = [(None, None)]
+        if any(row[0] is None for row in rows):  # not there, or not ours
+            self._prepared.pop(index, None)
+            return list(self._storage.execute(self._check_sqls[False], (check,)).fetchall())
+        if hot:
+            moved = {e[0] for e in hot}
+            rows = [row for row in rows if row[0] not in moved]
+            array = json.dumps([e[:2] for e in hot], ensure_ascii=False, separators=(",", ":"))
+            rows.extend(self._storage.execute(self._check_sqls[False], (array,)).fetchall())
+        return rows
+
+    def _prepare_check(self, entries: List[Tuple[str, int, int]], index: int
+                       ) -> Optional[Tuple[Any, int, Dict[str, int]]]:
+        """PREPARE chunk `index`'s timed check with `entries` written in; None if refused."""
+        token = random.getrandbits(62)
+        pairs = [(e[0], e[1]) for e in entries]
+        sql = self._dialect.build_check_sql(self._models, False, pairs, token)
+        try:
+            self._storage.execute(self._dialect.check_statements(f"{_CHECK_STATEMENT}{index}")[0], (sql,))
+        except peewee.DatabaseError as exc:
+            logger.info("stream poller: PREPARE failed, sending the whole check each time: %s", exc)
+            self._prepared.pop(index, None)
+            return None
+        prepared = self._prepared[index] = (self._storage.connection(), token, dict(pairs))
+        self._hot[index] = (entries, [])
+        return prepared
+
     def _read(self, params: Any) -> List[Row]:
         self.polls += 1
         if self._dialect.polls_by_checks:
-            return self._read_mysql(params)
+            return self._read_by_checks(params)
         if not self._dialect.polls_with_arrays:
             return list(self._storage.execute(self._sql, params).fetchall())
         arrays = params
@@ -662,6 +774,7 @@ class Poller:
                     os.dup2(null, fd)  # whatever the child's copy might send goes nowhere
                     os.close(null)
         self._lock = threading.Lock()
+        self._busy = threading.Lock()
         self._thread = None
         self._watches = {}
         self._dirty = set()
@@ -670,6 +783,7 @@ class Poller:
         self._unchecked = 0
         self._plan = None
         self._data_version = None
+        self._prepared = {}
         self.listening = False
         self._pid = os.getpid()
         self._fds()  # the pipe is shared with the parent: a new one
@@ -700,13 +814,39 @@ _POLLERS: weakref.WeakSet[Poller] = weakref.WeakSet()
 _INHERITED: List[Any] = []
 
 
+#: Longest a fork waits for a poller to leave its statement (a poll stuck on a dead network).
+FORK_WAIT = 10.0
+_HELD: List[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """Before `fork()`: wait until no poller is inside a statement, and keep them out until the
+    fork is done. A fork copies only the forking thread; a lock a poller thread held inside the
+    database library (SQLite's mutexes, its VFS's lock; a driver's) would stay locked in the child
+    for ever, and the child would hang at its first statement."""
+    for poller in list(_POLLERS):
+        busy = poller._busy
+        if busy.acquire(timeout=FORK_WAIT):
+            _HELD.append(busy)
+        else:
+            logger.warning("fork: a stream poller stayed inside a statement for %g s; forking anyway",
+                           FORK_WAIT)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD:
+        _HELD.pop().release()
+
+
 def _reinit_after_fork() -> None:
+    _HELD.clear()  # (the child's pollers get new locks)
     for poller in list(_POLLERS):
         poller._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_reinit_after_fork)
 
 
 def _take_notifies(conn: Any) -> List[str]:
@@ -740,14 +880,6 @@ def notify_sql(dialect: Dialect, returning_sql: str) -> str:
     head, column = returning_sql.rsplit(" RETURNING ", 1)
     return (f"{head} RETURNING pg_notify('{CHANNEL}', "
             f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END)")
-
-
-def _news_sql(models: Models) -> str:
-    """MariaDB: which of the JSON array's streams have an event after the seq given."""
-    events = models.stream_event._meta.table_name
-    return (f"SELECT j.run FROM JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 "
-            f"COLLATE utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]', upto BIGINT PATH '$[2]')) AS j "
-            f"WHERE EXISTS (SELECT 1 FROM {events} x WHERE x.run_id = j.run AND x.seq = j.since + 1)")
 
 
 def _one_sql(models: Models) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -319,6 +321,63 @@ def _child_follows(storage: Any, run_id: str, results: Any) -> None:
         os._exit(0)
 
 
+def test_forks_in_a_loop_while_the_poller_is_busy(make_database: Any, database_url: str) -> None:
+    # A fork copies only the forking thread: a lock the poller thread held at that moment (inside
+    # SQLite: its global mutexes, the unix VFS's lock) stays locked for ever in the child, which
+    # then hangs at its first statement. Forks wait for the poller to leave its statement. (The
+    # appends come from another process: a thread of ours appending could be caught the same way,
+    # and that would be the application's fork, not the poller's.)
+    db = make_database()
+    create_tables(db)
+    storage = peewee_storage(db)
+    storage.streams.open("done")
+    storage.streams.append_many("done", [{"i": i} for i in range(3)])
+    storage.streams.close("done")
+    runs = [f"busy{k}" for k in range(20)]
+    for run_id in runs:
+        storage.streams.open(run_id)
+    storage.database.close()
+    readers = [Reader(storage, run_id, poll_interval=0.001) for run_id in runs]
+    code = ("import sys, itertools; from better_agent_peewee import peewee_storage; "
+            "from better_agent_peewee.cli import open_database; "
+            "s = peewee_storage(open_database(sys.argv[1])); runs = sys.argv[2:]; "
+            "[s.streams.append(runs[i % len(runs)], {'i': i}) for i in itertools.count()]")
+    writer = subprocess.Popen([sys.executable, "-c", code, database_url, *runs])
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    children = []
+    try:
+        for _ in range(100):
+            child = context.Process(target=_child_reads, args=(storage, "done", results), daemon=True)
+            child.start()
+            children.append(child)
+            child.join(30)
+            assert child.exitcode == 0, "a child forked while the poller was busy hung or failed"
+            assert results.get(timeout=30) == 3
+    finally:
+        writer.kill()
+        writer.wait(30)
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+                child.join(10)
+    for run_id in runs:
+        storage.streams.close(run_id)
+    for r in readers:
+        assert r.finished().items == expected(storage, r.run_id)
+
+
+def _child_reads(storage: Any, run_id: str, results: Any) -> None:
+    try:
+        results.put(len(list(storage.streams.resume(run_id, timeout=20))))
+    except BaseException as exc:  # reported to the parent
+        results.put(repr(exc))
+    finally:
+        results.close()
+        results.join_thread()
+        os._exit(0)
+
+
 @pytest.mark.sqlite
 def test_an_in_memory_sqlite_database_is_followed_on_the_callers_thread() -> None:
     db = peewee.SqliteDatabase(":memory:")
@@ -351,3 +410,60 @@ def test_postgres_followers_are_pushed_appends_of_other_processes(dialect: str, 
             "[s.streams.append('pushed', {'i': i}) for i in range(5)]; s.streams.close('pushed')")
     subprocess.run([sys.executable, "-c", code, database_url], check=True, timeout=120)
     assert reader.finished().items == [{"i": i, "seq": i + 1} for i in range(5)]
+
+
+def _wait_for(condition: Any, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("dialect", [pytest.param("mysql", marks=pytest.mark.mysql)])
+def test_mysql_prepared_checks_see_other_writers_and_recover_a_lost_or_foreign_statement(
+        dialect: str, make_database: Any) -> None:
+    # Idle streams are checked by a statement PREPAREd on the poller's connection. A writer that
+    # does not poke this poller (another storage: as another process) must still be seen: by the
+    # prepared statement, by the array of streams that moved since it was written, after the
+    # statement was replaced by another one of the same name (told by its token), and after the
+    # poller's session was killed (a new session has no statement).
+    db = make_database()
+    create_tables(db)
+    storage = peewee_storage(db)
+    other = peewee_storage(make_database())
+    runs = [f"idle{k}" for k in range(40)]
+    for run_id in runs:
+        storage.streams.open(run_id)
+    readers = {run_id: Reader(storage, run_id) for run_id in runs}
+    poller = storage.streams.poller()
+    _wait_for(lambda: len(poller._prepared.get(0, (None, 0, {}))[2]) == len(runs),
+              "the check of every stream to be prepared")
+
+    def deliver(run_id: str, i: int) -> None:
+        other.streams.append(run_id, {"i": i})
+        _wait_for(lambda: len(readers[run_id].items) == i + 1, f"event {i} of {run_id}")
+
+    deliver("idle0", 0)  # seen by the prepared statement
+    deliver("idle0", 1)  # idle0 has moved since it was written: seen by the array beside it
+    deliver("idle1", 0)
+    token = poller._prepared[0][1]
+    raw = make_database()
+    raw.execute_sql("SELECT 1")
+    # Another statement under the same name, on the poller's own connection (as another poller on
+    # a pooled connection would leave it): the token tells it apart.
+    prepared = poller._prepared[0]
+    poller._prepared[0] = (prepared[0], token ^ 1, prepared[2])
+    deliver("idle2", 0)
+    _wait_for(lambda: poller._prepared.get(0, prepared)[1] not in (token, token ^ 1),
+              "the check to be prepared anew")
+    conn = poller._conn
+    raw.execute_sql(f"KILL CONNECTION {int(conn.thread_id())}")
+    deliver("idle3", 0)
+    _wait_for(lambda: poller._prepared.get(0, prepared)[0] not in (conn, None),
+              "a check prepared on the new session")
+    deliver("idle0", 2)
+    for run_id in runs:
+        other.streams.close(run_id)
+    for run_id, reader in readers.items():
+        assert reader.finished().items == expected(storage, run_id)
+        assert reader.reason == "closed"
