@@ -60,11 +60,14 @@ def _timed(prepare: Prepare, n: int) -> float:
 def compare(adapter: Prepare, baseline: Prepare, settings: Settings) -> Comparison:
     """Run adapter and baseline batches alternately (A B, B A, ...) and collect per-op costs.
 
-    A warm-up batch of each side sizes the batches so that one takes about
+    Warm-up batches of each side size the batches so that one takes about
     `settings.batch_seconds`; both sides run the same number of operations.
     """
     probe = settings.min_ops
-    warm = max(_timed(adapter, probe), _timed(baseline, probe)) / probe
+    # Sized by the faster of three probes of each side: one hiccup of a busy machine in a single
+    # short probe would otherwise make every batch tiny, and each round's pair noisy.
+    warm = max(min(_timed(adapter, probe) for _ in range(3)),
+               min(_timed(baseline, probe) for _ in range(3))) / probe
     ops = int(settings.batch_seconds / warm) if warm > 0 else settings.max_ops
     ops = max(settings.min_ops, min(settings.max_ops, ops))
     a: List[float] = []

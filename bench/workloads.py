@@ -11,7 +11,7 @@ reads hit the same rows, writes go to different ids / threads / streams of the s
 | W3 | latest thread run: where threadId, orderBy startedAt desc, take 1 | 100,000 runs / 1,000 threads |
 | W4 | ``memory.messages.append`` a batch of 10                  | 100,000 messages              |
 | W5 | ``memory.messages.list(limit=20)`` of one thread          | 100,000 messages / 1,000 threads |
-| W6 | ``streams.append`` one event                              |                               |
+| W6 | ``streams.append`` one event (also against a baseline keeping the same promises) |   |
 | W7 | ``streams.append_many`` 100 events                        |                               |
 | W8 | one ``resume`` poll on a closed stream of 100 vs 100,000 events | 100,100 events          |
 | W9 | append-to-receipt latency through ``resume`` at 25 ms and 5 ms polls |                    |
@@ -332,26 +332,38 @@ class Workloads:
 
     # -- W6-W9: streams ----------------------------------------------------------------------
 
-    def _append_sql(self) -> str:
-        """One statement: the next seq of an existing stream, or no row when the stream is missing."""
+    def _append_sql(self, same_promises: bool = False) -> str:
+        """One statement: the next seq of an existing stream, or no row when the stream is missing.
+
+        With `same_promises`, what the adapter also promises: no event for a closed stream, the
+        stream row held shared so that a close racing the append waits for it (PostgreSQL,
+        MySQL), and on PostgreSQL a NOTIFY waking the followers of other processes.
+        """
         raw = self.raw
+        guard = ""
+        if same_promises:
+            locks = {"postgres": " FOR SHARE OF s", "mysql": " LOCK IN SHARE MODE"}
+            guard = " AND s.status = 'open'" + locks.get(raw.dialect, "")
         if raw.dialect == "mysql":
             # LAST_INSERT_ID(expr) hands the new seq back in the OK packet (cursor.lastrowid).
             return raw.sql(
                 'INSERT INTO stream_events (id, run_id, seq, "timestamp", event) '
                 "SELECT CONCAT(s.id, ':', n.seq), s.id, LAST_INSERT_ID(n.seq), ?, ? FROM streams s, "
                 "(SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM stream_events WHERE run_id = ?) n "
-                "WHERE s.id = ?")
+                "WHERE s.id = ?" + guard)
+        postgres_notify = same_promises and raw.dialect == "postgres"
+        notify = ", pg_notify('better_agent_streams', run_id)" if postgres_notify else ""
         return raw.sql(
             'INSERT INTO stream_events (id, run_id, seq, "timestamp", event) '
             "SELECT s.id || ':' || n.seq, s.id, n.seq, ?, ? FROM streams s, "
-            "(SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM stream_events WHERE run_id = ?) n WHERE s.id = ? "
-            "RETURNING seq")
+            "(SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM stream_events WHERE run_id = ?) n WHERE s.id = ?"
+            f"{guard} RETURNING seq{notify}")
 
-    def baseline_append(self) -> Callable[[str, Dict[str, Any]], int]:
-        """The raw-driver `append(run_id, event) -> seq`: one statement, retried on a seq race."""
+    def baseline_append(self, same_promises: bool = False) -> Callable[[str, Dict[str, Any]], int]:
+        """The raw-driver `append(run_id, event) -> seq`: one statement, retried on a seq race
+        (`same_promises`: see `_append_sql`; a closed stream then stores nothing, as a missing one)."""
         raw = self.raw
-        sql, execute, ts_in = self._append_sql(), raw.execute, raw.ts_in
+        sql, execute, ts_in = self._append_sql(same_promises), raw.execute, raw.ts_in
         mysql = raw.dialect == "mysql"
         integrity = _integrity_errors(raw.dialect)
 
@@ -376,9 +388,9 @@ class Workloads:
 
         return append
 
-    def w6_append(self) -> Row:
+    def w6_append(self) -> List[Row]:
         if not self.has_streams:
-            return missing_row("W6", "streams.append 1 event", "storage.streams.append not implemented")
+            return [missing_row("W6", "streams.append 1 event", "storage.streams.append not implemented")]
         storage = self.storage
         storage.streams.open("w6-adapter")
         self._raw_stream("w6-baseline")
@@ -404,7 +416,26 @@ class Workloads:
         row = ratio_row("W6", "streams.append 1 event", compare(adapter, baseline, self.settings), self.limit)
         self._check_seqs("w6-adapter")
         self._check_seqs("w6-baseline")
-        return row
+
+        # The same, against a baseline that keeps the adapter's promises too (`_append_sql`).
+        self._raw_stream("w6-promises")
+        append_kept = self.baseline_append(same_promises=True)
+
+        def baseline_kept(n: int) -> Callable[[], None]:
+            events = [event(i, now_ms()) for i in range(n)]
+
+            def run() -> None:
+                for ev in events:
+                    append_kept("w6-promises", ev)
+            return run
+
+        kept = ratio_row("W6", "streams.append 1 event, baseline with the same promises",
+                         compare(adapter, baseline_kept, self.settings), self.limit,
+                         note="closed refused, close waits"
+                              + (", NOTIFY" if self.raw.dialect == "postgres" else ""))
+        self._check_seqs("w6-adapter")
+        self._check_seqs("w6-promises")
+        return [row, kept]
 
     def _check_seqs(self, run_id: str) -> None:
         raw = self.raw
