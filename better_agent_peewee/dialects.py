@@ -512,7 +512,8 @@ class MySQLDialect(Dialect):
                       "utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]')) AS j ")
             head = ""
         else:
-            rows = ",".join(f"(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
+            row = "" if self.is_mariadb else "ROW"  # (MySQL 8 writes VALUES ROW(...), ...)
+            rows = ",".join(f"{row}(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
             head = f"WITH j(run, since) AS (VALUES {rows}) "
             source = "j "
         sql = f"{head}SELECT j.run, {'s.status' if status else 'NULL'} FROM {source}"

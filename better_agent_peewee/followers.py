@@ -17,6 +17,13 @@ the seq asked for, a status other than open, or no stream any more. An idle roun
 returns no row at all. Status, last seq and events come from one statement and so one
 snapshot: a follower ends "closed" only after it has every event stored before the close.
 
+MariaDB/MySQL (`Dialect.polls_by_checks`) reads an index range only for constant bounds, so a
+timed round there first checks which streams have their next event (a point lookup each),
+then reads each of those alone. The check of idle streams is a statement PREPAREd on the
+poller's connection with their (run id, seq) pairs written in, EXECUTEd every round (see
+`Poller._check`); the streams' status (closes and deletes by other processes that append no
+event) is read every `STATUS_PAUSE` seconds.
+
 Wake-ups: an append or close by this process pokes the poller (a byte down a pipe), which
 polls the streams poked right away. On PostgreSQL the poller also LISTENs, and appends
 and closes NOTIFY in the statement that writes them (no extra round trip), so appends by
@@ -250,6 +257,7 @@ class Poller:
         # and the pairs written into it (run id -> seq); and when the last PREPARE was.
         self._prepared: Dict[int, Tuple[Any, int, Dict[str, int]]] = {}
         self._prepared_at = -PREPARE_PAUSE
+        self._prepare_checks = True  # (False once the server refused a PREPARE)
         #: Per chunk: its last entries, and those of them not as written into its statement.
         self._hot: Dict[int, Tuple[Any, List[Tuple[str, int, int]]]] = {}
         #: An in-memory SQLite database is per connection: followers poll on their own thread.
@@ -650,7 +658,7 @@ class Poller:
                 if len(hot) * 4 > len(entries) + 64:
                     prepared = None  # most of it has moved: write the statement anew
         if prepared is None or prepared[0] is not conn:
-            if now - self._prepared_at < PREPARE_PAUSE:
+            if now - self._prepared_at < PREPARE_PAUSE or not self._prepare_checks:
                 return list(self._storage.execute(self._check_sqls[False], (check,)).fetchall())
             self._prepared_at = now
             prepared = self._prepare_check(entries, index)
@@ -682,8 +690,11 @@ class Poller:
         try:
             self._storage.execute(self._dialect.check_statements(f"{_CHECK_STATEMENT}{index}")[0], (sql,))
         except peewee.DatabaseError as exc:
-            logger.info("stream poller: PREPARE failed, sending the whole check each time: %s", exc)
+            if isinstance(exc, ConnectionLostError) or self._dialect.is_connection_lost(exc):
+                raise  # (the round fails, and the next one reconnects)
+            logger.info("stream poller: PREPARE refused, sending the whole check each time: %s", exc)
             self._prepared.pop(index, None)
+            self._prepare_checks = False
             return None
         prepared = self._prepared[index] = (self._storage.connection(), token, dict(pairs))
         self._hot[index] = (entries, [])
