@@ -68,8 +68,8 @@ def held_connections(target: Any) -> int:
     """Connections to the database, not counting the one asking (SQLite: this process's open ones)."""
     if target.dialect == "sqlite":
         # Not the file's descriptors: SQLite's unix VFS keeps the descriptor of a CLOSED connection
-        # open while another connection of the process holds a lock on the file (in WAL mode every
-        # open connection holds a shared lock, always), to keep POSIX locks from being dropped; it
+        # open while the process holds a lock on the file (in WAL mode an open connection holds a
+        # read lock even when idle), since closing it would drop the process's POSIX locks; it
         # reuses or closes them later. Those are no connections: count the open ones instead.
         return sum(1 for c in gc.get_objects() if isinstance(c, sqlite3.Connection) and _is_open(c)
                    and c is not target.raw)
