@@ -84,10 +84,12 @@ class Target:
 
 
 @contextlib.contextmanager
-def open_target(dialect: str, log: Any = print) -> Iterator[Target]:
+def open_target(dialect: str, log: Any = print,
+                settings: Optional[Dict[str, str]] = None) -> Iterator[Target]:
     """A fresh `Target` for `dialect`: a temp SQLite file, a throwaway server, or a URL from the env.
 
     Servers this process starts are stopped (by pid) on the way out, Ctrl-C included.
+    `settings` (name -> value) go to a throwaway server's command line, after the tests' own.
     """
     if dialect == "sqlite":
         directory = tempfile.mkdtemp(prefix="bap-bench-")
@@ -107,7 +109,7 @@ def open_target(dialect: str, log: Any = print) -> Iterator[Target]:
         server = server_from_url(url)
     else:
         log(f"starting a throwaway {dialect} server ...")
-        server = (start_postgres if dialect == "postgres" else start_mariadb)()
+        server = (start_postgres if dialect == "postgres" else start_mariadb)(settings=settings)
     try:
         full_url = server.url + ("?charset=utf8mb4" if dialect == "mysql" else "")
         target = Target(dialect, full_url, server=server)

@@ -235,13 +235,16 @@ class Server:
 # PostgreSQL
 
 
-def start_postgres(workdir: Path | None = None) -> Server:
+def start_postgres(
+    workdir: Path | None = None, settings: dict[str, str] | None = None
+) -> Server:
     """Initialise and start a throwaway PostgreSQL cluster.
 
     The cluster lives in a fresh directory under ``workdir`` (default: the
     system temp dir; it must be traversable by the ``postgres`` user when
     running as root).  A role ``bap`` with a random password owns database
     ``bap_test``; the superuser is ``postgres`` (also with a password).
+    ``settings`` (name -> value) are passed as ``-c name=value`` after ours.
     """
     t0 = time.monotonic()
     bindir = _pg_bindir()
@@ -310,6 +313,8 @@ def start_postgres(workdir: Path | None = None) -> Server:
                 "-c",
                 "logging_collector=off",
             ]
+            for name, value in (settings or {}).items():
+                argv += ["-c", f"{name}={value}"]
             _launch_and_wait(s, argv, run_as, _postgres_ready)
 
         _start_on_free_port(srv, launch)
@@ -372,12 +377,16 @@ def _pg_bindir() -> Path:
 # MariaDB
 
 
-def start_mariadb(workdir: Path | None = None) -> Server:
+def start_mariadb(
+    workdir: Path | None = None, settings: dict[str, str] | None = None
+) -> Server:
     """Initialise and start a throwaway MariaDB server.
 
     Database ``bap_test`` (utf8mb4 / utf8mb4_bin) and user ``bap`` with a
     random password and all privileges on it from 127.0.0.1 and localhost;
     admin is ``root`` with a random password.  ``max_allowed_packet`` is 256M.
+    ``settings`` (name -> value) are passed as ``--name=value`` after ours
+    (the last one wins), to the server only.
     """
     t0 = time.monotonic()
     mariadbd, install_db = _mariadb_binaries()
@@ -435,6 +444,7 @@ def start_mariadb(workdir: Path | None = None) -> Server:
                 "--max-allowed-packet=256M",
                 "--max-connections=200",
                 *common,
+                *(f"--{name}={value}" for name, value in (settings or {}).items()),
             ]
             _launch_and_wait(s, argv, run_as, _mariadb_ready)
 
