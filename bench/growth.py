@@ -16,7 +16,8 @@ How it times. Building a million rows takes minutes: under ``nice -n 19`` with
 ``--timing-nice 0`` the builds run at low CPU priority (this process and the throwaway
 server's processes) without the benchmark lock, and for the timing priority goes back to
 normal (root only) and, with ``--lock PATH``, the machine-wide benchmark lock is taken
-(``flock``) around each lookup's timing only. A lookup is timed in rounds, the small
+(``flock``) around each timing phase only (without our indexes, then with them: about a
+minute each). A lookup is timed in rounds, the small
 and the large data set alternately (small first in one round, large first in the next);
 each round is a batch of calls of about ``--batch`` seconds, every call with another key
 (a random thread, stream or agent). The figure is the median over the rounds, the spread
@@ -40,6 +41,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -350,8 +352,10 @@ def time_lookups(groups: List[Growth], rounds: int, batch_seconds: float, lock: 
     calls = [dict(g.lookups()) for g in groups]
     out: List[Summaries] = [{} for _ in groups]
     ratios: Dict[str, List[float]] = {}
-    for name in calls[0]:
-        with lock.hold(f"{label}: {name}"):
+    # One hold for the phase (about a minute): waiting for the lock once per lookup behind
+    # other benchmarks' holds made a run take several times as long.
+    with lock.hold(label):
+        for name in calls[0]:
             ops = []
             for group_calls in calls:
                 call = group_calls[name]
@@ -369,10 +373,10 @@ def time_lookups(groups: List[Growth], rounds: int, batch_seconds: float, lock: 
                     for _ in range(ops[i]):
                         call()
                     per_round[i].append((time.perf_counter() - t0) / ops[i])
-        for i in range(len(groups)):
-            out[i][name] = _summary(per_round[i], ops[i])
-        if len(groups) == 2:
-            ratios[name] = [large / small for small, large in zip(*per_round)]
+            for i in range(len(groups)):
+                out[i][name] = _summary(per_round[i], ops[i])
+            if len(groups) == 2:
+                ratios[name] = [large / small for small, large in zip(*per_round)]
     return out, ratios
 
 
@@ -536,7 +540,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch", type=float, default=0.25,
                         help="seconds per round and data set (default 0.25)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of tiny batches (smoke run)")
-    parser.add_argument("--lock", metavar="PATH", help="flock this file around each timing (not the builds)")
+    parser.add_argument("--lock", metavar="PATH", help="flock this file around each timing phase")
     parser.add_argument("--timing-nice", type=int, metavar="N",
                         help="niceness while timing, this process's and the server's (0 under nice -n 19)")
     parser.add_argument("--build-nice", type=int, metavar="N",
@@ -549,6 +553,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="a throwaway server's setting, instead of SERVER_SETTINGS (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the temp files and the throwaway servers go too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings: Optional[Dict[str, str]] = None
     if args.server_setting:
         if any("=" not in item for item in args.server_setting):
