@@ -64,7 +64,7 @@ KEYS = 50_000
 #: database of a million rows. MariaDB reads with O_DIRECT, so what misses its buffer pool
 #: is a disk read: the tests' 256 MB pool holds a quarter of the ~850 MB the large data set
 #: takes, where a production server is given a pool that holds its working set (MariaDB's
-#: guidance for a dedicated server: most of its memory). PostgreSQL keeps the tests' 128 MB
+#: guidance for a dedicated server: 50-75 % of its memory). PostgreSQL keeps the tests' 128 MB
 #: shared_buffers: it reads through the operating system's page cache, so a miss is a copy.
 SERVER_SETTINGS: Dict[str, Dict[str, str]] = {"mysql": {"innodb_buffer_pool_size": "2G"}}
 
