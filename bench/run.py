@@ -46,10 +46,6 @@ def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[s
         loaded = w.build_data()
         log(f"  data loaded in {sum(loaded.values()):.1f}s "
             f"({', '.join(f'{k} {v:.1f}s' for k, v in loaded.items())})")
-        # The adapter's connection made the tables (and dropped indexes); the baseline's is fresh.
-        # On PostgreSQL 15 a backend that created the tables plans the append's INSERT ... SELECT
-        # some 35-60 µs slower (bench.append_cost), so both sides start from fresh connections.
-        target.database.close()
         rows: List[Row] = []
         steps = [("W1", w.w1_set), ("W2", w.w2_get), ("W3", w.w3_latest), ("W4", w.w4_append),
                  ("W5", w.w5_list), ("W6", w.w6_append), ("W7", w.w7_append_many), ("W8", w.w8_poll),
@@ -59,6 +55,7 @@ def run_dialect(dialect: str, settings: Settings, sizes: Sizes, log: Callable[[s
         for name, step in steps:
             if only and name not in only:
                 continue
+            w.fresh_connections()
             t0 = time.perf_counter()
             try:
                 got = step()

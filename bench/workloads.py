@@ -105,6 +105,19 @@ class Workloads:
 
     # -- data --------------------------------------------------------------------------------
 
+    def fresh_connections(self) -> None:
+        """Both sides on new connections, made alike, before each workload.
+
+        A connection's past changes what it costs: a PostgreSQL 15 backend that has checked a
+        foreign key (the baseline's bulk load, the adapter's `create_tables` or W4) runs every
+        later `INSERT ... SELECT` some 60 µs slower, whichever side sends it (bench.append_cost).
+        """
+        target = self.target
+        target.database.close()
+        target.raw.close()
+        target.raw = target.connect_raw()
+        self.raw = Raw(target.dialect, target.raw, target.is_mariadb)
+
     def build_data(self) -> Dict[str, float]:
         """Bulk-load the shared data (runs, threads, messages, W8 streams); seconds per part."""
         raw, s = self.raw, self.sizes
