@@ -482,7 +482,8 @@ def open_sides(args: argparse.Namespace, now: int) -> Iterator[Tuple[List[Side],
         else:
             from tests.servers import start_mariadb, start_postgres
             _log(f"starting a throwaway {args.dialect} server ...")
-            server = (start_postgres if args.dialect == "postgres" else start_mariadb)()
+            settings = dict(item.split("=", 1) for item in args.server_setting or ())
+            server = (start_postgres if args.dialect == "postgres" else start_mariadb)(settings=settings)
             other = server.create_database("bap_prune_small")
             suffix = "?charset=utf8mb4" if args.dialect == "mysql" else ""
             urls = {"small": other.url + suffix, "big": server.url + suffix}
@@ -527,6 +528,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run the timed parts at this niceness (this process and its server)")
     parser.add_argument("--sqlite-dir", metavar="DIR",
                         help="SQLite: keep the two files in DIR, and reuse them when a run left them built")
+    parser.add_argument("--server-setting", action="append", metavar="NAME=VALUE",
+                        help="a throwaway server's setting (repeatable), e.g. innodb_buffer_pool_size=2G")
     parser.add_argument("--small-url", help="an existing empty database for the small side")
     parser.add_argument("--big-url", help="an existing empty database for the big side")
     parser.add_argument("--explain", type=int, metavar="P",
@@ -540,6 +543,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     prunes = args.prune or [1000, 10_000]
+    if any("=" not in item for item in args.server_setting or ()):
+        parser.error("--server-setting takes NAME=VALUE")
+    result_settings = dict(item.split("=", 1) for item in args.server_setting or ())
     if args.quick:
         args.rounds, args.repeat = 1, 1
     now = int(time.time() * 1000)
@@ -547,7 +553,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load {_load()}")
     result: Dict[str, Any] = {"kept": args.kept, "small": args.small, "events": args.events, "prunes": prunes,
                               "rounds": args.rounds, "repeat": args.repeat, "priority": args.timed_priority,
-                              "idle_priority": os.getpriority(os.PRIO_PROCESS, 0)}
+                              "idle_priority": os.getpriority(os.PRIO_PROCESS, 0),
+                              "server_settings": result_settings}
     with open_sides(args, now) as (sides, version, pids):
         result["server"] = version
         result["build_s"] = {}
