@@ -7,6 +7,7 @@ asserts a duration (latency and cost are measured by bench/ W9, W12 and W13).
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import multiprocessing
 import os
@@ -189,6 +190,64 @@ def test_a_follower_that_saw_the_close_has_every_event(storage: Any) -> None:
         for r in readers:
             assert r.finished().items == expected(storage, run_id)
             assert r.reason == "closed"
+
+
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+                                     pytest.param("mysql", marks=pytest.mark.mysql, id="mysql")])
+def test_an_append_held_up_inside_its_statement_keeps_a_racing_close_waiting(
+        dialect: str, storage: Any, make_database: Any) -> None:
+    # The race above, made certain, where writers run at once: the append is held up inside its
+    # statement (another connection holds an uncommitted row with the number it takes) while the
+    # stream is closed. Either the close waits for it (the append holds the stream row shared:
+    # PostgreSQL) or the append, once let go, finds the stream closed and stores nothing
+    # (MariaDB holds it up before it reads the stream row). Without the lock, PostgreSQL
+    # commits the close at once and the held-up append stores its event after it, unseen by a
+    # follower that ended at the close.
+    storage.streams.open("held")
+    blocker = make_database()
+    quote = '"' if dialect == "postgres" else "`"
+    blocker.begin()
+    blocker.execute_sql(f"INSERT INTO stream_events (id, run_id, seq, {quote}timestamp{quote}, event) "
+                        "VALUES ('held:1', 'held', 1, %s, '{}')", (datetime.datetime(2026, 1, 1),))
+    done: Dict[str, Any] = {}
+
+    def append() -> None:
+        try:
+            done["seq"] = storage.streams.append("held", {"type": "HELD"})
+        except ConflictError as exc:
+            done["refused"] = exc
+        finally:
+            storage.database.close()
+
+    def close() -> None:
+        storage.streams.close("held")
+        done["closed"] = True
+        storage.database.close()
+
+    appender = threading.Thread(target=append, daemon=True)
+    appender.start()
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+               if dialect == "postgres" else
+               "SELECT count(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'INSERT INTO%%held%%'")
+    watcher = make_database()
+    deadline = time.monotonic() + 30
+    while watcher.execute_sql(waiting).fetchone()[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the append waits on the blocker's row
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(1.0)  # long enough for an unhindered close to commit
+    closed_while_append_was_held = done.get("closed", False)
+    blocker.rollback()
+    appender.join(60)
+    closer.join(60)
+    assert not appender.is_alive() and not closer.is_alive()
+    if "seq" in done:  # it landed: then before the close, which waited for it
+        assert done["seq"] == 1
+        assert not closed_while_append_was_held, "an event was stored after the stream's close"
+    else:
+        assert "closed" in str(done["refused"])
+    follower = storage.streams.resume("held")
+    assert [e["seq"] for e in follower] == ([1] if "seq" in done else []) and follower.reason == "closed"
 
 
 def test_appending_to_a_closed_stream_is_refused_and_writes_nothing(storage: Any) -> None:
