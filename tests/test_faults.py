@@ -472,6 +472,37 @@ def _lock_waits(server: Any) -> int:
         conn.close()
 
 
+def _start_behind_a_row_lock(server: Any, work: Callable[[], Any]
+                             ) -> Tuple[threading.Thread, Dict[str, Any], Any]:
+    """Run `work` on a thread while another session holds stream 'r''s row FOR UPDATE, and return
+    once its statement has reached the server and waits there for that lock: the thread, its
+    results ("value" or "error") and the holding connection, which the caller closes."""
+    holder = server.connect()
+    try:
+        cur = holder.cursor()
+        cur.execute("BEGIN")
+        cur.execute("SELECT status FROM streams WHERE id = 'r' FOR UPDATE")
+        results: Dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                results["value"] = work()
+            except BaseException as exc:
+                results["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not _lock_waits(server):
+            assert worker.is_alive(), f"the statement ended before it waited for the lock: {results}"
+            assert time.monotonic() < deadline, f"the statement never reached the server: {results}"
+            time.sleep(0.01)
+    except BaseException:
+        holder.close()
+        raise
+    return worker, results, holder
+
+
 def test_an_append_whose_reply_is_lost_for_good_says_it_may_be_stored(
         dialect: str, server: Any, make_database: Callable[..., peewee.Database]) -> None:
     """The server goes away while an append is on it and stays away past the reconnect window:
@@ -479,27 +510,10 @@ def test_an_append_whose_reply_is_lost_for_good_says_it_may_be_stored(
     have been stored (a caller that retried it blindly could store it twice)."""
     storage = make_storage(make_database, dialect, pooled=False, reconnect_window=0.5)
     storage.streams.open("r")
-    holder = server.connect()
-    cur = holder.cursor()
-    cur.execute("BEGIN")
-    cur.execute("SELECT status FROM streams WHERE id = 'r' FOR UPDATE")  # the append waits for it
-    results: Dict[str, Any] = {}
-
-    def append() -> None:
-        try:
-            results["seq"] = storage.streams.append("r", {"type": "A"})
-        except BaseException as exc:
-            results["error"] = exc
-
-    worker = threading.Thread(target=append)
-    worker.start()
+    worker, results, holder = _start_behind_a_row_lock(
+        server, lambda: storage.streams.append("r", {"type": "A"}))
     down = False
     try:
-        deadline = time.monotonic() + 30
-        while not _lock_waits(server):  # the append has reached the server and waits there
-            assert worker.is_alive(), f"the append ended before the server went away: {results}"
-            assert time.monotonic() < deadline, f"the append never reached the server: {results}"
-            time.sleep(0.01)
         server._shutdown()
         down = True
         worker.join(60)
@@ -778,31 +792,10 @@ def test_a_raw_write_cut_off_by_a_restart_is_run_again_only_when_said_to_be_idem
     storage.execute("CREATE TABLE scratch (note VARCHAR(20))")
     share = "FOR SHARE" if dialect == "postgres" else "LOCK IN SHARE MODE"
     insert = f"INSERT INTO scratch (note) SELECT 'written' FROM streams WHERE id = 'r' {share}"
-    holder = server.connect()
-    cur = holder.cursor()
-    cur.execute("BEGIN")
-    cur.execute("SELECT status FROM streams WHERE id = 'r' FOR UPDATE")  # the INSERT waits for it
-    results: Dict[str, Any] = {}
-
-    def write() -> None:
-        try:
-            if idempotent is None:
-                storage.execute(insert)
-            else:
-                storage.execute(insert, idempotent=idempotent)
-            results["done"] = True
-        except BaseException as exc:
-            results["error"] = exc
-
-    worker = threading.Thread(target=write)
-    worker.start()
+    options = {} if idempotent is None else {"idempotent": idempotent}
+    worker, results, holder = _start_behind_a_row_lock(server, lambda: storage.execute(insert, **options))
     down = False
     try:
-        deadline = time.monotonic() + 30
-        while not _lock_waits(server):
-            assert worker.is_alive(), f"the INSERT ended before the server went away: {results}"
-            assert time.monotonic() < deadline, f"the INSERT never reached the server: {results}"
-            time.sleep(0.01)
         server._shutdown()
         down = True
     finally:
@@ -813,7 +806,7 @@ def test_a_raw_write_cut_off_by_a_restart_is_run_again_only_when_said_to_be_idem
     assert not worker.is_alive()
     rows = storage.execute("SELECT count(*) FROM scratch", idempotent=True).fetchone()[0]
     if idempotent:
-        assert results == {"done": True} and rows == 1
+        assert "error" not in results and rows == 1, results
     else:
         error = results.get("error")
         assert isinstance(error, ConnectionLostError), results
