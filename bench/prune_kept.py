@@ -1,8 +1,9 @@
 """The nightly prune at scale: what a prune costs next to what the database keeps.
 
     nice -n 19 python -m bench.prune_kept --dialect sqlite --lock /work/wt/bench.lock --timed-priority 0
-    nice -n 19 python -m bench.prune_kept --dialect postgres --kept 300000 ...   # a smaller big size
-    python -m bench.prune_kept --dialect sqlite --kept 3000 --small 300 --prune 20 --rounds 1 --quick
+    nice -n 19 python -m bench.prune_kept --dialect postgres --explain 10000 --baseline REV ...
+    nice -n 19 python -m bench.prune_kept --dialect mysql --server-setting innodb_buffer_pool_size=2G
+    python -m bench.prune_kept --dialect sqlite --kept 3000 --small 300 --prune 20 --quick
 
 Two databases of the same shape, side by side (two SQLite files, or two databases of one
 throwaway server): a big one holding `--kept` runs that prune must keep (default 1,000,000,
@@ -16,7 +17,12 @@ Timed, on both databases, interleaved (small then big, every round):
 * prune with nothing to delete, default orphan window; with ``orphan_scan=0`` (the
   finished-runs lookup alone); with ``orphan_scan=None`` (the full orphan sweep);
 * for each ``--prune`` P (default 1,000 and 10,000): P runs finished a month ago, with 10
-  events each, added (outside the timing) and then pruned with the default window.
+  events each, added (outside the timing, then checkpointed) and pruned, with the default
+  window and with ``orphan_scan=0`` (the deletes alone).
+
+``--baseline REV`` times prune.py as it was at git REV too, interleaved with the current
+one; ``--explain P`` prints the plan of every statement of one prune of P runs at the big
+size; ``--sqlite-dir DIR`` keeps the SQLite files and reuses them next time.
 
 Big / small is the figure: a prune should cost what it deletes, not what the tables keep,
 so it should stay near 1 (except where the window, 1,000 keys plus ten per pruned run, is
