@@ -51,6 +51,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -405,14 +406,18 @@ def baseline_prune(revision: str) -> Callable[..., Any]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     source = subprocess.run(["git", "show", f"{revision}:better_agent_peewee/prune.py"], cwd=root,
                             check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="bap-baseline-"), "prune.py")
+    folder = tempfile.mkdtemp(prefix="bap-baseline-")
+    path = os.path.join(folder, "prune.py")
     with open(path, "w") as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location("better_agent_peewee._baseline_prune", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # its relative imports resolve inside better_agent_peewee
+    try:
+        spec = importlib.util.spec_from_file_location("better_agent_peewee._baseline_prune", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)  # its relative imports resolve inside better_agent_peewee
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     found: Callable[..., Any] = module.prune_runs
     return found
 
@@ -513,7 +518,6 @@ def open_sides(args: argparse.Namespace, now: int) -> Iterator[Tuple[List[Side],
         if server is not None:
             server.stop()
         if directory is not None:
-            import shutil
             shutil.rmtree(directory, ignore_errors=True)
 
 
