@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import fcntl
 import itertools
 import json
 import os
@@ -51,6 +50,7 @@ from better_agent_peewee import create_tables, drop_performance_indexes
 
 from .env import Target, machine, open_target
 from .prune_scale import bulk_insert
+from .quiet import BenchLock, load1, renice
 
 DIALECTS = ("sqlite", "postgres", "mysql")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -71,64 +71,6 @@ SERVER_SETTINGS: Dict[str, Dict[str, str]] = {"mysql": {"innodb_buffer_pool_size
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _load() -> float:
-    return os.getloadavg()[0]
-
-
-class BenchLock:
-    """The machine-wide benchmark lock (``flock`` on a file), held only while timing.
-
-    Records, for each hold, how long it waited, how long it held and the load average
-    (1 minute) when it got and gave back the lock.
-    """
-
-    def __init__(self, path: Optional[str], log: Callable[[str], None] = _log) -> None:
-        self.path = path
-        self.log = log
-        self.holds: List[Dict[str, Any]] = []
-
-    @contextlib.contextmanager
-    def hold(self, what: str) -> Iterator[None]:
-        """Hold the lock (waiting for it) for the block; no-op without a path."""
-        t0 = time.perf_counter()
-        f = open(self.path, "a") if self.path else None  # noqa: SIM115 (closed below)
-        try:
-            if f is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            t1 = time.perf_counter()
-            if t1 - t0 > 1:
-                self.log(f"waited {t1 - t0:.0f}s for the benchmark lock")
-            before = _load()
-            try:
-                yield
-            finally:
-                self.holds.append({"what": what, "waited_s": round(t1 - t0, 2),
-                                   "held_s": round(time.perf_counter() - t1, 2),
-                                   "load1": [before, _load()]})
-        finally:
-            if f is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
-                f.close()
-
-
-def _descendants(root: int) -> List[int]:
-    """`root` and every process below it (from /proc)."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 class Priority:
@@ -159,12 +101,7 @@ class Priority:
                 self.timing_nice_failed = True
 
     def _set(self, value: int) -> None:
-        pids = [os.getpid()] + (_descendants(self.server_pid) if self.server_pid else [])
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        renice([os.getpid()] + ([self.server_pid] if self.server_pid else []), value)
 
     def build(self) -> None:
         """Build priority (low)."""
@@ -562,7 +499,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = dict(item.split("=", 1) for item in args.server_setting)
     rounds, batch = (2, 0.005) if args.quick else (args.rounds, args.batch)
     info = machine()
-    _log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load {_load():.2f}")
+    _log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load {load1():.2f}")
     lock = BenchLock(args.lock)
     results = {}
     for dialect in DIALECTS if args.dialect == "all" else (args.dialect,):

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import fcntl
 import functools
 import gc
 import io
@@ -62,6 +61,7 @@ from better_agent_peewee import create_tables, open_database, peewee_storage
 from better_agent_peewee.prune import prune_runs
 
 from .env import machine
+from .quiet import BenchLock, load1, renice
 
 DIALECTS = ("sqlite", "postgres", "mysql")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -72,11 +72,6 @@ OLD_DAYS = 30
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 # -- fast loading -------------------------------------------------------------------------
@@ -260,55 +255,26 @@ def timed_prune(side: Side, prune: Callable[..., Any] = prune_runs, **options: A
             "batches": report.batches}
 
 
-def _tasks(pid: int) -> Iterator[int]:
-    """Every thread of `pid` and of its descendants."""
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            yield int(tid)
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    for child in f.read().split():
-                        yield from _tasks(int(child))
-
-
 class Timing:
     """The timed sections: under the benchmark lock and at the timed priority, loads noted."""
 
     def __init__(self, lock: Optional[str], priority: Optional[int], pids: Sequence[int]) -> None:
-        self.lock = lock
+        self.lock = BenchLock(lock)
         self.priority = priority
         self.pids = list(pids)
         self.idle = os.getpriority(os.PRIO_PROCESS, 0)
-        self.loads: List[Tuple[str, str]] = []
-        self.locked_seconds = 0.0
-
-    def _renice(self, value: int) -> None:
-        for pid in self.pids:
-            for tid in set(_tasks(pid)):
-                with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                    os.setpriority(os.PRIO_PROCESS, tid, value)
 
     @contextlib.contextmanager
     def section(self) -> Iterator[None]:
-        handle = open(self.lock, "a") if self.lock else None
-        try:
-            if handle is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            held = time.perf_counter()
+        """Time the block under the lock, at the timed priority."""
+        with self.lock.hold("prune"):
             if self.priority is not None:
-                self._renice(self.priority)
-            before = _load()
+                renice(self.pids, self.priority)
             try:
                 yield
             finally:
-                self.loads.append((before, _load()))
                 if self.priority is not None:
-                    self._renice(self.idle)
-                self.locked_seconds += time.perf_counter() - held
-        finally:
-            if handle is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+                    renice(self.pids, self.idle)
 
 
 class _Statements(logging.Handler):
@@ -560,7 +526,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.rounds, args.repeat = 1, 1
     now = int(time.time() * 1000)
     info = machine()
-    _log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load {_load()}")
+    _log(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; load {load1():.2f}")
     result: Dict[str, Any] = {"kept": args.kept, "small": args.small, "events": args.events, "prunes": prunes,
                               "rounds": args.rounds, "repeat": args.repeat, "priority": args.timed_priority,
                               "idle_priority": os.getpriority(os.PRIO_PROCESS, 0),
@@ -574,13 +540,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result["build_s"][side.label] = None
                 continue
             _log(f"{args.dialect}: building {side.kept:,} kept runs ({side.kept * args.events:,} events) "
-                 f"for the {side.label} side; load {_load()}")
+                 f"for the {side.label} side; load {load1():.2f}")
             result["build_s"][side.label] = side.build()
             t0 = time.perf_counter()
             side.analyze()
             result.setdefault("analyze_s", {})[side.label] = time.perf_counter() - t0
             _log(f"  built in {result['build_s'][side.label]:.1f} s, analyzed in "
-                 f"{result['analyze_s'][side.label]:.1f} s; load {_load()}")
+                 f"{result['analyze_s'][side.label]:.1f} s; load {load1():.2f}")
         timing = Timing(args.lock, args.timed_priority, pids)
         implementations: List[Tuple[str, Callable[..., Any]]] = [("", prune_runs)]
         if args.baseline:
@@ -591,10 +557,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise AssertionError(f"runs left after the prunes: {left}, expected every kept one")
         result.update(measured)
         result["summary"] = summarise(measured["cases"])
-        result["loads"] = timing.loads
-        every = [float(load.split()[0]) for pair in timing.loads for load in pair]
+        result["loads"] = [hold["load1"] for hold in timing.lock.holds]
+        every = [load for pair in result["loads"] for load in pair]
         result["load_min"], result["load_max"] = min(every), max(every)
-        result["locked_seconds"] = timing.locked_seconds
+        result["locked_seconds"] = timing.lock.held_seconds
         if args.explain:
             result["explain"] = explain(sides[1], args.explain)
             for plan in result["explain"]:
