@@ -122,6 +122,10 @@ class Dialect:
     polls_by_checks = False
     #: PRAGMA data_version tells whether anything was committed since the last timed poll (SQLite).
     has_data_version = False
+    #: The database library runs inside this process and takes process-wide locks while it works
+    #: (SQLite's mutexes): a fork() must wait until the stream poller is out of its statement.
+    #: (A network driver's child gets a connection of its own; the inherited one is never used.)
+    fork_waits_for_statements = False
     #: CREATE INDEX CONCURRENTLY exists (outside a transaction; an interrupted build leaves an
     #: invalid index behind).
     can_build_index_concurrently = False
@@ -330,6 +334,7 @@ class SqliteDialect(Dialect):
     now_default = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
     single_writer = True
     has_data_version = True
+    fork_waits_for_statements = True
     encode_ts = staticmethod(sqlite_encode_ts)
     decode_ts = staticmethod(sqlite_decode_ts)
 

@@ -31,9 +31,10 @@ other processes arrive at once too; the timed poll then only backs that up (ever
 `PUSH_FALLBACK` seconds) for writers that do not notify. Elsewhere the timed poll, every
 `poll_interval` of the most eager follower, is how other processes' appends are seen.
 
-A `fork()` waits until the poller is out of its statement (so the child inherits no lock taken
-inside the database library), and the child starts its own poller with its own connection; the
-parent's inherited connection is made inert first, so the child can never talk on it.
+On SQLite a `fork()` waits until the poller is out of its statement (so the child inherits no
+lock taken inside the database library, which runs in this process), and the child starts its
+own poller with its own connection; the parent's inherited connection is made inert first, so
+the child can never talk on it.
 """
 from __future__ import annotations
 
@@ -224,7 +225,8 @@ class Poller:
         self._db: peewee.Database = executor.database
         self._dialect = executor.dialect
         self._lock = threading.Lock()
-        #: Held while the poller runs SQL: a fork waits for it (see `_before_fork`).
+        #: Held while the poller runs SQL, where the dialect says a fork must wait for that
+        #: (see `_before_fork`).
         self._busy = threading.Lock()
         self._watches: Dict[str, List[_Watch]] = {}
         self._dirty: Set[str] = set()
@@ -511,8 +513,14 @@ class Poller:
         if db.is_closed() or os.getpid() != self._pid or self.inline:
             return
         prepared, self._prepared = self._prepared, {}
-        with self._busy:
+        with self._statements():
             self._clean_up(db, conn, prepared)
+
+    def _statements(self) -> contextlib.AbstractContextManager[Any]:
+        """Around the poller's SQL: holds `_busy`, which a fork waits for (`_before_fork`), where
+        the dialect says a fork must wait (SQLite). Not on a network server, where a poller may
+        wait out a reconnect window in there: a fork would wait with it."""
+        return self._busy if self._dialect.fork_waits_for_statements else contextlib.nullcontext()
 
     def _clean_up(self, db: peewee.Database, conn: Any, prepared: Dict[int, Tuple[Any, int, Dict[str, int]]]
                   ) -> None:
@@ -557,7 +565,7 @@ class Poller:
     def _poll(self, targets: Set[str], full: bool = False) -> None:
         """One round: read the `targets` streams, or (`full`) every followed stream, in chunks of
         STREAMS_PER_POLL, and feed their watches."""
-        with self._busy:  # (a fork waits for it: see _before_fork)
+        with self._statements():
             self._poll_round(targets, full)
 
     def _poll_round(self, targets: Set[str], full: bool) -> None:
@@ -831,10 +839,11 @@ _HELD: List[threading.Lock] = []
 
 
 def _before_fork() -> None:
-    """Before `fork()`: wait until no poller is inside a statement, and keep them out until the
-    fork is done. A fork copies only the forking thread; a lock a poller thread held inside the
-    database library (SQLite's mutexes, its VFS's lock; a driver's) would stay locked in the child
-    for ever, and the child would hang at its first statement."""
+    """Before `fork()`: wait until no SQLite poller is inside a statement, and keep them out until
+    the fork is done. A fork copies only the forking thread; a lock a poller thread held inside
+    the database library (SQLite's mutexes, its VFS's lock) would stay locked in the child for
+    ever, and the child would hang at its first statement. (Pollers of network servers never
+    hold `_busy`: see `Poller._statements`.)"""
     for poller in list(_POLLERS):
         busy = poller._busy
         if busy.acquire(timeout=FORK_WAIT):

@@ -19,6 +19,8 @@ started them).
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -28,7 +30,14 @@ import peewee
 import pytest
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
-from better_agent_peewee import ConnectionLostError, StorageError, create_tables, peewee_storage, reap_stale
+from better_agent_peewee import (
+    ConnectionLostError,
+    StorageError,
+    create_tables,
+    followers,
+    peewee_storage,
+    reap_stale,
+)
 from better_agent_peewee.records import now_ms
 from tests.samples import thread
 
@@ -812,3 +821,46 @@ def test_a_raw_write_cut_off_by_a_restart_is_run_again_only_when_said_to_be_idem
         assert isinstance(error, ConnectionLostError), results
         assert error.maybe_applied is True
         assert rows == 0
+
+
+def test_a_fork_does_not_wait_for_a_poller_riding_out_an_outage(
+        dialect: str, server: Any, make_database: Callable[..., peewee.Database],
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the server is away, the stream poller waits out its reconnect window inside its
+    round. A fork() meanwhile (a pre-forking server starting a worker; subprocess with a
+    preexec_fn) does not wait for it: only SQLite's pollers hold forks off, for the length of
+    one statement (nothing of a network driver stays locked in the child)."""
+    monkeypatch.setattr(followers, "FORK_WAIT", 3.0)
+    storage = make_storage(make_database, dialect, pooled=False)
+    storage.streams.open("r")
+    seen: List[int] = []
+    reader = threading.Thread(target=lambda: seen.extend(e["seq"] for e in storage.streams.resume(
+        "r", poll_interval=0.05, timeout=60)))
+    reader.start()
+    caplog.set_level(logging.WARNING)
+    down = False
+    try:
+        storage.streams.append("r", {"type": "A"})
+        deadline = time.monotonic() + 30
+        while not seen:
+            assert time.monotonic() < deadline, "the follower never got the first event"
+            time.sleep(0.01)
+        server._shutdown()
+        down = True
+        while not any(r.threadName == "better-agent-poller" and "reconnecting" in r.getMessage()
+                      for r in caplog.records):  # the poller is inside its round, waiting
+            assert time.monotonic() < deadline, "the poller never noticed the outage"
+            time.sleep(0.01)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        if down:
+            server._launch(server)
+    stalled = [r.getMessage() for r in caplog.records if "stayed inside a statement" in r.getMessage()]
+    assert not stalled, stalled
+    storage.streams.append("r", {"type": "B"})
+    storage.streams.close("r")
+    reader.join(60)
+    assert not reader.is_alive() and seen == [1, 2]
