@@ -1,6 +1,6 @@
 """W11, growth: what each lookup Better Agent makes costs at 10,000 rows and at 1,000,000.
 
-    nice -n 19 python -m bench.growth --dialect sqlite --lock /work/wt/bench.lock --timing-nice 0
+    nice -n 19 python -m bench.growth --dialect sqlite --lock /tmp/bench.lock --timing-nice 0
     python -m bench.growth --dialect all --large 100000
     python -m bench.growth --dialect sqlite --small 2000 --large 20000 --quick   # the CI smoke size
 

@@ -1,6 +1,6 @@
 """The nightly prune at scale: what a prune costs next to what the database keeps.
 
-    nice -n 19 python -m bench.prune_kept --dialect sqlite --lock /work/wt/bench.lock --timed-priority 0
+    nice -n 19 python -m bench.prune_kept --dialect sqlite --lock /tmp/bench.lock --timed-priority 0
     nice -n 19 python -m bench.prune_kept --dialect postgres --explain 10000 --baseline REV ...
     nice -n 19 python -m bench.prune_kept --dialect mysql --server-setting innodb_buffer_pool_size=2G
     python -m bench.prune_kept --dialect sqlite --kept 3000 --small 300 --prune 20 --quick
