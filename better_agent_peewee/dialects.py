@@ -315,7 +315,7 @@ class Dialect:
     def hung_up(self, conn: Any) -> bool:
         """True when the server may have closed the idle connection `conn` (its socket has
         unread input: a termination notice or end-of-file). One non-blocking `select`, no
-        round trip; asked before statements that must not run twice and have no read-back."""
+        round trip; asked before statements that must not run twice."""
         return False
 
     def _dead(self, conn: Any, err: BaseException) -> bool:

@@ -335,12 +335,12 @@ class Executor:
         :raises PoolExhaustedError: a pooled database had no free connection in time.
         """
         database = self.database
-        if not idempotent and resolve is None and not database.is_closed() and \
-                not database.in_transaction() and \
+        if not idempotent and not database.is_closed() and not database.in_transaction() and \
                 self.dialect.hung_up(database._state.conn):  # type: ignore[attr-defined]
             # The server hung up on the idle connection (restart, failover, idle timeout): find
             # out with a harmless probe, which reconnects, before sending what must not run twice.
-            # (With `resolve` no probe is needed: a lost reply is settled by reading back.)
+            # (Also where a lost reply could be settled by reading back: a read-back compares
+            # content, and an identical write by someone else meanwhile would pass for ours.)
             self.execute("SELECT 1")
         try:
             return self._execute_sql(sql, params)

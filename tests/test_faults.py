@@ -864,3 +864,30 @@ def test_a_fork_does_not_wait_for_a_poller_riding_out_an_outage(
     storage.streams.close("r")
     reader.join(60)
     assert not reader.is_alive() and seen == [1, 2]
+
+
+def test_an_append_after_the_server_hung_up_does_not_take_an_identical_event_for_its_own(
+        dialect: str, make_database: Callable[..., peewee.Database]) -> None:
+    """The server ends an idle connection (restart, failover, idle timeout); meanwhile another
+    writer appends an event with the same body. The next append on the dead connection finds
+    the hang-up before sending (and reconnects), so it stores its own event rather than reading
+    the other writer's back as its own."""
+    db = make_database()
+    create_tables(db)
+    mine, theirs = peewee_storage(db), peewee_storage(make_database())
+    mine.streams.open("r")
+    assert mine.streams.append("r", {"type": "PING"}) == 1
+    admin = make_database()
+    if dialect == "postgres":
+        pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        admin.execute_sql("SELECT pg_terminate_backend(%s)", (pid,))
+    else:
+        admin.execute_sql(f"KILL CONNECTION {int(db.connection().thread_id())}")
+    admin.close()
+    deadline = time.monotonic() + 10
+    while not mine.dialect.hung_up(db.connection()):  # the end of the session has reached the socket
+        assert time.monotonic() < deadline, "the server never closed the connection"
+        time.sleep(0.01)
+    assert theirs.streams.append("r", {"type": "PING"}) == 2
+    assert mine.streams.append("r", {"type": "PING"}) == 3
+    assert [e["seq"] for e in theirs.streams.resume("r", timeout=0)] == [1, 2, 3]
