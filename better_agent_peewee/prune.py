@@ -150,7 +150,10 @@ def prune_runs(
             if not dry_run:  # deleted rows stop matching: no keyset needed
                 return query.order_by(Run.finished_at).limit(batch_size)
             if after is not None:  # keyset on (finishedAt, runId): runs can finish in the same ms
-                run_id, at = after[0], executor.dialect.decode_ts(after[1])
+                # The stored value as the driver gave it, unconverted: rounded to our ms, a value
+                # with finer digits (PostgreSQL keeps microseconds; another writer's) would
+                # still be after its own bound, and the page would repeat for ever.
+                run_id, at = after[0], peewee.Value(after[1], converter=False)
                 query = query.where((Run.finished_at > at)
                                     | ((Run.finished_at == at) & (Run.run_id > run_id)))
             return query.order_by(Run.finished_at, Run.run_id).limit(batch_size)

@@ -523,3 +523,22 @@ def test_prune_killed_part_way_leaves_whole_runs_and_a_rerun_finishes(
     runs, streams, events = stream_integrity(storage)
     assert runs == streams == set(events) == {r["run_id"] for r in young}
     assert snapshot(storage, memory) == memory_before
+
+
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_dry_run_pages_by_the_stored_finish_time_not_its_milliseconds(storage: Any, dialect: str) -> None:
+    """A dry run's pages continue after the last row's stored finishedAt. Rounded to our
+    milliseconds, a time with finer digits (PostgreSQL keeps microseconds; another tool may have
+    written them) would still lie after its own bound: the page would come again and again."""
+    add_runs(storage, [{"run_id": f"r{i}", "status": "completed", "finished_at": OLD} for i in range(3)],
+             events_per_run=1)
+    storage.execute("UPDATE agent_runs SET finished_at = finished_at + interval '400 microseconds'")
+    counts: List[int] = []
+
+    def progress(report: PruneReport) -> None:
+        counts.append(report.runs)
+        assert len(counts) <= 10, f"the dry run does not end: {counts}"
+
+    dry = prune_runs(storage, KEEP, now_ms=NOW, batch_size=2, dry_run=True, progress=progress)
+    assert (dry.runs, dry.streams, dry.events) == (3, 3, 3), dry
+    assert storage.get("runs", "r0") is not None  # a dry run deletes nothing
