@@ -284,6 +284,12 @@ class Dialect:
         parameter the token) and DEALLOCATE it."""
         raise NotImplementedError(f"{type(self).__name__} polls without checks")
 
+    @property
+    def prepares_checks(self) -> bool:
+        """`polls_by_checks` dialects: the server runs `check_statements` (PREPARE once, EXECUTE
+        with the token as a value); otherwise every timed check sends its JSON array."""
+        return False
+
     def drop_index_sql(self, index: str, table: str) -> str:
         """DROP INDEX of the quoted `index` on the quoted `table`."""
         return f"DROP INDEX {index}"
@@ -517,8 +523,7 @@ class MySQLDialect(Dialect):
                       "utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]')) AS j ")
             head = ""
         else:
-            row = "" if self.is_mariadb else "ROW"  # (MySQL 8 writes VALUES ROW(...), ...)
-            rows = ",".join(f"{row}(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
+            rows = ",".join(f"(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
             head = f"WITH j(run, since) AS (VALUES {rows}) "
             source = "j "
         sql = f"{head}SELECT j.run, {'s.status' if status else 'NULL'} FROM {source}"
@@ -534,6 +539,11 @@ class MySQLDialect(Dialect):
 
     def check_statements(self, name: str) -> Tuple[str, str, str]:
         return f"PREPARE {name} FROM %s", f"EXECUTE {name} USING %s", f"DEALLOCATE PREPARE {name}"
+
+    @property
+    def prepares_checks(self) -> bool:
+        # EXECUTE ... USING takes a value only on MariaDB (10.2.3 on); MySQL takes user variables.
+        return self.is_mariadb
 
     def drop_index_sql(self, index: str, table: str) -> str:
         return f"DROP INDEX {index} ON {table}"

@@ -666,7 +666,8 @@ class Poller:
                 if len(hot) * 4 > len(entries) + 64:
                     prepared = None  # most of it has moved: write the statement anew
         if prepared is None or prepared[0] is not conn:
-            if now - self._prepared_at < PREPARE_PAUSE or not self._prepare_checks:
+            if now - self._prepared_at < PREPARE_PAUSE or not self._prepare_checks or \
+                    not self._dialect.prepares_checks:
                 return list(self._storage.execute(self._check_sqls[False], (check,)).fetchall())
             self._prepared_at = now
             prepared = self._prepare_check(entries, index)
@@ -677,7 +678,8 @@ class Poller:
         try:
             rows = list(self._storage.execute(self._dialect.check_statements(f"{_CHECK_STATEMENT}{index}")[1],
                                               (prepared[1],)).fetchall())
-        except peewee.DatabaseError:
+        except peewee.DatabaseError as exc:  # (gone with a new session: PREPARE again)
+            logger.debug("stream poller: EXECUTE of the prepared check failed: %s", exc)
             rows = [(None, None)]
         if any(row[0] is None for row in rows):  # not there, or not ours
             self._prepared.pop(index, None)
