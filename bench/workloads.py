@@ -409,38 +409,26 @@ class Workloads:
         self._raw_stream("w6-baseline")
         append_raw = self.baseline_append()
 
-        def adapter(n: int) -> Callable[[], None]:
-            events = [event(i, now_ms()) for i in range(n)]
-            append = storage.streams.append
+        def appending(append: Callable[[str, Dict[str, Any]], int], stream: str
+                      ) -> Callable[[int], Callable[[], None]]:
+            def side(n: int) -> Callable[[], None]:
+                events = [event(i, now_ms()) for i in range(n)]
 
-            def run() -> None:
-                for ev in events:
-                    append("w6-adapter", ev)
-            return run
+                def run() -> None:
+                    for ev in events:
+                        append(stream, ev)
+                return run
+            return side
 
-        def baseline(n: int) -> Callable[[], None]:
-            events = [event(i, now_ms()) for i in range(n)]
-
-            def run() -> None:
-                for ev in events:
-                    append_raw("w6-baseline", ev)
-            return run
-
-        row = ratio_row("W6", "streams.append 1 event", compare(adapter, baseline, self.settings), self.limit)
+        adapter = appending(storage.streams.append, "w6-adapter")
+        row = ratio_row("W6", "streams.append 1 event",
+                        compare(adapter, appending(append_raw, "w6-baseline"), self.settings), self.limit)
         self._check_seqs("w6-adapter")
         self._check_seqs("w6-baseline")
 
         # The same, against a baseline that keeps the adapter's promises too (`_append_sql`).
         self._raw_stream("w6-promises")
-        append_kept = self.baseline_append(same_promises=True)
-
-        def baseline_kept(n: int) -> Callable[[], None]:
-            events = [event(i, now_ms()) for i in range(n)]
-
-            def run() -> None:
-                for ev in events:
-                    append_kept("w6-promises", ev)
-            return run
+        baseline_kept = appending(self.baseline_append(same_promises=True), "w6-promises")
 
         kept = ratio_row("W6", "streams.append 1 event, baseline with the same promises",
                          compare(adapter, baseline_kept, self.settings), self.limit,
