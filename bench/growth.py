@@ -73,6 +73,24 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def recorded(storage: Any, call: Callable[[], Any]) -> List[Tuple[str, Any]]:
+    """The (sql, params) of every statement `call` sends through the storage's executor."""
+    executor = storage.executor
+    sent: List[Tuple[str, Any]] = []
+    real = executor._execute_sql
+
+    def record(sql: str, params: Any = None) -> Any:
+        sent.append((sql, params))
+        return real(sql, params)
+
+    executor._execute_sql = record
+    try:
+        call()
+    finally:
+        executor._execute_sql = real
+    return sent
+
+
 class Priority:
     """CPU priority (niceness) of this process and of the database server's processes.
 
@@ -227,24 +245,11 @@ class Growth:
         ANALYZE (MariaDB) or EXPLAIN ANALYZE (MySQL). Statements sent outside the storage's
         executor (the followers' poller) are not seen.
         """
-        executor = self.storage.executor
         db = self.storage.database
         out: Dict[str, List[Dict[str, Any]]] = {}
         for name, call in self.lookups():
-            sent: List[Tuple[str, Any]] = []
-            real = executor._execute_sql
-
-            def record(sql: str, params: Any = None, _real: Any = real, _sent: Any = sent) -> Any:
-                _sent.append((sql, params))
-                return _real(sql, params)
-
-            executor._execute_sql = record
-            try:
-                call()
-            finally:
-                executor._execute_sql = real
             out[name] = []
-            for sql, params in sent:
+            for sql, params in recorded(self.storage, call):
                 if not sql.lstrip().upper().startswith("SELECT"):
                     continue
                 prefix = {"sqlite": "EXPLAIN QUERY PLAN ", "postgres": "EXPLAIN (ANALYZE, BUFFERS) ",

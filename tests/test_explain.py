@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from bench.growth import Growth
+from bench.growth import Growth, recorded
 from better_agent_peewee import create_tables, drop_performance_indexes, peewee_storage
 from better_agent_peewee.models import PHYSICAL_TABLES
 from tests.samples import DIALECT_PARAMS, module_database
@@ -60,24 +60,6 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         growth.grow(ROWS)
         growth.analyze()
         yield storage
-
-
-def recorded(storage: Any, call: Callable[[], Any]) -> List[Tuple[str, Any]]:
-    """The (sql, params) of every statement `call` sends through the storage's executor."""
-    executor = storage.executor
-    sent: List[Tuple[str, Any]] = []
-    real = executor._execute_sql
-
-    def record(sql: str, params: Any = None) -> Any:
-        sent.append((sql, params))
-        return real(sql, params)
-
-    executor._execute_sql = record
-    try:
-        call()
-    finally:
-        executor._execute_sql = real
-    return sent
 
 
 def whole_table_reads(database: Any, dialect: str, sql: str, params: Any,
