@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Iterable, NoReturn, Optional, Sequence
+from typing import Callable, Iterable, List, NoReturn, Optional, Sequence
 
 import peewee
 
@@ -144,16 +144,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.older_than is None and args.reap_stale is None:
+        raise _Failure("nothing to do: pass --older-than DURATION (prune), --reap-stale DURATION (reap), "
+                       "or both", 2)
     db = _connect(args)
     _require_tables(db, ("agent_runs", "streams", "stream_events"))
     if "interrupted" in (args.statuses or ()) and not args.include_interrupted:
         raise _Failure("interrupted runs wait for a human to resume them: add --include-interrupted "
                        "to prune them", 2)
     storage = _storage(db)
-    prefix = ""
+    parts: List[str] = []
     if args.reap_stale is not None:
-        reaped = reap_stale(storage, args.reap_stale)
-        prefix = f"reaped {reaped} stale run{'' if reaped == 1 else 's'}; "
+        # A dry run counts the runs it would reap and writes nothing, like the prune after it.
+        reaped = reap_stale(storage, args.reap_stale, dry_run=args.dry_run)
+        parts.append(f"{'would reap' if args.dry_run else 'reaped'} {reaped} stale "
+                     f"run{'' if reaped == 1 else 's'}")
+    if args.older_than is None:
+        print(parts[0] + (" [dry run]" if args.dry_run else ""))
+        return 0
     progress: Optional[Callable[[PruneReport], None]] = None
     if sys.stderr.isatty():
         def progress(report: PruneReport) -> None:
@@ -166,7 +174,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         include_interrupted=args.include_interrupted, progress=progress)
     if progress is not None and report.batches:
         sys.stderr.write("\n")
-    print(prefix + report.summary())
+    print("; ".join(parts + [report.summary()]))
     return 0
 
 
@@ -284,18 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = commands.add_parser("prune", parents=[common],
-                            help="delete finished runs (and their streams and events) older than a duration")
-    p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
-                   help="keep runs that finished more recently than this (30s, 15m, 12h, 7d)")
+                            help="delete finished runs (and their streams and events) older than a duration, "
+                                 "and/or mark runs whose worker died failed (--reap-stale)")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="keep runs that finished more recently than this (30s, 15m, 12h, 7d); "
+                        "without it, only --reap-stale runs")
     p.add_argument("--statuses", nargs="+", metavar="STATUS", choices=FINISHED_STATUSES,
                    help="finished statuses to prune (default: completed failed aborted)")
     p.add_argument("--include-interrupted", action="store_true",
                    help="prune interrupted runs too (by default they wait for a human)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, metavar="N",
                    help="runs per transaction (default 1000)")
-    p.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="count what would be reaped and deleted, write nothing")
     p.add_argument("--reap-stale", type=_duration, metavar="DURATION",
-                   help="first mark runs still running but not updated for this long as failed")
+                   help="first mark runs still running but not updated for this long as failed "
+                        "(alone, without --older-than: a reap-only job for a frequent cron line)")
     p.set_defaults(func=cmd_prune)
 
     p = commands.add_parser("stats", parents=[common],

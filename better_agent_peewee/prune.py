@@ -307,7 +307,7 @@ def _somewhere_between(low: str, high: str, rng: random.Random) -> str:
 
 
 def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Optional[int] = None,
-               *, batch_size: int = 1000, streams: Optional[Streams] = None) -> int:
+               *, batch_size: int = 1000, streams: Optional[Streams] = None, dry_run: bool = False) -> int:
     """Mark runs still ``running`` but silent for longer than `stale_after` as failed.
 
     The trace a crashed worker leaves is a run that says running forever. Each such run
@@ -325,7 +325,8 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     :param now_ms: "now" in epoch ms (default: the clock).
     :param batch_size: runs per transaction.
     :param streams: the storage's `Streams`, which appends the event (default: one of its own).
-    :returns: how many runs were marked failed.
+    :param dry_run: count the runs it would mark failed, write nothing.
+    :returns: how many runs were marked failed (with `dry_run`: would be).
     """
     if now_ms is None:
         now_ms = clock_ms()
@@ -344,6 +345,9 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     if streams is None:
         streams = Streams(Tables(executor, m))
     stale = [Run.status == "running", Run.updated_at < cutoff]
+    if dry_run:
+        (count,), = executor.rows(Run.select(_COUNT).where(*stale))
+        return int(count)
     reaped = 0
     last: Optional[str] = None
     while True:

@@ -293,8 +293,8 @@ class Runs:
         """
         return prune_runs(self._tables, older_than, **options)
 
-    def reap_stale(self, stale_after: datetime.timedelta) -> int:
+    def reap_stale(self, stale_after: datetime.timedelta, *, dry_run: bool = False) -> int:
         """Mark runs still `running` but not updated for `stale_after` as failed, closing their
-        streams (what a crashed worker leaves behind); returns how many were marked.
-        See `better_agent_peewee.prune.reap_stale`."""
-        return reap_stale(self._tables, stale_after, streams=self._streams)
+        streams (what a crashed worker leaves behind); returns how many were marked (with
+        `dry_run`: would be, writing nothing). See `better_agent_peewee.prune.reap_stale`."""
+        return reap_stale(self._tables, stale_after, streams=self._streams, dry_run=dry_run)

@@ -269,6 +269,35 @@ def test_prune_statuses_and_reap_stale(storage: Any, database_url: str) -> None:
     assert storage.runs.get("alive")["status"] == "running"
 
 
+def test_prune_dry_run_reaps_nothing(storage: Any, database_url: str) -> None:
+    build(storage)
+    before = snapshot(storage)
+    storage.database.close()
+    dry = cli("prune", "--older-than", "7d", "--reap-stale", "2h", "--dry-run", url=database_url)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("would reap 1 stale run; would prune 2 runs, 2 streams, 4 events")
+    assert snapshot(storage) == before
+    dry = cli("prune", "--reap-stale", "2h", "--dry-run", url=database_url)
+    assert (dry.returncode, dry.stdout) == (0, "would reap 1 stale run [dry run]\n")
+    assert snapshot(storage) == before
+
+
+def test_reap_alone(storage: Any, database_url: str) -> None:
+    build(storage)
+    before = snapshot(storage)
+    storage.database.close()
+    one_error_line(cli("prune", url=database_url), 2, "--older-than", "--reap-stale")
+    result = cli("prune", "--reap-stale", "2h", url=database_url)
+    assert (result.returncode, result.stdout) == (0, "reaped 1 stale run\n"), result.stderr
+    after = snapshot(storage)
+    assert after["runs"]["dead"]["status"] == "failed" and after["streams"]["dead"]["status"] == "closed"
+    # Only the reap: every finished run, however old, is still there.
+    assert {k: v for k, v in after["runs"].items() if k != "dead"} == {
+        k: v for k, v in before["runs"].items() if k != "dead"}
+    result = cli("prune", "--reap-stale", "2h", url=database_url)
+    assert result.stdout == "reaped 0 stale runs\n"
+
+
 def test_prune_progress_on_a_terminal(storage: Any, database_url: str) -> None:
     build(storage)
     storage.database.close()

@@ -403,6 +403,20 @@ def test_reap_stale_fails_silent_running_runs_and_closes_their_streams(storage: 
     assert reap_stale(storage, timedelta(hours=2), now_ms=NOW) == 0
 
 
+def test_reap_stale_dry_run_counts_and_writes_nothing(storage: Any) -> None:
+    add_runs(storage, [
+        {"run_id": "stale", "status": "running", "started_at": NOW - 5 * HOUR, "updated_at": NOW - 3 * HOUR},
+        {"run_id": "stale-2", "status": "running", "started_at": NOW - 5 * HOUR, "updated_at": NOW - 3 * HOUR,
+         "stream": False},
+        {"run_id": "alive", "status": "running", "started_at": NOW - 5 * HOUR, "updated_at": NOW - 60_000},
+    ])
+    before = snapshot(storage)
+    assert reap_stale(storage, timedelta(hours=2), now_ms=NOW, dry_run=True) == 2
+    assert storage.runs.reap_stale(timedelta(hours=2), dry_run=True) == 3  # the clock: all three are old
+    assert snapshot(storage) == before
+    assert reap_stale(storage, timedelta(hours=2), now_ms=NOW) == 2
+
+
 class ClosedByHand(Streams):
     """The storage's streams, except that the stream of `run_id` is closed (by hand, for real)
     just before the reaper appends to it: a close that came between the reaper's SELECT and its append."""
