@@ -5,6 +5,7 @@
     create_tables(db)
     storage = peewee_storage(db)
 """
+from .agent import AgentHandle
 from .database_url import DatabaseURLError, open_database
 from .errors import (
     ConflictError,
@@ -60,6 +61,7 @@ __all__ = [
     "SchemaError",
     "RunAborted",
     "AbortRequest",
+    "AgentHandle",
     "DatabaseURLError",
     "prune_runs",
     "reap_stale",

@@ -13,14 +13,14 @@ from __future__ import annotations
 import datetime
 import enum
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import peewee
 
 from .errors import ConflictError, NotFoundError, RecordError
 from .executor import Applied
 from .prune import PruneReport, prune_runs, reap_stale
-from .query import compile_statement, first_row, marker
+from .query import Statement, compile_statement, first_row, marker
 from .records import FINAL_EVENT_OF, FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
 from .tracking import ABORT_CHECK_INTERVAL, HEARTBEAT_INTERVAL, TrackedRun
@@ -53,6 +53,13 @@ class AbortRequest(str, enum.Enum):
         return self is AbortRequest.REQUESTED
 
 
+def owned_by(run: Mapping[str, Any], agent_name: str, scope: Optional[str]) -> bool:
+    """True if `run` is a run of `agent_name` that a caller in `scope` may act on: any scope when
+    `scope` is None, else that scope or none (Better Agent's handler lets any caller act on a run
+    without a scope)."""
+    return run.get("agentName") == agent_name and (scope is None or run.get("scope") in (None, scope))
+
+
 class Runs:
     """Better Agent's run records: `storage.runs`.
 
@@ -72,9 +79,16 @@ class Runs:
         self._check_json = make_json_check(tables.executor.dialect)
         R = tables.models.run
         # Only a running run that was not asked yet: the WHERE clause decides who wins a race.
-        self._abort = compile_statement(self._db, R.update(
-            {R.abort_requested_at: marker("now"), R.updated_at: marker("now")}).where(
-            (R.run_id == marker("run")) & (R.status == "running") & R.abort_requested_at.is_null()))
+        stamp = R.update({R.abort_requested_at: marker("now"), R.updated_at: marker("now")})
+        can_abort = (R.run_id == marker("run")) & (R.status == "running") & R.abort_requested_at.is_null()
+        self._abort = compile_statement(self._db, stamp.where(can_abort))
+        # The same for `storage.agent(...)`: only a run of that agent (and, with a scope, in that
+        # scope or in none, as Better Agent's run access check), decided by the same statement.
+        of_agent = can_abort & (R.agent_name == marker("agent"))
+        self._abort_of: Dict[bool, Statement] = {
+            False: compile_statement(self._db, stamp.where(of_agent)),
+            True: compile_statement(self._db, stamp.where(
+                of_agent & ((R.scope == marker("scope")) | R.scope.is_null())))}
         self._finish = compile_statement(self._db, R.update(
             {R.status: marker("status"), R.final_event: marker("final"), R.updated_at: marker("now"),
              R.finished_at: marker("now")}).where((R.run_id == marker("run")) & (R.status == "running")))
@@ -182,17 +196,27 @@ class Runs:
 
         :raises NotFoundError: there is no run `run_id`.
         """
+        return self.abort_of(run_id, None)
+
+    def abort_of(self, run_id: str, owner: Optional[Tuple[str, Optional[str]]]) -> AbortRequest:
+        """`request_abort`, restricted to the runs of `owner` (agent name, scope or None) when
+        given: a run of another agent or scope is reported exactly as a missing one
+        (`storage.agent(...).abort` calls this)."""
         run_id = check_key(_RUNS, "runId", run_id)
         stamp = now_ms()
-        params = self._abort.params({"now": self._encode_ts(stamp), "run": run_id})
+        values = {"now": self._encode_ts(stamp), "run": run_id}
+        statement = self._abort
+        if owner is not None:
+            values["agent"], values["scope"] = owner
+            statement = self._abort_of[owner[1] is not None]
         # Not idempotent: a second run after a lost reply would answer False to the winner. So
         # after a lost reply the stamp is read back: ours means this call made the request.
-        if self._executor.execute(self._abort.sql, params, idempotent=False,
+        if self._executor.execute(statement.sql, statement.params(values), idempotent=False,
                                   resolve=lambda: self._abort_read_back(run_id, stamp)).rowcount == 1:
             logger.debug("abort requested for run %r", run_id)
             return AbortRequest.REQUESTED
         run = self.get(run_id)
-        if run is None:
+        if run is None or (owner is not None and not owned_by(run, *owner)):
             raise NotFoundError(_RUNS, run_id, f"runs: cannot abort run {run_id!r}: it does not exist")
         if run["status"] == "running":
             return AbortRequest.ALREADY_REQUESTED

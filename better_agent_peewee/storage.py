@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Mapping, Optional
 
+from .agent import AgentHandle
 from .dialects import Dialect, detect_dialect, unwrap
 from .errors import UnsupportedTableError
 from .executor import RECONNECT_WINDOW, Executor
@@ -48,6 +49,15 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"<Storage {self.dialect.name} {self.database.database!r}>"
+
+    def agent(self, name: str, scope: Optional[str] = None) -> AgentHandle:
+        """The runs of agent `name` (in `scope`, when given): `running()`, `abort(run_id=None)` and
+        `resume(run_id=None, after_seq=0)`, as Better Agent's ``app.agent(name)``.
+
+        Without a run id they act on the agent's latest running run; a run id of another agent
+        or scope raises NotFoundError exactly as a missing run does.
+        """
+        return AgentHandle(self.runs, self.streams, name, scope)
 
     def table(self, name: Any) -> TableAdapter:
         """The adapter of logical table `name`, or UnsupportedTableError."""

@@ -31,7 +31,8 @@ PRINTS: Dict[str, List[str]] = {
     "operations.md": ["pruned 0 runs, 0 streams, 0 events older than"],
     "runs.md": ["['RUN_STARTED', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_CONTENT', "
                 "'TEXT_MESSAGE_END', 'RUN_FINISHED']",
-                "runs: run 'run-1' already exists (completed); nothing was written."],
+                "runs: run 'run-1' already exists (completed); nothing was written.",
+                "['RUN_STARTED', 'RUN_ERROR']\nruns: cannot abort run 'run-6': it does not exist\n"],
 }
 
 RUNNER = """
