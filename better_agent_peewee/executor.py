@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 import peewee
 from playhouse.pool import MaxConnectionsExceeded, PooledDatabase
 
+from .checks import is_int
 from .dialects import Dialect
 from .errors import (
     ConnectionLostError,
@@ -200,7 +201,7 @@ class _Transaction(contextlib.ContextDecorator):
     """
 
     def __init__(self, executor: Executor, retries: int = 0) -> None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        if not is_int(retries) or retries < 0:
             raise ValueError(f"retries must be a non-negative integer, got {retries!r:.80}")
         self._executor = executor
         self._retries = retries
@@ -293,8 +294,7 @@ class Executor:
 
     def __init__(self, database: peewee.Database, dialect: Dialect, *,
                  reconnect_window: float = RECONNECT_WINDOW) -> None:
-        if isinstance(reconnect_window, bool) or not isinstance(reconnect_window, (int, float)) or \
-                not reconnect_window >= 0:
+        if not is_int(reconnect_window, or_float=True) or not reconnect_window >= 0:
             raise ValueError(f"reconnect_window must be a non-negative number of seconds, got "
                              f"{reconnect_window!r:.80}")
         self.database = database

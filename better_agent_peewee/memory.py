@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import peewee
 
+from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError
 from .executor import Applied, json_refused, read_back_after
 from .query import MultiRowInsert, compile_statement, first_row, marker, select_columns
@@ -35,9 +36,9 @@ Record = Dict[str, Any]
 
 
 def _check_limit(limit: Any) -> Optional[int]:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and (not is_int(limit) or limit < 0):
         raise ValueError(f"limit must be None or a non-negative integer, got {limit!r:.80}")
-    return limit
+    return cast(Optional[int], limit)
 
 
 class Threads:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import peewee
 
+from .checks import is_int
 from .errors import ConflictError, QueryError
 from .executor import Executor
 from .records import FINISHED_STATUSES, RUN_STATUSES
@@ -111,11 +112,10 @@ def prune_runs(
     :returns: a `PruneReport` with the counts.
     """
     chosen = _check_statuses(statuses, include_interrupted)
-    if orphan_scan is not None and (isinstance(orphan_scan, bool) or not isinstance(orphan_scan, int)
-                                    or orphan_scan < 0):
+    if orphan_scan is not None and (not is_int(orphan_scan) or orphan_scan < 0):
         raise ValueError(f"orphan_scan must be None or a non-negative int, got {orphan_scan!r}")
     cutoff = _cutoff(older_than, now_ms, "older_than")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
     started = time.monotonic()

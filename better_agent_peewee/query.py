@@ -26,6 +26,7 @@ from typing import (
 
 import peewee
 
+from .checks import is_int
 from .dialects import Dialect
 from .errors import QueryError
 from .records import TableSpec, check_ts, string_problem
@@ -111,7 +112,7 @@ class ListCompiler:
     def _bind(self, field: str, kind: str, value: Any) -> Any:
         """Check a `where` value against the field's kind and encode it for the driver."""
         if kind == "ts":
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise self._error(f"where.{field} must be an integer timestamp (epoch ms) or None, "
                                   f"got {value!r:.80}", False)
             try:
@@ -119,7 +120,7 @@ class ListCompiler:
             except Exception as exc:  # out of range: no record can match, but say so clearly
                 raise self._error(f"where.{field}: {exc}", False) from None
         if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise self._error(f"where.{field} must be an integer or None, got {value!r:.80}", False)
             if not -_MAX_INT - 1 <= value <= _MAX_INT:  # SQLite cannot even bind it
                 raise self._error(f"where.{field}: {value} is outside the 64-bit integer range", False)
@@ -155,7 +156,7 @@ class ListCompiler:
         if type(order) is not dict and not isinstance(order, Mapping):
             raise self._error(f"orderBy must be a dict of field -> 'asc'/'desc', got {type(order).__name__}",
                               False)
-        if take is not None and (isinstance(take, bool) or not isinstance(take, int) or take < 0):
+        if take is not None and (not is_int(take) or take < 0):
             raise self._error(f"take must be a non-negative integer, got {take!r:.80}", False)
 
         values: Dict[str, Any] = {}

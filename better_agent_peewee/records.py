@@ -24,6 +24,7 @@ from typing import (
     get_args,
 )
 
+from .checks import is_int
 from .dialects import Dialect
 from .errors import RecordError
 from .models import (
@@ -154,7 +155,7 @@ def storable_key(key: Any) -> bool:
 def check_ts(table: str, field: str, value: Any) -> int:
     """An epoch-ms timestamp: an int (not bool) that every dialect can hold."""
     if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise _fail(table, field,
                         f"must be an integer timestamp (epoch milliseconds), "
                         f"got {type(value).__name__}: {value!r:.80}")

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import peewee
 
+from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
 from .executor import Applied, json_refused, read_back_after
 from .followers import HEARTBEAT, POLL_BATCH, Follower, Poller, notify_sql
@@ -436,16 +437,13 @@ class Streams:
         :raises ConnectionLostError: (at once) the database cannot be reached now; a follower
             already following waits through a lost connection instead.
         """
-        if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+        if not is_int(after_seq) or after_seq < 0:
             raise ValueError(f"after_seq must be a non-negative integer, got {after_seq!r:.80}")
-        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or \
-                not poll_interval > 0:
+        if not is_int(poll_interval, or_float=True) or not poll_interval > 0:
             raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r:.80}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout >= 0):
+        if timeout is not None and (not is_int(timeout, or_float=True) or not timeout >= 0):
             raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r:.80}")
-        if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
-                                      or not heartbeat > 0):
+        if heartbeat is not None and (not is_int(heartbeat, or_float=True) or not heartbeat > 0):
             raise ValueError(f"heartbeat must be None or a positive number of seconds, got {heartbeat!r:.80}")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not storable_key(run_id):

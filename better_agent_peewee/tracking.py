@@ -27,6 +27,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
+from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, RecordError, RunAborted
 from .executor import read_back_after
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
@@ -77,7 +78,7 @@ class TrackedRun:
             raise ValueError(f"runs: run {run_id!r} has input messages but no thread_id to store them in")
         for name, value in (("abort_check_interval", abort_check_interval),
                             ("heartbeat_interval", heartbeat_interval)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if not is_int(value, or_float=True) or not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r:.80}")
         #: The run's status as this object knows it: None before `start`, then running, then
         #: how it ended (completed, interrupted, failed, aborted).

@@ -115,3 +115,12 @@ def test_only_the_dialects_module_asks_which_database_it_is() -> None:
              for node in ast.walk(tree) if isinstance(node, ast.Compare)
              and any(named(side) for side in [node.left, *node.comparators])]
     assert not found, f"modules other than dialects.py compare with a dialect's name: {found}"
+
+
+def test_one_check_says_an_int_is_not_a_bool() -> None:
+    """``isinstance(x, bool)`` beside ``isinstance(x, int)`` is written once, in `checks.is_int`."""
+    found = [f"{name}: line {node.lineno}" for name, tree in _trees().items() if name != "checks"
+             for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id == "isinstance" and len(node.args) == 2
+             and isinstance(node.args[1], ast.Name) and node.args[1].id == "bool"]
+    assert not found, f"hand-written int-but-not-bool checks (use checks.is_int): {found}"
