@@ -46,7 +46,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from better_agent_peewee import create_tables, drop_performance_indexes
+from better_agent_peewee import create_tables
+from better_agent_peewee.schema import drop_performance_indexes
 
 from .env import Target, machine, open_target
 from .prune_scale import bulk_insert

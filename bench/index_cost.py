@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import peewee
 
-from better_agent_peewee import create_tables, drop_performance_indexes, peewee_storage
+from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee.schema import drop_performance_indexes
 
 from .growth import Growth
 

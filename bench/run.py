@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-from better_agent_peewee import drop_performance_indexes
+from better_agent_peewee.schema import drop_performance_indexes
 
 from .env import machine, open_target
 from .harness import LEGEND, Row, Settings, format_table, missing_row

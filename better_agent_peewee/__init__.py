@@ -4,7 +4,12 @@
     db = open_database("sqlite:///agent.db")
     create_tables(db)
     storage = peewee_storage(db)
+
+The names below are the public surface: the docs import everything they use from here.
 """
+import warnings
+from typing import Any
+
 from .agent import AgentHandle
 from .database_url import DatabaseURLError, open_database
 from .errors import (
@@ -18,13 +23,16 @@ from .errors import (
     ReadOnlyError,
     RecordError,
     RunAborted,
-    SchemaError,
     StorageError,
     UnsupportedTableError,
 )
+from .errors import SchemaError as _SchemaError
+from .followers import HEARTBEAT, Follower
 from .prune import PruneReport, prune_runs, reap_stale
 from .runs import AbortRequest
-from .schema import SchemaReport, check_schema, create_tables, drop_performance_indexes, drop_tables
+from .schema import SchemaReport, check_schema, create_tables, drop_tables
+from .schema import drop_performance_indexes as _drop_performance_indexes
+from .sse import SSE_HEADERS, event_stream, resume_point
 from .storage import Storage, peewee_storage
 from .tracking import TrackedRun
 from .types import (
@@ -45,7 +53,6 @@ __all__ = [
     "drop_tables",
     "check_schema",
     "SchemaReport",
-    "drop_performance_indexes",
     "Storage",
     "StorageError",
     "UnsupportedTableError",
@@ -58,7 +65,6 @@ __all__ = [
     "ReadOnlyError",
     "PoolExhaustedError",
     "DialectError",
-    "SchemaError",
     "RunAborted",
     "AbortRequest",
     "AgentHandle",
@@ -67,6 +73,11 @@ __all__ = [
     "reap_stale",
     "PruneReport",
     "TrackedRun",
+    "Follower",
+    "HEARTBEAT",
+    "event_stream",
+    "resume_point",
+    "SSE_HEADERS",
     "ThreadRecord",
     "MessageRecord",
     "RunRecord",
@@ -76,4 +87,23 @@ __all__ = [
     "StreamStatus",
     "ListResult",
 ]
+#: The one place the version is written (setup.cfg reads it from here).
 __version__ = "0.1.0"
+
+#: Names the root exported in 0.1.0 and no longer does: (the object, what to do instead).
+_DEPRECATED = {
+    "SchemaError": (_SchemaError, "nothing raises it: check_schema returns a SchemaReport, whose .problems "
+                                  "say what differs; it will be removed"),
+    "drop_performance_indexes": (_drop_performance_indexes,
+                                 "it is for benchmarks and tests: import it from better_agent_peewee.schema"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names, with a DeprecationWarning (PEP 562)."""
+    try:
+        value, instead = _DEPRECATED[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    warnings.warn(f"better_agent_peewee.{name} is deprecated: {instead}", DeprecationWarning, stacklevel=2)
+    return value

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Optional
 import pytest
 from playhouse.migrate import SchemaMigrator
 
-from better_agent_peewee import create_tables, drop_performance_indexes, peewee_storage
+from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.cli import parse_duration
 from better_agent_peewee.prune import stats
+from better_agent_peewee.schema import drop_performance_indexes
 from tests.test_prune import DAY, HOUR, add_runs, snapshot
 
 PROG = "better-agent-peewee"

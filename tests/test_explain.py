@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from bench.growth import Growth, recorded
-from better_agent_peewee import create_tables, drop_performance_indexes, peewee_storage
+from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.models import PHYSICAL_TABLES
+from better_agent_peewee.schema import drop_performance_indexes
 from tests.samples import DIALECT_PARAMS, module_database
 
 ROWS = 10_000

@@ -17,6 +17,9 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+import better_agent_peewee as root
+from better_agent_peewee import errors, followers, schema
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 #: Every page whose python blocks run: the README, then the docs.
@@ -110,3 +113,25 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert "bash scripts/test.sh" in first[2]
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "bash scripts/test.sh" in ci
+
+
+def test_the_docs_import_the_package_from_its_root_only() -> None:
+    """Every page's code imports from ``better_agent_peewee`` itself, never from a module of it:
+    the root exports what the docs use, and a module can move without breaking a page."""
+    found = [f"{page.name}:{line + n + 1}: {text.strip()}" for page in PAGES for line, source in _python(page)
+             for n, text in enumerate(source.splitlines())
+             if re.match(r"\s*(from|import)\s+better_agent_peewee\.", text)]
+    assert not found, f"pages importing from inside the package: {found}"
+
+
+def test_the_root_exports_its_names_and_deprecates_two() -> None:
+    assert set(root.__all__) <= set(dir(root)) and len(root.__all__) == len(set(root.__all__))
+    assert {"Follower", "HEARTBEAT", "event_stream", "peewee_storage"} <= set(root.__all__)
+    assert root.Follower is followers.Follower
+    for name, home in (("SchemaError", errors), ("drop_performance_indexes", schema)):
+        assert name not in root.__all__
+        with pytest.warns(DeprecationWarning, match=name):
+            value = getattr(root, name)
+        assert value is getattr(home, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        root.no_such_name  # noqa: B018

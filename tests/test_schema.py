@@ -25,11 +25,11 @@ from better_agent_peewee import (
     NotFoundError,
     check_schema,
     create_tables,
-    drop_performance_indexes,
     drop_tables,
     peewee_storage,
 )
 from better_agent_peewee.models import PERFORMANCE_INDEXES
+from better_agent_peewee.schema import drop_performance_indexes
 from tests import test_storage as contract
 from tests.conftest import close_database
 from tests.samples import (
