@@ -29,6 +29,7 @@ from .errors import (
 from .errors import SchemaError as _SchemaError
 from .followers import HEARTBEAT, Follower
 from .prune import PruneReport, prune_runs, reap_stale
+from .retention import ThreadPruneReport, prune_threads
 from .runs import AbortRequest
 from .schema import SchemaReport, check_schema, create_tables, drop_tables
 from .schema import drop_performance_indexes as _drop_performance_indexes
@@ -72,6 +73,8 @@ __all__ = [
     "prune_runs",
     "reap_stale",
     "PruneReport",
+    "ThreadPruneReport",
+    "prune_threads",
     "TrackedRun",
     "Follower",
     "HEARTBEAT",

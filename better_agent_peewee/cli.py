@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Iterable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterable, List, NoReturn, Optional, Sequence, Union
 
 import peewee
 
@@ -32,6 +32,7 @@ from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, o
 from .errors import StorageError, first_line
 from .models import PHYSICAL_TABLES
 from .prune import FINISHED_STATUSES, PruneReport, prune_runs, reap_stale, stats
+from .retention import ThreadPruneReport
 from .schema import check_schema, create_tables
 from .storage import Storage, peewee_storage
 from .timestamps import ms_to_iso
@@ -144,11 +145,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    if args.older_than is None and args.reap_stale is None:
-        raise _Failure("nothing to do: pass --older-than DURATION (prune), --reap-stale DURATION (reap), "
-                       "or both", 2)
+    if args.older_than is None and args.reap_stale is None and args.threads_idle_for is None:
+        raise _Failure("nothing to do: pass --older-than DURATION (prune runs), --reap-stale DURATION "
+                       "(reap), --threads-idle-for DURATION (prune threads), or several", 2)
+    if args.agent is not None and args.threads_idle_for is None:
+        raise _Failure("--agent chooses the threads --threads-idle-for prunes: pass both", 2)
+    if args.threads_idle_for is not None and args.threads_idle_for <= _dt.timedelta(0):
+        raise _Failure(f"--threads-idle-for must be a positive duration, got {args.threads_idle_for}", 2)
     db = _connect(args)
-    _require_tables(db, ("agent_runs", "streams", "stream_events"))
+    if args.older_than is not None or args.reap_stale is not None:
+        _require_tables(db, ("agent_runs", "streams", "stream_events"))
+    if args.threads_idle_for is not None:
+        _require_tables(db, ("threads", "messages"))
     if "interrupted" in (args.statuses or ()) and not args.include_interrupted:
         raise _Failure("interrupted runs wait for a human to resume them: add --include-interrupted "
                        "to prune them", 2)
@@ -159,23 +167,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reaped = reap_stale(storage, args.reap_stale, dry_run=args.dry_run)
         parts.append(f"{'would reap' if args.dry_run else 'reaped'} {reaped} stale "
                      f"run{'' if reaped == 1 else 's'}")
-    if args.older_than is None:
-        print(parts[0] + (" [dry run]" if args.dry_run else ""))
-        return 0
-    progress: Optional[Callable[[PruneReport], None]] = None
-    if sys.stderr.isatty():
-        def progress(report: PruneReport) -> None:
-            sys.stderr.write(f"\rbatch {report.batches}: {report.runs} runs, {report.streams} streams, "
-                             f"{report.events} events ({report.seconds:.1f}s)")
-            sys.stderr.flush()
-    report = prune_runs(storage, args.older_than,
-                        statuses=args.statuses or ("completed", "failed", "aborted"),
-                        batch_size=args.batch_size, dry_run=args.dry_run,
-                        include_interrupted=args.include_interrupted, progress=progress)
-    if progress is not None and report.batches:
-        sys.stderr.write("\n")
-    print("; ".join(parts + [report.summary()]))
+    if args.older_than is not None:
+        report = prune_runs(storage, args.older_than,
+                            statuses=args.statuses or ("completed", "failed", "aborted"),
+                            batch_size=args.batch_size, dry_run=args.dry_run,
+                            include_interrupted=args.include_interrupted,
+                            progress=_progress(lambda r: f"{r.runs} runs, {r.streams} streams, "
+                                                         f"{r.events} events"))
+        parts.append(_done(report))
+    if args.threads_idle_for is not None:
+        threads = storage.memory.prune_threads(
+            args.threads_idle_for, agent_name=args.agent, batch_size=args.batch_size, dry_run=args.dry_run,
+            progress=_progress(lambda r: f"{r.threads} threads, {r.messages} messages"))
+        parts.append(_done(threads))
+    print("; ".join(parts) + (" [dry run]" if args.dry_run else ""))
     return 0
+
+
+def _progress(totals: Callable[[Any], str]) -> Optional[Callable[[Any], None]]:
+    """On a terminal, the progress line a prune rewrites after every batch (None elsewhere)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def progress(report: Any) -> None:
+        sys.stderr.write(f"\rbatch {report.batches}: {totals(report)} ({report.seconds:.1f}s)")
+        sys.stderr.flush()
+    return progress
+
+
+def _done(report: Union[PruneReport, ThreadPruneReport]) -> str:
+    """A prune's summary (ending the progress line on a terminal), without its ``[dry run]``:
+    the command's line says it once, at its end."""
+    if report.batches and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    summary = report.summary()
+    return summary[:-len(" [dry run]")] if summary.endswith(" [dry run]") else summary
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -293,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prune", parents=[common],
                             help="delete finished runs (and their streams and events) older than a duration, "
-                                 "and/or mark runs whose worker died failed (--reap-stale)")
+                                 "mark runs whose worker died failed (--reap-stale), and/or delete idle "
+                                 "threads with their messages (--threads-idle-for)")
     p.add_argument("--older-than", type=_duration, metavar="DURATION",
                    help="keep runs that finished more recently than this (30s, 15m, 12h, 7d); "
                         "without it, only --reap-stale runs")
@@ -302,9 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-interrupted", action="store_true",
                    help="prune interrupted runs too (by default they wait for a human)")
     p.add_argument("--batch-size", type=_positive_int, default=1000, metavar="N",
-                   help="runs per transaction (default 1000)")
+                   help="runs (or threads) per transaction (default 1000)")
     p.add_argument("--dry-run", action="store_true",
                    help="count what would be reaped and deleted, write nothing")
+    p.add_argument("--threads-idle-for", type=_duration, metavar="DURATION",
+                   help="delete threads (and their messages) not updated for this long (90d); never a "
+                        "thread with a running run. Alone, or with --older-than and --reap-stale")
+    p.add_argument("--agent", metavar="NAME", help="only this agent's threads (with --threads-idle-for)")
     p.add_argument("--reap-stale", type=_duration, metavar="DURATION",
                    help="first mark runs still running but not updated for this long as failed "
                         "(alone, without --older-than: a reap-only job for a frequent cron line)")

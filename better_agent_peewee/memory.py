@@ -8,6 +8,7 @@ thread (its messages, then the thread), appending a batch of messages, and forki
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordErr
 from .executor import Applied, json_refused, read_back_after
 from .query import MultiRowInsert, compile_statement, first_row, marker, select_columns
 from .records import check_key, check_ts, message_id, now_ms, storable_key
+from .retention import ThreadPruneReport, prune_threads
 from .tables import TableAdapter, Tables
 
 logger = logging.getLogger(__name__)
@@ -288,8 +290,22 @@ class Memory:
 
     def __init__(self, tables: Tables) -> None:
         self._executor = tables.executor
+        self._tables = tables
         self.threads = Threads(tables)
         self.messages = Messages(tables)
+
+    def prune_threads(self, idle_for: datetime.timedelta, *, agent_name: Optional[str] = None,
+                      batch_size: int = 1000, dry_run: bool = False, **options: Any) -> ThreadPruneReport:
+        """Delete the threads not updated for `idle_for` (a positive `timedelta`), with their
+        messages, never one with a running run; what was deleted (or, with `dry_run`, counted).
+
+        :param agent_name: only this agent's threads (None: every agent's).
+        :param batch_size: threads per transaction: a kill part-way leaves each thread whole or
+            gone, and running it again finishes the job.
+        Options (``now_ms``, ``progress``) as `better_agent_peewee.retention.prune_threads`.
+        """
+        return prune_threads(self._tables, idle_for, agent_name=agent_name, batch_size=batch_size,
+                             dry_run=dry_run, **options)
 
     def fork(self, new_thread_id: str, from_thread_id: str,
              transform: Optional[Callable[[List[Record]], Sequence[Mapping[str, Any]]]] = None) -> Record:

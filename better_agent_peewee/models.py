@@ -153,6 +153,7 @@ def build_models(database: peewee.Database, dialect: Dialect, run_primary_key: b
     # (PERFORMANCE_INDEXES says which; docs/performance.md has the EXPLAIN and the write cost).
     # A database without them works, slower: check_schema reports them as advice.
     Thread.add_index(Thread.agent_name, Thread.updated_at, name="bap_threads_agent_updated_idx")
+    Thread.add_index(Thread.updated_at, Thread.id, name="bap_threads_updated_idx")
     Message.add_index(Message.thread, Message.created_at, Message.id, name="bap_messages_thread_created_idx")
     Message.add_index(Message.run_id, Message.created_at, Message.id, name="bap_messages_run_idx")
     Run.add_index(Run.thread_id, Run.started_at, name="bap_agent_runs_thread_started_idx")
@@ -167,6 +168,7 @@ PERFORMANCE_PREFIX = "bap_"
 #: Our performance indexes, by name: the statements each one serves.
 PERFORMANCE_INDEXES: Dict[str, str] = {
     "bap_threads_agent_updated_idx": "memory.threads.list(agent_name=...): newest updatedAt first",
+    "bap_threads_updated_idx": "memory.prune_threads: threads idle since a cutoff, oldest first",
     "bap_messages_thread_created_idx": "memory.messages.list(thread, limit, before_run_id): createdAt, id",
     "bap_messages_run_idx": "memory.messages.list(before_run_id=...): the first message of that run "
                             "(createdAt, then id)",

@@ -129,3 +129,36 @@ def test_prune_at_scale_benchmark_smoke_run(dialect: str, database_url: str, ser
     assert (pruned["runs"], pruned["streams"], pruned["events"]) == (30, 30, 300)
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(summary), proc.stdout
+
+
+def test_prune_threads_benchmark_smoke_run(dialect: str, database_url: str, server: Server | None,
+                                           tmp_path: Path) -> None:
+    """``python -m bench.prune_threads`` on tiny databases: both cases timed on both sides, every
+    idle thread pruned with its messages and every kept one left (the benchmark checks both)."""
+    out = tmp_path / "prune-threads.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    argv = ["--dialect", dialect, "--kept", "2000", "--small", "500", "--idle", "30", "--messages", "5",
+            "--quick", "--explain", "10", "--lock", str(tmp_path / "bench.lock"), "--json", str(out)]
+    other = None
+    if server is not None:  # the test's own (empty) database is the big side, a second one the small
+        other = server.create_database(f"bap_prune_threads_small_{os.getpid()}")
+        argv += ["--big-url", database_url,
+                 "--small-url", other.url + ("?charset=utf8mb4" if dialect == "mysql" else "")]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.prune_threads", *argv],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        if server is not None and other is not None:
+            server.drop_database(other.database)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())["result"]
+    assert set(result["summary"]) == {"nothing idle", "prune of 30 idle threads (150 messages)"}
+    for name, row in result["summary"].items():
+        assert row["small"]["samples"] == 1 and row["big"]["median_s"] > 0 and row["ratio"] > 0, name
+    pruned = result["cases"]["prune of 30 idle threads (150 messages)"]["big"][0]
+    assert (pruned["threads"], pruned["messages"]) == (30, 150)
+    plans = " ".join(line for p in result["explain"] for line in p["plan"])
+    assert "bap_threads_updated_idx" in plans or dialect == "postgres"  # (a tiny table: read whole)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 3, proc.stdout

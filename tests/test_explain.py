@@ -34,6 +34,15 @@ BOUNDED_SORTS = {
         "SQLite sorts the messages of one run (found by bap_messages_run_idx) rather than walk the index",
 }
 
+DAY_MS = 86_400_000
+
+
+def _oldest_thread(storage: Any) -> int:
+    """The updatedAt of bench.growth's oldest thread (its long one)."""
+    at: int = storage.memory.threads.get("thread-long")["updatedAt"]
+    return at
+
+
 LOOKUPS: Dict[str, Callable[[Any], Any]] = {
     "runs.latest_for_thread": lambda s: s.runs.latest_for_thread("thread-0000123"),
     "runs.running(agent)": lambda s: s.runs.running("agent-0"),
@@ -49,6 +58,11 @@ LOOKUPS: Dict[str, Callable[[Any], Any]] = {
     "runs.reap_stale (none stale)": lambda s: s.runs.reap_stale(dt.timedelta(hours=1)),
     # (A window of 20 keys: the default of 1,000 is this small table's every stream.)
     "runs.prune (nothing to do)": lambda s: s.runs.prune(dt.timedelta(days=7), orphan_scan=20),
+    # Three threads idle since the cutoff (the oldest): the page is a range of bap_threads_updated_idx.
+    "memory.prune_threads (dry run)": lambda s: s.memory.prune_threads(
+        dt.timedelta(days=1), dry_run=True, now_ms=_oldest_thread(s) + DAY_MS + 200),
+    "memory.prune_threads(agent, dry run)": lambda s: s.memory.prune_threads(
+        dt.timedelta(days=1), agent_name="agent-0", dry_run=True, now_ms=_oldest_thread(s) + DAY_MS + 200),
 }
 
 

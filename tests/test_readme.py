@@ -31,7 +31,8 @@ NOT_RUN = {"bash", "console", "text", "sql", "cron", "ini", "typescript", "ts", 
 PRINTS: Dict[str, List[str]] = {
     "README.md": ["1 RUN_STARTED\n2 TEXT_MESSAGE_CONTENT\n"]
     + [f"{name} - " for name in ("UnsupportedTableError", "QueryError", "RecordError", "NotFoundError")],
-    "operations.md": ["pruned 0 runs, 0 streams, 0 events older than"],
+    "operations.md": ["pruned 0 runs, 0 streams, 0 events older than",
+                      "would prune 1 threads, 1 messages idle since "],
     "runs.md": ["['RUN_STARTED', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_CONTENT', "
                 "'TEXT_MESSAGE_END', 'RUN_FINISHED']",
                 "runs: run 'run-1' already exists (completed); nothing was written.",

@@ -1,0 +1,159 @@
+"""Memory retention: delete threads idle for a while, with their messages (`storage.memory.prune_threads`).
+
+The job a cron line runs (``better-agent-peewee prune --threads-idle-for 90d``), as Django's
+``clearsessions`` is for sessions. Threads are chosen by keyset on ``(updatedAt, id)``, oldest
+first (an index range: ``bap_threads_updated_idx``, or ``bap_threads_agent_updated_idx`` for
+one agent), so a prune costs what it deletes, not what the tables keep. Each page is one
+transaction that locks the threads it deletes, then deletes their messages and the threads,
+so a kill part-way leaves every thread whole or gone, and running it again finishes the job.
+A thread with a running run is never deleted, nor one that was updated meanwhile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import peewee
+
+from .checks import is_int
+from .records import check_key
+from .tables import StorageParts
+from .timestamps import MAX_TIMESTAMP_MS, ms_to_iso
+from .timestamps import now_ms as clock_ms
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ThreadPruneReport", "prune_threads"]
+
+_COUNT = peewee.fn.COUNT(peewee.SQL("*"))
+# IN lists are sent in chunks of this many parameters (SQLite before 3.32 allows 999).
+_IN_CHUNK = 500
+
+
+@dataclasses.dataclass
+class ThreadPruneReport:
+    """What `prune_threads` deleted (or, with ``dry_run``, would delete)."""
+
+    #: Threads deleted.
+    threads: int = 0
+    #: Messages deleted: those of the deleted threads.
+    messages: int = 0
+    #: True when nothing was deleted and the numbers say what would have been.
+    dry_run: bool = False
+    #: Transactions (batches) it took.
+    batches: int = 0
+    #: Wall-clock seconds.
+    seconds: float = 0.0
+    #: The cutoff, epoch ms: threads not updated since were pruned.
+    cutoff_ms: int = 0
+
+    def summary(self) -> str:
+        """One line for a log or a terminal, e.g. ``pruned 12 threads, 340 messages idle since ...``."""
+        verb = "would prune" if self.dry_run else "pruned"
+        return (f"{verb} {self.threads} threads, {self.messages} messages idle since "
+                f"{ms_to_iso(self.cutoff_ms)} in {self.batches} batches ({self.seconds:.2f}s)"
+                f"{' [dry run]' if self.dry_run else ''}")
+
+
+def idle_cutoff(idle_for: Any, now_ms: Optional[int] = None) -> int:
+    """now - `idle_for` in epoch ms; `idle_for` must be a positive `timedelta`."""
+    if not isinstance(idle_for, _dt.timedelta):
+        raise TypeError(f"idle_for must be a datetime.timedelta, got {type(idle_for).__name__}")
+    if idle_for <= _dt.timedelta(0):
+        raise ValueError(f"idle_for must be a positive duration, got {idle_for}")
+    if now_ms is None:
+        now_ms = clock_ms()
+    return min(max(now_ms - idle_for // _dt.timedelta(milliseconds=1), 0), MAX_TIMESTAMP_MS)
+
+
+def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name: Optional[str] = None,
+                  batch_size: int = 1000, dry_run: bool = False, now_ms: Optional[int] = None,
+                  progress: Optional[Callable[[ThreadPruneReport], None]] = None,
+                  runs: bool = True) -> ThreadPruneReport:
+    """Delete the threads not updated for `idle_for`, with their messages; what was deleted.
+
+    A thread with a running run is kept (a run that starts also sets its thread's
+    ``updatedAt``, so a thread in use is not idle). Each batch is one transaction.
+
+    :param storage: the storage object (`peewee_storage`), or anything with its executor and models.
+    :param idle_for: how long a thread may go without an update, a positive `timedelta`.
+    :param agent_name: only this agent's threads (None: every agent's).
+    :param batch_size: threads per transaction.
+    :param dry_run: count what would be deleted, delete nothing.
+    :param now_ms: "now" in epoch ms (default: the clock), for reproducible jobs and tests.
+    :param progress: called with the running totals after every batch.
+    :param runs: False when the runs table is not in this database (no running run to respect).
+    """
+    cutoff = idle_cutoff(idle_for, now_ms)
+    if agent_name is not None:
+        check_key("memoryThreads", "agentName", agent_name)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    started = time.monotonic()
+    report = ThreadPruneReport(dry_run=dry_run, cutoff_ms=cutoff)
+    executor, m = storage.executor, storage.models
+    Thread, Message, Run = m.thread, m.message, m.run
+    idle: List[Any] = [Thread.updated_at < cutoff]
+    if agent_name is not None:
+        idle.append(Thread.agent_name == agent_name)
+    if runs:
+        busy = Run.select(peewee.SQL("1")).where((Run.thread_id == Thread.id) & (Run.status == "running"))
+        idle.append(~peewee.fn.EXISTS(busy))
+    # Rows locked until COMMIT: a run starting meanwhile waits, then sees the thread gone (SQLite
+    # has one writer at a time: its transaction holds the write lock from the start).
+    lock = not executor.dialect.single_writer and not dry_run
+
+    def page(after: Optional[Tuple[Any, Any]]) -> List[Tuple[Any, ...]]:
+        query = Thread.select(Thread.id, Thread.updated_at).where(*idle)
+        if after is not None:  # the stored value as the driver gave it (see prune_runs)
+            at = peewee.Value(after[1], converter=False)
+            query = query.where((Thread.updated_at > at)
+                                | ((Thread.updated_at == at) & (Thread.id > after[0])))
+        return executor.rows(query.order_by(Thread.updated_at, Thread.id).limit(batch_size))
+
+    last: Optional[Tuple[Any, Any]] = None
+    while True:
+        with executor.transaction():
+            rows = page(last)
+            if not rows:
+                break
+            ids = sorted(thread_id for thread_id, _ in rows)
+            if lock:  # re-checked and locked: one updated or taken by a run since the page is kept
+                locking = Thread.select(Thread.id).where(*idle).for_update()
+                ids = sorted(_in(executor, locking, Thread.id, ids))
+            report.messages += _delete_or_count(executor, Message, Message.thread, ids, dry_run)
+            report.threads += _delete_or_count(executor, Thread, Thread.id, ids, dry_run, idle)
+        last = (rows[-1][0], rows[-1][1])
+        report.batches += 1
+        report.seconds = time.monotonic() - started
+        logger.debug("prune threads: batch of %d, totals %s", len(rows), report)
+        if progress is not None:
+            progress(report)
+        if len(rows) < batch_size:
+            break
+    report.seconds = time.monotonic() - started
+    logger.info("%s", report.summary())
+    return report
+
+
+def _chunks(ids: Sequence[Any]) -> List[Sequence[Any]]:
+    return [ids[start:start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
+
+
+def _in(executor: Any, query: peewee.Query, key: peewee.Field, ids: Sequence[Any]) -> List[Any]:
+    """The first column of `query`'s rows whose `key` is in `ids`."""
+    return [row[0] for chunk in _chunks(ids) for row in executor.rows(query.where(key.in_(chunk)))]
+
+
+def _delete_or_count(executor: Any, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
+                     extra: Sequence[Any] = ()) -> int:
+    """DELETE the rows of `model` whose `key` is in `ids` (and that match `extra`); with
+    `dry_run`, COUNT them instead. How many."""
+    if dry_run:
+        return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk), *extra))[0][0])
+                   for chunk in _chunks(ids))
+    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra)).rowcount)
+               for chunk in _chunks(ids))
