@@ -285,7 +285,8 @@ class Runs:
               scope: Optional[str] = None, config: Any = None,
               messages: Optional[Sequence[Mapping[str, Any]]] = None,
               abort_check_interval: float = ABORT_CHECK_INTERVAL,
-              heartbeat_interval: float = HEARTBEAT_INTERVAL) -> TrackedRun:
+              heartbeat_interval: float = HEARTBEAT_INTERVAL,
+              run_input: Optional[Mapping[str, Any]] = None) -> TrackedRun:
         """A run lived by a ``with`` block, written as Better Agent's own runtime writes it.
 
         ::
@@ -303,12 +304,15 @@ class Runs:
         an exception stores RUN_ERROR (failed) and propagates; `RunAborted` stores RUN_ERROR
         with code ABORTED (aborted) and ends the block quietly. While it runs, `emit`,
         `append_messages` and `check_abort` set the run's `updatedAt` to now at most once every
-        `heartbeat_interval` seconds (60 by default), so `reap_stale` leaves a live run alone. See
+        `heartbeat_interval` seconds (60 by default), so `reap_stale` leaves a live run alone.
+        `run_input`, when given, is RUN_STARTED's ``input`` (Better Agent's runtime writes the
+        run's ``runId``, ``threadId``, ``messages``, ``tools`` and ``context`` there). See
         `better_agent_peewee.tracking.TrackedRun`.
         """
         return TrackedRun(self, self._memory, self._streams, self._tables, run_id, agent_name,
                           thread_id=thread_id, scope=scope, config=config, messages=messages,
-                          abort_check_interval=abort_check_interval, heartbeat_interval=heartbeat_interval)
+                          abort_check_interval=abort_check_interval, heartbeat_interval=heartbeat_interval,
+                          run_input=run_input)
 
     def prune(self, older_than: datetime.timedelta, **options: Any) -> PruneReport:
         """Delete runs that finished more than `older_than` ago, with their streams and events.

@@ -17,9 +17,11 @@ Each stored event becomes one ``message`` whose ``id:`` is its seq, so a browser
 EventSource that reconnects sends ``Last-Event-ID`` and `resume_point` turns it into the
 seq to resume after. While the stream is quiet a comment line goes out every `heartbeat`
 seconds (proxies keep the connection). When the stream is closed and every event was sent
-(or it was deleted), an ``end`` event comes last, with ``{"runId", "lastSeq", "reason"}``,
-and the response ends: call ``source.close()`` on it, or EventSource reconnects. After
-`max_seconds` the response ends without ``end``; the browser reconnects and resumes.
+(or it was deleted) the response simply ends, as Better Agent's server ends it: its client
+reads the end of the body as the end of the run. For a browser's EventSource, which
+reconnects when a body ends, pass ``end_event=True``: an ``end`` event then comes last, with
+``{"runId", "lastSeq", "reason"}`` (call ``source.close()`` on it); with `max_seconds` the
+response ends after that long without ``end``, and the browser reconnects and resumes.
 
 The response body holds no database connection: the storage's poller serves it.
 """
@@ -34,7 +36,7 @@ __all__ = ["SSE_HEADERS", "event_stream", "frames", "resume_point"]
 
 #: Headers of an SSE response (``X-Accel-Buffering: no`` stops nginx from buffering it).
 SSE_HEADERS: Dict[str, str] = {"Content-Type": "text/event-stream; charset=utf-8",
-                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                               "Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
 def resume_point(last_event_id: Optional[str], after: Optional[str] = None) -> int:
@@ -53,21 +55,26 @@ def resume_point(last_event_id: Optional[str], after: Optional[str] = None) -> i
 
 
 def event_stream(storage: Any, run_id: str, after_seq: int = 0, *, heartbeat: float = 15.0,
-                 max_seconds: Optional[float] = 300.0, poll_interval: float = 0.025,
-                 retry_ms: Optional[int] = 2000) -> Iterator[str]:
+                 max_seconds: Optional[float] = None, poll_interval: float = 0.025,
+                 retry_ms: Optional[int] = None, end_event: bool = False) -> Iterator[str]:
     """The ``text/event-stream`` body following the stream of `run_id` after `after_seq`.
 
+    By default the frames are those of Better Agent's server (``id:`` and ``data:`` per event,
+    heartbeat comments, the body ending with the run). For EventSource pages: `end_event`
+    sends an ``end`` event last, `retry_ms` a ``retry:`` hint first, and `max_seconds` ends a
+    response after that long (the browser reconnects and resumes).
     Starts following at once, so a missing stream raises here, before any byte is sent.
 
     :raises NotFoundError: the stream does not exist (e.g. an HTTP 404).
     """
     follower = storage.streams.resume(run_id, after_seq, heartbeat=heartbeat, timeout=max_seconds,
                                       poll_interval=poll_interval)
-    return frames(follower, retry_ms=retry_ms)
+    return frames(follower, retry_ms=retry_ms, end_event=end_event)
 
 
-def frames(follower: Follower, *, retry_ms: Optional[int] = 2000) -> Iterator[str]:
-    """SSE frames of a `resume` follower: events, heartbeat comments, then ``end`` (unless it timed out)."""
+def frames(follower: Follower, *, retry_ms: Optional[int] = None, end_event: bool = False) -> Iterator[str]:
+    """SSE frames of a `resume` follower: events and heartbeat comments; with `end_event`, an
+    ``end`` event once the stream is closed or deleted."""
     try:
         if retry_ms is not None:
             yield f"retry: {int(retry_ms)}\n\n"  # how long the browser waits before reconnecting
@@ -77,7 +84,7 @@ def frames(follower: Follower, *, retry_ms: Optional[int] = 2000) -> Iterator[st
                 continue
             yield (f"id: {item['seq']}\n"
                    f"data: {json.dumps(item, ensure_ascii=False, separators=(',', ':'))}\n\n")
-        if follower.reason in ("closed", "deleted"):
+        if end_event and follower.reason in ("closed", "deleted"):
             end = {"runId": follower.run_id, "lastSeq": follower.last_seq, "reason": follower.reason}
             yield f"event: end\ndata: {json.dumps(end, ensure_ascii=False, separators=(',', ':'))}\n\n"
     finally:

@@ -66,7 +66,8 @@ class TrackedRun:
                  scope: Optional[str] = None, config: Any = None,
                  messages: Optional[Sequence[Mapping[str, Any]]] = None,
                  abort_check_interval: float = ABORT_CHECK_INTERVAL,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 run_input: Optional[Mapping[str, Any]] = None) -> None:
         self.run_id: str = check_key(_RUNS, "runId", run_id)
         self.agent_name = agent_name
         self.thread_id = thread_id
@@ -93,6 +94,10 @@ class TrackedRun:
         self._scope = scope
         self._config = config
         self._messages = list(messages) if messages else []
+        if run_input is not None and not isinstance(run_input, Mapping):
+            raise ValueError(f"run_input must be a dict (RUN_STARTED's input), "
+                             f"got {type(run_input).__name__}")
+        self._run_input = dict(run_input) if run_input is not None else None
         self._interval = float(abort_check_interval)
         self._next_check = 0.0
         self._beat_every = float(heartbeat_interval)
@@ -143,8 +148,11 @@ class TrackedRun:
             if self._messages:
                 memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
         streams.open(self.run_id)
-        streams.append(self.run_id, {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
-                                     "threadId": self.thread_id or ""})
+        started = {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
+                   "threadId": self.thread_id or ""}
+        if self._run_input is not None:
+            started["input"] = self._run_input
+        streams.append(self.run_id, started)
         return record
 
     def _claim(self, scope: Optional[str]) -> Dict[str, Any]:

@@ -151,7 +151,7 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
         # Raises NotFoundError (-> 404) now, before any byte is sent, when there is no stream.
         body = event_stream(storage, run_id, after, heartbeat=app.config["SSE_HEARTBEAT_SECONDS"],
                             max_seconds=app.config["SSE_MAX_SECONDS"],
-                            poll_interval=app.config["SSE_POLL_SECONDS"])
+                            poll_interval=app.config["SSE_POLL_SECONDS"], retry_ms=2000, end_event=True)
         # No stream_with_context: the body needs no app context, so the request's connection goes
         # back to the pool as the view returns, and the open response holds none.
         return Response(body, headers=SSE_HEADERS)

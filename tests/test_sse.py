@@ -43,7 +43,12 @@ def test_event_stream_frames_a_closed_stream(storage: Any) -> None:
     storage.streams.open("r")
     storage.streams.append_many("r", [{"type": "A", "text": "line\nbreak"}, {"type": "B"}])
     storage.streams.close("r")
-    body = "".join(event_stream(storage, "r"))
+    # By default Better Agent's wire: `id:` + `data:` per event, and the body simply ends.
+    wire = "".join(event_stream(storage, "r"))
+    assert wire == ('id: 1\ndata: {"type":"A","text":"line\\nbreak","seq":1}\n\n'
+                    'id: 2\ndata: {"type":"B","seq":2}\n\n')
+    # For an EventSource page: a retry hint first and an `end` event last.
+    body = "".join(event_stream(storage, "r", retry_ms=2000, end_event=True))
     messages = sse_messages(body.encode())
     assert messages[0] == {"retry": "2000"}
     assert [(m["id"], json.loads(m["data"])) for m in messages[1:3]] == [
@@ -52,8 +57,9 @@ def test_event_stream_frames_a_closed_stream(storage: Any) -> None:
     assert json.loads(messages[3]["data"]) == {"runId": "r", "lastSeq": 2, "reason": "closed"}
     assert len(messages) == 4
     # Resuming after the last event: only the end.
-    assert [m.get("event") for m in sse_messages("".join(event_stream(storage, "r", 2)).encode())] \
-        == [None, "end"]
+    assert [m.get("event") for m in sse_messages("".join(event_stream(
+        storage, "r", 2, retry_ms=2000, end_event=True)).encode())] == [None, "end"]
+    assert "".join(event_stream(storage, "r", 2)) == ""
     assert SSE_HEADERS["Content-Type"].startswith("text/event-stream")
     with pytest.raises(NotFoundError):
         event_stream(storage, "missing")  # at once: before the response starts
@@ -68,7 +74,7 @@ def test_event_stream_heartbeats_and_ends_after_max_seconds(storage: Any) -> Non
 def test_event_stream_says_when_the_stream_was_deleted(storage: Any) -> None:
     storage.streams.open("gone")
     storage.streams.append("gone", {"type": "A"})
-    body = event_stream(storage, "gone", max_seconds=60)
+    body = event_stream(storage, "gone", max_seconds=60, retry_ms=2000, end_event=True)
     assert next(body).startswith("retry:")
     assert next(body).startswith("id: 1\n")
     storage.delete("streams", "gone")
