@@ -33,6 +33,7 @@ from .retention import ThreadPruneReport, prune_threads
 from .runs import AbortRequest
 from .schema import SchemaReport, check_schema, create_tables, drop_tables
 from .schema import drop_performance_indexes as _drop_performance_indexes
+from .server import RunRequest, wsgi_app
 from .sse import SSE_HEADERS, event_stream, resume_point
 from .storage import Storage, peewee_storage
 from .tracking import TrackedRun
@@ -89,6 +90,8 @@ __all__ = [
     "RunStatus",
     "StreamStatus",
     "ListResult",
+    "wsgi_app",
+    "RunRequest",
 ]
 #: The one place the version is written (setup.cfg reads it from here).
 __version__ = "0.1.0"
