@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from .checks import is_int
@@ -88,6 +89,9 @@ class TrackedRun:
         self.record: Optional[Dict[str, Any]] = None
         #: The final event written when the run ended (None while it runs).
         self.final_event: Optional[Dict[str, Any]] = None
+        #: The messages `append_messages` added in this run, in order (as stored; a run without
+        #: a thread keeps them here only).
+        self.messages: List[Dict[str, Any]] = []
         self._runs, self._memory, self._streams = runs, memory, streams
         self._executor = tables.executor
         self._models = tables.models
@@ -211,12 +215,17 @@ class TrackedRun:
         return seq
 
     def append_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-        """Append `messages` to the run's thread, recorded with the run's id; the records."""
+        """Append `messages` to the run's thread, recorded with the run's id; the records.
+
+        A run without a thread stores none, as Better Agent's runtime (which keeps a run's
+        messages only when it has a thread): they are kept in `messages` only, each with an ``id``.
+        """
         self._require_running("append messages")
         if self.thread_id is None:
-            raise ValueError(f"runs: run {self.run_id!r} has no thread_id to append messages to")
-        records: List[Dict[str, Any]] = self._memory.messages.append(
-            self.thread_id, messages, run_id=self.run_id)
+            records = _unstored(messages)
+        else:
+            records = self._memory.messages.append(self.thread_id, messages, run_id=self.run_id)
+        self.messages.extend(records)
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
         return records
@@ -363,6 +372,14 @@ class TrackedRun:
         return ConflictError(f"runs: run {self.run_id!r} had already ended ({run.get('status', 'deleted')}: "
                              f"{(run.get('finalEvent') or {}).get('message', 'no message')}) "
                              "before this block ended it; its outcome was not recorded")
+
+
+def _unstored(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """`messages` as the records of a run without a thread: copies, each with an ``id``."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) \
+            or not all(isinstance(m, Mapping) for m in messages):
+        raise RecordError("memoryMessages", None, "messages must be a list of message dicts")
+    return [{**m, "id": m.get("id") or str(uuid.uuid4())} for m in messages]
 
 
 def _storable(text: str) -> str:

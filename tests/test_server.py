@@ -50,8 +50,7 @@ def echo(run: Any, request: RunRequest) -> Dict[str, Any]:
         run.check_abort()
         run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": word})
     run.emit({"type": "TEXT_MESSAGE_END", "messageId": message_id})
-    if request.thread_id is not None:  # (a run without a thread has nowhere to keep messages)
-        run.append_messages([{"id": message_id, "role": "assistant", "content": text}])
+    run.append_messages([{"id": message_id, "role": "assistant", "content": text}])
     return {"finishReason": "stop", "stepCount": 1}
 
 
@@ -245,6 +244,22 @@ def test_a_json_run_writes_what_better_agent_writes(storage: Any) -> None:
     assert started["input"] == {"runId": run_id, "threadId": "t1", "tools": [], "context": [],
                                 "messages": [{"id": question["id"], "role": "user",
                                               "content": "hello world"}]}
+
+
+def test_a_run_without_a_thread_keeps_its_messages_in_the_answer_only(storage: Any) -> None:
+    with serving(storage) as app:
+        before = counts(storage)[:2]
+        status, result = app.json("POST", "/echo/run", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and "threadId" not in result  # absent, as Better Agent answers it
+        reply = {"id": f"{result['runId']}-reply", "role": "assistant", "content": "hi"}
+        assert result["messages"] == [reply]
+        assert counts(storage)[:2] == before  # no thread, no message stored
+        status, result = app.json("POST", "/echo/run", [1])  # not an object: a run with no input
+        assert (status, result["outcome"]) == (200, "success")
+        # A form body is read as Better Agent's router reads it (a dict of strings).
+        status, headers, body = app.call("POST", "/echo/threads", raw=b"title=From+a+form&x=1",
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 201 and json.loads(body)["title"] == "From a form"
 
 
 def test_a_streamed_run_sends_better_agents_frames(storage: Any) -> None:

@@ -118,8 +118,9 @@ def test_an_existing_thread_is_bumped_and_lends_its_scope(storage: Any) -> None:
 def test_a_run_without_a_thread(storage: Any) -> None:
     with storage.runs.track("r1", "batch") as run:
         run.emit({"type": "CUSTOM", "name": "x"})
-        with pytest.raises(ValueError, match="no thread_id"):
-            run.append_messages([{"role": "user", "content": "x"}])
+        # As Better Agent: a run without a thread keeps its messages on the run, stores none.
+        kept = run.append_messages([{"role": "assistant", "content": "x"}, {"id": "m2", "role": "tool"}])
+        assert kept == run.messages and kept[1] == {"id": "m2", "role": "tool"} and kept[0]["id"]
     rec = storage.runs.get("r1")
     assert "threadId" not in rec and rec["finalEvent"]["threadId"] == "" and rec["status"] == "completed"
     assert storage.list("memoryThreads")["items"] == []

@@ -58,7 +58,7 @@ class Control:
         self.access.check_agent(name, auth, request.environ)
         if run_id is None:
             scope = self.access.lookup_scope(name, auth, request.environ)
-            running = self.storage.runs.running(name, scope)
+            running = self.storage.agent(name, scope).running()
             if running is None:
                 raise Problem("VALIDATION_FAILED", f"Please provide runid or run storage to {action}.")
             run_id = running["runId"]
@@ -77,7 +77,12 @@ class Control:
 
     def abort_agent_run(self, request: Request, params: Dict[str, str]) -> Reply:
         """POST /:name/abort?runId=R: ask the run (default: the agent's running one) to stop; 204."""
-        self._abort(self._agent_run_id(request, params["name"], "abort request"))
+        name = params["name"]
+        run_id = self._agent_run_id(request, name, "abort request")
+        try:  # (the agent is checked again by the abort's UPDATE: a run taken over meanwhile is not)
+            self.storage.agent(name).abort(run_id)
+        except NotFoundError:
+            raise run_not_found(run_id, agentName=name) from None
         return no_content()
 
     def abort_run(self, request: Request, params: Dict[str, str]) -> Reply:
@@ -85,19 +90,17 @@ class Control:
         run_id = params["runId"]
         if self._checked_run_id(request, run_id) is None:
             raise run_not_found(run_id)
-        self._abort(run_id)
-        return no_content()
-
-    def _abort(self, run_id: str) -> None:
         try:
             self.storage.runs.request_abort(run_id)
         except NotFoundError:  # gone between the check and the request
             raise run_not_found(run_id) from None
+        return no_content()
 
     def stream_agent_run(self, request: Request, params: Dict[str, str]) -> Reply:
         """GET /:name/stream?runId=R: the run's events after ``Last-Event-ID``, as SSE."""
-        run_id = self._agent_run_id(request, params["name"], "resume stream")
-        return self.sse(run_id, after_seq(request.header("Last-Event-ID")))
+        name = params["name"]
+        run_id = self._agent_run_id(request, name, "resume stream")
+        return self.sse(run_id, after_seq(request.header("Last-Event-ID")), agent=name)
 
     def stream_run(self, request: Request, params: Dict[str, str]) -> Reply:
         """GET /runs/:runId/stream: the run's events after ``Last-Event-ID``, as SSE."""
@@ -105,17 +108,20 @@ class Control:
         self._checked_run_id(request, run_id)
         return self.sse(run_id, after_seq(request.header("Last-Event-ID")))
 
-    def sse(self, run_id: str, after: int, *, live: bool = False,
+    def sse(self, run_id: str, after: int, *, live: bool = False, agent: Optional[str] = None,
             on_close: Optional[Callable[[bool], None]] = None) -> Reply:
         """The SSE response following the stream of `run_id` after `after`.
 
         Replayed frames carry ``id: <seq>`` and the event's ``seq``; `live` frames (a run
         answered as it happens) carry neither, as Better Agent's server sends them.
         ``on_close(ended)`` runs when the body is closed: `ended` is False when the client went
-        away before the stream ended.
+        away before the stream ended. With `agent`, the run is followed as that agent's.
         """
         try:
-            follower = self.storage.streams.resume(run_id, after, heartbeat=self.heartbeat)
+            if agent is None:
+                follower = self.storage.streams.resume(run_id, after, heartbeat=self.heartbeat)
+            else:
+                follower = self.storage.agent(agent).resume(run_id, after, heartbeat=self.heartbeat)
         except NotFoundError:
             body: Iterator[bytes] = iter([b"", error_frame(stream_not_found(run_id))])
             if on_close is not None:

@@ -155,7 +155,8 @@ class Runner:
         answer: Dict[str, Any] = {"runId": run.run_id}
         if run.thread_id is not None:
             answer["threadId"] = run.thread_id
-        answer["messages"] = self._new_messages(run, run_request)
+        # The messages the run added (not its input), as the model wrote them.
+        answer["messages"] = [{k: v for k, v in m.items() if k not in _PLACEMENT} for m in run.messages]
         if run.thread_id is not None:
             thread = self.storage.memory.threads.get(run.thread_id) or {}
             if "state" in thread:
@@ -167,16 +168,6 @@ class Runner:
             answer["outcome"] = "success"
             answer.update(result or {})
         return json_reply(answer)
-
-    def _new_messages(self, run: TrackedRun, run_request: RunRequest) -> List[Dict[str, Any]]:
-        """The messages the run added to its thread (not its input), as the model wrote them."""
-        if run.thread_id is None:
-            return []
-        inputs = {m["id"] for m in run_request.messages}
-        return [{k: v for k, v in m.items() if k not in _PLACEMENT}
-                for m in self.storage.memory.messages.list(run.thread_id)
-                if m.get("runId") == run.run_id and m["id"] not in inputs]
-
 
 def execute(agent: Any, run: TrackedRun, run_request: RunRequest) -> Optional[Mapping[str, Any]]:
     """``agent(run, request)`` inside ``with run:``; its result ends the run as RUN_FINISHED.result.

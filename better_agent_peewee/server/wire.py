@@ -181,13 +181,16 @@ class Request:
         return data
 
     def json_body(self) -> Any:
-        """The body parsed as JSON when it is sent as JSON; None when there is none.
+        """The body: parsed as JSON (also when no type is given), a dict of strings for a form;
+        None when there is none or it is of another type.
 
         :raises Problem: 400 for JSON that does not parse, 413 for a body over the limit.
         """
         data = self.raw_body()
-        content_type = self.header("Content-Type") or ""
-        if not data or (content_type and not _JSON_TYPE.match(content_type.strip())):
+        content_type = (self.header("Content-Type") or "").strip().lower()
+        if data and content_type.startswith("application/x-www-form-urlencoded"):
+            return dict(parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True))
+        if not data or (content_type and not _JSON_TYPE.match(content_type)):
             return None  # (the TS router reads other media types as text: no run input either)
         try:
             return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
