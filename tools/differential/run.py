@@ -130,7 +130,7 @@ def record(work: Path, base: str, out: Path) -> Dict[str, Any]:
     return data
 
 
-def run_side(side: str, work: Path, db_dir: Path) -> Dict[str, Any]:
+def run_side(side: str, work: Path, db_dir: Path, package_root: Path = REPO) -> Dict[str, Any]:
     """Starts one side's server, runs the scenario against it, stops it."""
     if side == "reference":
         argv = ["node", str(work / "reference_server.bundle.mjs"), "--port=0",
@@ -139,7 +139,7 @@ def run_side(side: str, work: Path, db_dir: Path) -> Dict[str, Any]:
     else:
         argv = [sys.executable, str(HERE / "python_server.py"), "--port=0",
                 f"--script={json.dumps(SCRIPT)}", f"--database={db_dir / 'differential.sqlite'}"]
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(package_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server = Server(argv, work, work / f"{side}.log", env)
     try:
         return record(work, server.url, work / f"{side}.json")
@@ -278,6 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--report", type=Path, help="write the markdown report here too")
     parser.add_argument("--only", choices=["reference", "python"], help="record one side only")
     parser.add_argument("--no-build", action="store_true", help="reuse the bundles in --work")
+    parser.add_argument("--package-root", type=Path, default=REPO,
+                        help="import better_agent_peewee from this checkout (default: this one)")
     args = parser.parse_args(argv)
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
@@ -291,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for side in ("reference", "python"):
             if args.only in (None, side):
                 started = time.monotonic()
-                records[side] = run_side(side, args.work, Path(db_dir))
+                records[side] = run_side(side, args.work, Path(db_dir), args.package_root.resolve())
                 print(f"{side}: {len(records[side]['steps'])} steps in {time.monotonic() - started:.1f} s",
                       file=sys.stderr)
     if len(records) < 2:
