@@ -26,6 +26,10 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     missing+=(chromium chromium-driver)
 fi
+# tests/test_server_js.py runs tests/js/sse_reader.mjs in Node (18 or later: built-in fetch, no packages).
+if ! command -v node >/dev/null; then
+    missing+=(nodejs)
+fi
 install_and_setup scripts/test.sh "${missing[@]}"
 
 if (($# == 0)); then
