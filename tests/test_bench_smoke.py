@@ -162,3 +162,26 @@ def test_prune_threads_benchmark_smoke_run(dialect: str, database_url: str, serv
     assert "bap_threads_updated_idx" in plans or dialect == "postgres"  # (a tiny table: read whole)
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 3, proc.stdout
+
+
+def test_server_load_benchmark_smoke_run(database_url: str, tmp_path: Path) -> None:
+    """W14 (``python -m bench.server_load``) with a few clients: every client gets every event."""
+    out = tmp_path / "w14.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "bench.server_load", "--quick", "--database-url",
+                           database_url, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| W14 metric | wsgi_app | in-memory baseline | ratio |"), proc.stdout
+    assert any(row.startswith("| delivery p99 (ms) |") for row in rows), proc.stdout
+    document = json.loads(out.read_text())
+    assert document["quick"] is True
+    for side in ("ours", "baseline"):
+        result = document[side]
+        assert result["errors"] == [], result
+        assert result["complete_clients"] == result["clients"] == 16, result
+        assert result["delivered"] == result["expected"] == 16 * 5, result
+        assert result["peak_connections"] >= result["clients"], result
+        assert result["p50_ms"] is not None and result["p99_ms"] >= result["p50_ms"], result
