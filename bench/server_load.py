@@ -1,6 +1,7 @@
 """W14: Better Agent's HTTP routes (`better_agent_peewee.server.wsgi_app`) under load, in one process.
 
-    python -m bench.server_load [--quick] [--database-url URL] [--json out.json] [--lock /tmp/bench.lock]
+    python -m bench.server_load [--quick] [--dialect D | --database-url URL] [--json out.json]
+        [--lock /tmp/bench.lock]
 
 One server process (werkzeug's threaded WSGI server, a thread per connection, on 127.0.0.1)
 serves `runs` concurrent runs, each answered as SSE to the client that started it
@@ -33,14 +34,18 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from .followers import held_connections as held_connections_to
+from .followers import server_cpu
+
 #: connect_seconds: the time given to connect every client; the runs start ticking after it.
-FULL = {"runs": 100, "followers": 900, "ticks": 40, "interval": 0.25, "connect_seconds": 20.0}
-QUICK = {"runs": 4, "followers": 12, "ticks": 5, "interval": 0.05, "connect_seconds": 3.0}
+#: pool_size: the server process's database pool (`open_database(..., max_connections=)`).
+FULL = {"runs": 100, "followers": 900, "ticks": 40, "interval": 0.25, "connect_seconds": 20.0,
+        "pool_size": 64}
+QUICK = {"runs": 4, "followers": 12, "ticks": 5, "interval": 0.05, "connect_seconds": 3.0, "pool_size": 64}
 #: Bound on the whole ticking window beyond its planned length.
 SLACK_SECONDS = 120.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -130,7 +135,7 @@ class MemoryApp:
                 yield frame
 
 
-def serve(side: str, database_url: str) -> None:
+def serve(side: str, database_url: str, pool_size: int) -> None:
     """The server process: prints ``listening <port> <pid>``, serves until killed."""
     import logging
 
@@ -141,7 +146,7 @@ def serve(side: str, database_url: str) -> None:
         from better_agent_peewee import create_tables, open_database, peewee_storage
         from better_agent_peewee.server import wsgi_app
 
-        database = open_database(database_url, pooled=True, max_connections=64)
+        database = open_database(database_url, pooled=True, max_connections=pool_size)
         create_tables(database)
         app: Any = wsgi_app(peewee_storage(database), agents={"ticker": ticker})
     else:
@@ -294,12 +299,12 @@ def percentile(values: List[float], q: float) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def server_process(side: str, database_url: str) -> Iterator[Tuple[int, int]]:
+def server_process(side: str, database_url: str, pool_size: int) -> Iterator[Tuple[int, int]]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "bench.server_load", "--serve", side,
-                             "--database-url", database_url], cwd=root, env=env,
-                            stdout=subprocess.PIPE, text=True)
+                             "--database-url", database_url, "--pool-size", str(pool_size)],
+                            cwd=root, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
@@ -315,11 +320,12 @@ def server_process(side: str, database_url: str) -> Iterator[Tuple[int, int]]:
             proc.wait(30)
 
 
-def measure(side: str, params: Dict[str, Any], database_url: str) -> Dict[str, Any]:
+def measure(side: str, params: Dict[str, Any], database_url: str,
+            db_connections: Optional[Callable[[], int]] = None) -> Dict[str, Any]:
     """One side's run: connect everyone, tick, collect; the numbers of the server process."""
     runs, followers = params["runs"], params["followers"]
     ticks, interval = params["ticks"], params["interval"]
-    with server_process(side, database_url) as (port, pid):
+    with server_process(side, database_url, params["pool_size"]) as (port, pid):
         # The runs start ticking connect_seconds from now: every client must be connected by then.
         # Run k ticks k/runs of an interval after run 0: runs in lockstep would make every thread
         # runnable at the same instant, which measures a thundering herd rather than delivery.
@@ -344,13 +350,15 @@ def measure(side: str, params: Dict[str, Any], database_url: str) -> Dict[str, A
         assert connected_by < start_at, (
             f"connecting took {connected_by - (start_at - params['connect_seconds']):.1f} s, "
             f"more than connect_seconds={params['connect_seconds']}")
-        peak = {"connections": held_connections(port), "threads": proc_threads(pid)}
+        peak = {"connections": held_connections(port), "threads": proc_threads(pid), "db": 0}
         time.sleep(max(0.0, start_at - time.time()))
         cpu0, mine0, wall0 = proc_cpu(pid), own_cpu(), time.monotonic()
 
         def sample() -> None:
             peak["connections"] = max(peak["connections"], held_connections(port))
             peak["threads"] = max(peak["threads"], proc_threads(pid))
+            if db_connections is not None and side == "ours":
+                peak["db"] = max(peak["db"], db_connections())
 
         left = pump(clients, lambda c: False, ticks * interval + SLACK_SECONDS,
                     on_idle=throttled(sample, 1.0))
@@ -368,6 +376,7 @@ def measure(side: str, params: Dict[str, Any], database_url: str) -> Dict[str, A
         "server_cpu_pct_of_core": round(100 * cpu / wall, 1) if wall else None,
         "client_cpu_s": round(mine, 2), "peak_connections": peak["connections"],
         "peak_threads": peak["threads"],
+        "peak_database_connections": peak["db"] if db_connections is not None and side == "ours" else None,
     }
 
 
@@ -392,9 +401,12 @@ def ms(seconds: Optional[float]) -> Optional[float]:
 
 METRICS = [("delivery p50 (ms)", "p50_ms"), ("delivery p99 (ms)", "p99_ms"), ("delivery max (ms)", "max_ms"),
            ("server CPU (% of a core)", "server_cpu_pct_of_core"), ("server CPU (s)", "server_cpu_s"),
-           ("connections held (peak)", "peak_connections"), ("server threads (peak)", "peak_threads"),
+           ("HTTP connections held (peak)", "peak_connections"),
+           ("database connections held (peak)", "peak_database_connections"),
+           ("server threads (peak)", "peak_threads"),
            ("events delivered", "delivered"), ("clients with every event in order", "complete_clients"),
-           ("load generator CPU (s)", "client_cpu_s")]
+           ("load generator CPU (s)", "client_cpu_s"),
+           ("database server CPU (s, during the wsgi_app side)", "database_server_cpu_s")]
 
 
 def table(ours: Dict[str, Any], base: Dict[str, Any]) -> str:
@@ -409,7 +421,9 @@ def table(ours: Dict[str, Any], base: Dict[str, Any]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.server_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few clients and ticks (the smoke run)")
-    parser.add_argument("--database-url", help="default: a temporary SQLite file")
+    parser.add_argument("--dialect", choices=["sqlite", "postgres", "mysql"], default="sqlite",
+                        help="a temporary SQLite file or a throwaway server (bench/env.py; default sqlite)")
+    parser.add_argument("--database-url", help="an existing database instead (its tables are created)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--lock", help="hold this file's lock (flock) while measuring")
     parser.add_argument("--serve", choices=["ours", "baseline"], help=argparse.SUPPRESS)
@@ -417,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(FULL[key]), help=f"default {FULL[key]}")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.database_url)
+        serve(args.serve, args.database_url, args.pool_size)
         return 0
     params = dict(QUICK if args.quick else FULL)
     for key in FULL:
@@ -430,13 +444,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             import fcntl
             handle = stack.enter_context(open(args.lock, "w"))
             fcntl.flock(handle, fcntl.LOCK_EX)
-        url = args.database_url
+        url, server, db_connections = args.database_url, None, None
         if url is None:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory())
-            url = "sqlite:///" + os.path.join(scratch, "w14.sqlite")
+            from .env import open_target
+
+            log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+            target = stack.enter_context(open_target(args.dialect, log=log))
+            url, server = target.url, target.server
+            if args.dialect != "sqlite":  # (a SQLite file has no server to ask)
+                db_connections = lambda: held_connections_to(target)  # noqa: E731
         load = os.getloadavg()
-        ours = measure("ours", params, url)
+        db_cpu0 = server_cpu(server)
+        ours = measure("ours", params, url, db_connections)
+        db_cpu1 = server_cpu(server)
         base = measure("baseline", params, url)
+        if db_cpu0 is not None and db_cpu1 is not None:
+            ours["database_server_cpu_s"] = round(db_cpu1 - db_cpu0, 2)
     print(table(ours, base))
     print(f"\nparams {params}; cores {os.cpu_count()}; load average before {load[0]:.2f} {load[1]:.2f}")
     if args.json:
