@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import peewee
@@ -300,7 +301,12 @@ class Executor:
         self.database = database
         self.dialect = dialect
         self.reconnect_window = float(reconnect_window)
-        self._execute_sql = fast_execute_sql(database)
+        self._plain_execute_sql = fast_execute_sql(database)
+        #: Connections whose per-connection setup is done (`Dialect.set_up_connection`).
+        self._set_up: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._execute_sql: Callable[..., Any] = self._plain_execute_sql
+        if dialect.sets_up_connections:
+            self._execute_sql = self._set_up_and_execute_sql
 
     def __repr__(self) -> str:
         return f"<Executor {self.dialect.name} {self.database.database!r}>"
@@ -416,6 +422,25 @@ class Executor:
                 raise pool_exhausted(database, again) from again
             except (peewee.OperationalError, peewee.InterfaceError, peewee.InternalError) as again:
                 exc = again
+
+    def _set_up_and_execute_sql(self, sql: str, params: Any = None) -> Any:
+        """`_plain_execute_sql`, after the dialect's per-connection setup of a connection this
+        executor has not used yet (opening it first, as the statement would have)."""
+        database = self.database
+        state = database._state  # type: ignore[attr-defined]
+        if state.closed and database.autoconnect:
+            database.connect()
+        conn = state.conn
+        if not state.closed and conn not in self._set_up:
+            if not self.dialect.set_up_connection(conn):
+                # (Not a Galera node, or causal reads off: no connection needs anything.)
+                self._execute_sql = self._plain_execute_sql
+            else:
+                try:
+                    self._set_up.add(conn)
+                except TypeError:  # a driver connection without weak references: each time
+                    pass
+        return self._plain_execute_sql(sql, params)
 
     def rerunnable(self, exc: BaseException) -> bool:
         """True when a transaction that raised `exc` did nothing and may simply run again: a

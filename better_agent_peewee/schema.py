@@ -106,7 +106,7 @@ def missing_indexes(database: peewee.Database, dialect: Dialect, models: Models,
         if table not in tables:
             continue
         found = database.get_indexes(table)
-        invalid = _invalid_indexes(database, dialect, table)
+        invalid = dialect.invalid_indexes(table)
         for index in expected_indexes(model):
             if index.name is None:  # a UNIQUE column constraint: part of the table itself
                 continue
@@ -122,17 +122,6 @@ def missing_indexes(database: peewee.Database, dialect: Dialect, models: Models,
 
 def _matching(found: Sequence[Any], index: IndexSpec) -> List[Any]:
     return [f for f in found if tuple(f.columns) == index.columns and (bool(f.unique) or not index.unique)]
-
-
-def _invalid_indexes(database: peewee.Database, dialect: Dialect, table: str) -> Set[str]:
-    if not dialect.can_build_index_concurrently:  # only a concurrent build leaves an invalid index
-        return set()
-    cursor = database.execute_sql(
-        "SELECT i.relname FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid "
-        "JOIN pg_catalog.pg_class t ON t.oid = x.indrelid "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace "
-        "WHERE t.relname = %s AND n.nspname = current_schema() AND NOT x.indisvalid", (table,))
-    return {name for (name,) in cursor.fetchall()}
 
 
 def _quote(database: peewee.Database, name: str) -> str:

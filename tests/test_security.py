@@ -31,7 +31,7 @@ PACKAGE = Path(better_agent_peewee.__file__).resolve().parent
 #: Formatted SQL that was reviewed: (module, source of the call). Each formats only
 #: identifiers or constants of the fixed schema, never a value from a caller.
 REVIEWED = {
-    ("dialects.py", 'peewee.SQL(f"DEFAULT {self.now_default}")'),  # a class constant per dialect
+    ("dialects/base.py", 'peewee.SQL(f"DEFAULT {self.now_default}")'),  # a class constant per dialect
     # The stream poller's PostgreSQL session setup: module constants (channel, statement name) and
     # the poll statement, which formats only the models' table names.
     ("followers.py", 'self._storage.execute(f"LISTEN {CHANNEL}")'),
@@ -44,7 +44,7 @@ REVIEWED = {
     ("schema.py", 'database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")'),
     ("schema.py", 'real.execute_sql(d.drop_index_sql(_quote(real, str(index.name)), _quote(real, table)))'),
     # The collation check: one %s placeholder per table name; the names travel as parameters.
-    ("dialects.py",
+    ("dialects/mysql.py",
      'self.database.execute_sql(\n'
      '            "SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME, COLLATION_NAME "\n'
      '            "FROM information_schema.COLUMNS "\n'
@@ -59,7 +59,7 @@ SQL_CALLS = {"execute_sql", "execute", "SQL", "raw", "executemany"}
 def formatted_sql_calls() -> Set[Tuple[str, str]]:
     """(module, call source) of every SQL call whose SQL argument is built by formatting."""
     found: Set[Tuple[str, str]] = set()
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if not isinstance(node, ast.Call) or not node.args:
@@ -75,7 +75,7 @@ def formatted_sql_calls() -> Set[Tuple[str, str]]:
                          or (isinstance(sql, ast.Call) and isinstance(sql.func, ast.Attribute)
                              and sql.func.attr in ("format", "join", "replace", "drop_index_sql")))
             if formatted:
-                found.add((path.name, ast.get_source_segment(source, node) or ""))
+                found.add((path.relative_to(PACKAGE).as_posix(), ast.get_source_segment(source, node) or ""))
     return found
 
 

@@ -54,6 +54,25 @@ def test_server_requiring_primary_keys_gets_one(server: Server, database: peewee
     assert check_schema(database) == []
 
 
+_ABSENT = object()
+
+
+def test_a_storage_changes_nothing_on_the_users_database_object(database: peewee.Database) -> None:
+    """Per-connection setup (Galera's causal reads) runs in the executor, at a connection's first
+    statement: building and using a storage replaces no method and adds no attribute on the
+    database object. (SQLite's permanent pragmas are the hook Peewee documents for that.)"""
+    create_tables(database)
+    database.connect(reuse_if_open=True)  # an open connection, as an application's would be
+    before = dict(vars(database))
+    storage = peewee_storage(database)
+    storage.set("runs", "r1", run("r1"))
+    assert storage.get("runs", "r1") is not None
+    after = dict(vars(database))
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if k != "_pragmas" and before.get(k, _ABSENT) is not after.get(k, _ABSENT))
+    assert not changed, f"the storage changed the database object: {changed}"
+
+
 def test_multi_host_url_is_split_for_libpq() -> None:
     db = open_database("postgresql://u:p%40ss@h1:5433,h2/app"
                        "?target_session_attrs=read-write&connect_timeout=3")

@@ -6,6 +6,7 @@ import logging
 from concurrent.futures import Executor
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from ..checks import is_int
 from ..errors import NotFoundError, RecordError
 from .auth import Access, AuthResolver, ScopeResolver
 from .control import Control
@@ -30,9 +31,9 @@ class App:
                  max_body_bytes: int = MAX_BODY_BYTES, executor: Optional[Executor] = None) -> None:
         if not isinstance(base_path, str) or (base_path and not base_path.startswith("/")):
             raise ValueError(f"base_path must be '' or start with '/', got {base_path!r:.80}")
-        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
+        if not is_int(heartbeat, or_float=True) or not heartbeat > 0:
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r:.80}")
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        if not is_int(max_body_bytes) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r:.80}")
         agents = dict(agents or {})
         for name, agent in agents.items():
