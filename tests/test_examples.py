@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -14,8 +15,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import peewee
 import pytest
+from werkzeug.serving import make_server
 
 from better_agent_peewee import create_tables, peewee_storage
+from tests.test_server import RawSse, Served, events, frames
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TIMEOUT = 120
@@ -330,3 +333,70 @@ def test_flask_chat_runs_complete_or_stop_when_aborted(database_url: str) -> Non
     stopped = client.get(f"/runs/{slow}").json
     assert stopped["status"] == "aborted" and stopped["finalEvent"]["code"] == "ABORTED"
     assert client.post(f"/runs/{slow}/abort").json == {"requested": False, "abort": "not_running"}
+
+
+# -- the Django example: Better Agent's routes behind one URL include --------------------------
+
+_django: Dict[str, ModuleType] = {}
+
+
+def load_django_example() -> ModuleType:
+    """examples/django_app.py, loaded once (Django's settings and URL resolver are per process)."""
+    if "module" not in _django:
+        spec = importlib.util.spec_from_file_location("examples_django_app", EXAMPLES / "django_app.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["examples_django_app"] = module  # its ROOT_URLCONF
+        spec.loader.exec_module(module)
+        _django["module"] = module
+    return _django["module"]
+
+
+def test_django_serves_better_agents_routes(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_WORD_SECONDS", "0.02")
+    django_app = load_django_example().create_app(database_url)
+    server = make_server("127.0.0.1", 0, django_app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    client = Served(server.server_port)
+    alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+    try:
+        assert client.json("GET", "/", user=None) == (200, {"hello": "django"})  # the project's own view
+        status, thread = client.json("POST", "/api/agents/echo/threads", {"title": "Plans"}, user=None,
+                                     headers=alice)
+        assert status == 201 and thread["title"] == "Plans"
+        path = f"/api/agents/echo/threads/{thread['id']}"
+        assert client.json("GET", path, user=None, headers=alice) == (200, thread)
+        status, missing = client.json("GET", path, user=None, headers=bob)
+        assert (status, missing["code"]) == (404, "NOT_FOUND")
+        assert client.json("GET", path, user=None)[0] == 401
+        # A streamed run through Django: Better Agent's frames, headers, and the body's end.
+        status, headers, body = client.call("POST", "/api/agents/echo/run", {
+            "threadId": "a/b", "messages": [{"role": "user", "content": "hi there"}]}, user=None,
+            headers={**alice, "Accept": "text/event-stream"})
+        assert status == 200 and headers["content-type"] == "text/event-stream"
+        assert headers["cache-control"] == "no-cache, no-transform" and headers["x-run-id"]
+        assert all(set(f) == {"data"} for f in frames(body))
+        assert [e["type"] for e in events(body)][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+        # The thread id with a slash, as the client sends it (encodeURIComponent).
+        status, listed = client.json("GET", "/api/agents/echo/threads/a%2Fb/messages", user=None,
+                                     headers=alice)
+        assert status == 200 and [m["content"] for m in listed["messages"]] == ["hi there", "hi there"]
+        status, headers, body = client.call("DELETE", path, user=None, headers=alice)
+        assert (status, body) == (204, b"") and "content-type" not in headers
+        # A client that goes away: its run is aborted.
+        reader = RawSse(server.server_port, "/api/agents/echo/run", "POST", json.dumps(
+            {"threadId": "long", "messages": [{"role": "user", "content": "w " * 200}]}).encode(),
+            headers=alice)
+        reader.read_until(b"TEXT_MESSAGE_START")
+        run_id = reader.run_id()
+        reader.drop()
+        storage = load_django_example().create_storage(database_url)
+        deadline = time.monotonic() + 30
+        while storage.runs.get(run_id) and storage.runs.get(run_id)["status"] == "running" \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert storage.runs.get(run_id)["status"] == "aborted"
+    finally:
+        server.shutdown()
+        serving.join(30)

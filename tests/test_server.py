@@ -322,9 +322,10 @@ class RawSse:
     """An SSE request on a raw socket, read to the end (or dropped by `drop`)."""
 
     def __init__(self, port: int, path: str, method: str = "GET", body: Optional[bytes] = None,
-                 user: str = "alice") -> None:
+                 user: str = "alice", headers: Optional[Mapping[str, str]] = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        head = (f"{method} {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\nX-User: {user}\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in {"X-User": user, **(headers or {})}.items())
+        head = (f"{method} {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n{extra}"
                 f"Content-Type: application/json\r\nContent-Length: {len(body or b'')}\r\n\r\n")
         self.sock.sendall(head.encode() + (body or b""))
         self.data = b""
