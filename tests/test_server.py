@@ -17,8 +17,9 @@ import peewee
 import pytest
 from werkzeug.serving import make_server
 
-from better_agent_peewee import RunAborted, create_tables, peewee_storage
+from better_agent_peewee import PoolExhaustedError, RunAborted, create_tables, peewee_storage
 from better_agent_peewee.server import Problem, RunRequest, wsgi_app
+from better_agent_peewee.server.problems import problem_of
 
 TYPE = "https://better-agent.com/docs/concepts/errors#"
 
@@ -530,3 +531,12 @@ def test_an_aborted_json_run_answers_499(storage: Any) -> None:
     with serving(storage, agents={"stops": stops}) as app:
         assert app.json("POST", "/stops/run", {}) == (499, problem(
             "ABORTED", 499, "Client Closed Request", "Run aborted between steps."))
+
+
+def test_a_database_that_cannot_serve_now_is_a_503() -> None:
+    for exc in (peewee.OperationalError("remaining connection slots are reserved"),
+                PoolExhaustedError("every pooled connection stayed busy")):
+        answer = problem_of(exc).details()
+        assert (answer["status"], answer["code"], answer["retryable"]) == (503, "SERVICE_UNAVAILABLE", True)
+        assert "remaining" not in answer["detail"]  # the driver's words stay in the log
+    assert problem_of(RuntimeError("boom")).details()["status"] == 500

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
+import peewee
+
 from ..errors import ConnectionLostError, PoolExhaustedError, RunAborted
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,8 @@ class Problem(Exception):
 
 
 def problem_of(exc: BaseException) -> Problem:
-    """`exc` as a Problem: itself, an abort (499), a lost database (503), else INTERNAL (500).
+    """`exc` as a Problem: itself, an abort (499), a database that cannot serve now (503: lost,
+    refusing connections, pool exhausted, a lock timeout), else INTERNAL (500).
 
     An exception with a string ``code`` attribute keeps that code, as Better Agent wraps errors.
     """
@@ -79,7 +82,7 @@ def problem_of(exc: BaseException) -> Problem:
         return exc
     if isinstance(exc, RunAborted):
         return Problem("ABORTED", str(exc) or "Run aborted.")
-    if isinstance(exc, (ConnectionLostError, PoolExhaustedError)):
+    if isinstance(exc, (ConnectionLostError, PoolExhaustedError, peewee.OperationalError)):
         logger.warning("answered 503: %s", exc)
         return Problem("SERVICE_UNAVAILABLE", "The database cannot be reached now; try again.")
     code = getattr(exc, "code", None)
