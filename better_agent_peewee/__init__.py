@@ -28,7 +28,8 @@ from .errors import (
 )
 from .errors import SchemaError as _SchemaError
 from .followers import HEARTBEAT, Follower
-from .prune import PruneReport, prune_runs, reap_stale
+from .prune import PruneReport, prune_runs
+from .reap import reap_stale
 from .retention import ThreadPruneReport, prune_threads
 from .runs import AbortRequest
 from .schema import SchemaReport, check_schema, create_tables, drop_tables

@@ -31,9 +31,12 @@ from . import __version__
 from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, open_database, redact
 from .errors import StorageError, first_line
 from .models import PHYSICAL_TABLES
-from .prune import FINISHED_STATUSES, PruneReport, prune_runs, reap_stale, stats
+from .prune import PruneReport, prune_runs
+from .reap import reap_stale
+from .records import FINISHED_STATUSES
 from .retention import ThreadPruneReport
 from .schema import check_schema, create_tables
+from .stats import stats
 from .storage import Storage, peewee_storage
 from .timestamps import ms_to_iso
 

@@ -19,8 +19,9 @@ import peewee
 
 from .errors import ConflictError, NotFoundError, RecordError
 from .executor import Applied
-from .prune import PruneReport, prune_runs, reap_stale
+from .prune import PruneReport, prune_runs
 from .query import Statement, compile_statement, first_row, marker
+from .reap import reap_stale
 from .records import FINAL_EVENT_OF, FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
 from .tracking import ABORT_CHECK_INTERVAL, HEARTBEAT_INTERVAL, TrackedRun
@@ -324,5 +325,5 @@ class Runs:
     def reap_stale(self, stale_after: datetime.timedelta, *, dry_run: bool = False) -> int:
         """Mark runs still `running` but not updated for `stale_after` as failed, closing their
         streams (what a crashed worker leaves behind); returns how many were marked (with
-        `dry_run`: would be, writing nothing). See `better_agent_peewee.prune.reap_stale`."""
+        `dry_run`: would be, writing nothing). See `better_agent_peewee.reap.reap_stale`."""
         return reap_stale(self._tables, stale_after, streams=self._streams, dry_run=dry_run)

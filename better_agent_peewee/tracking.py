@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, RecordError, RunAborted
@@ -35,13 +35,12 @@ from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
 if TYPE_CHECKING:
     from .memory import Memory
-    from .runs import Runs
     from .streams import Streams
     from .tables import Tables
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackedRun", "ABORT_CHECK_INTERVAL", "HEARTBEAT_INTERVAL"]
+__all__ = ["TrackedRun", "RunRecords", "ABORT_CHECK_INTERVAL", "HEARTBEAT_INTERVAL"]
 
 _RUNS = "runs"
 #: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
@@ -53,6 +52,28 @@ HEARTBEAT_INTERVAL = 60.0
 _RETRIES = 4
 
 
+class RunRecords(Protocol):
+    """What a tracked run asks of the run records: the methods of `Runs` (``storage.runs``) it
+    calls. Named here, not imported, because runs.py sits above this module: `Runs.track`
+    builds the `TrackedRun` and hands itself in ("Layers" in docs/architecture.md)."""
+
+    def start(self, run_id: str, agent_name: str, thread_id: Optional[str] = None,
+              scope: Optional[str] = None, config: Any = None, *, replace: bool = False) -> Dict[str, Any]:
+        """Write the running record; ConflictError when the id exists."""
+
+    def get(self, run_id: str) -> Optional[Dict[str, Any]]:
+        """The run record, or None."""
+
+    def finish(self, run_id: str, status: str, final_event: Optional[Mapping[str, Any]] = None) -> bool:
+        """End a running run; whether this call did."""
+
+    def heartbeat(self, run_id: str) -> bool:
+        """Set a running run's updatedAt to now; whether it is running."""
+
+    def abort_requested(self, run_id: str) -> bool:
+        """Whether an abort of the run was requested."""
+
+
 class TrackedRun:
     """One run, lived by a ``with`` block: what `storage.runs.track(...)` returns.
 
@@ -62,7 +83,7 @@ class TrackedRun:
     enter the block later, in any thread.
     """
 
-    def __init__(self, runs: Runs, memory: Memory, streams: Streams, tables: Tables, run_id: str,
+    def __init__(self, runs: RunRecords, memory: Memory, streams: Streams, tables: Tables, run_id: str,
                  agent_name: str, *, thread_id: Optional[str] = None,
                  scope: Optional[str] = None, config: Any = None,
                  messages: Optional[Sequence[Mapping[str, Any]]] = None,

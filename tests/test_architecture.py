@@ -1,11 +1,13 @@
 """The layering of "Layers" in docs/architecture.md, checked on the source: layers call down.
 
-No module below the storage object imports it; the modules that run SQL do it through the
-executor; no import hides inside a function; every table's facts come from its model.
+The drawing itself is read and every import of the package checked against it; no module
+below the storage object imports it; the modules that run SQL do it through the executor; no
+import hides inside a function; every table's facts come from its model.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
@@ -19,6 +21,7 @@ from better_agent_peewee.models import (
 from better_agent_peewee.records import TABLES
 
 PACKAGE = Path(__file__).resolve().parent.parent / "better_agent_peewee"
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 #: The front and what sits on top of it: only these may import `storage`.
 ABOVE_STORAGE = {"__init__", "storage", "cli", "__main__"}
 
@@ -56,6 +59,77 @@ def _in_dialect_layer(name: str) -> bool:
     return name == "dialects" or name.startswith("dialects.")
 
 
+def drawn_layers(text: str) -> List[Set[str]]:
+    """The modules of each layer of the drawing under "## Layers", top first.
+
+    The drawing is the first ``text`` block of that section; a line that is only ``|`` (or
+    starts with it) separates two layers; every ``name.py`` (a module) or ``name/`` (a
+    package) on the lines between belongs to that layer.
+    """
+    section = text.split("\n## Layers\n", 1)[1]
+    drawing = section.split("```text\n", 1)[1].split("\n```", 1)[0]
+    layers: List[Set[str]] = [set()]
+    for line in drawing.splitlines():
+        if not line.strip() or line.strip().startswith("|"):
+            if layers[-1]:
+                layers.append(set())
+            continue
+        layers[-1].update(re.findall(r"(?<![\w./])([a-z_]+)(?:\.py\b|/(?=\s|$))", line))
+    return [layer for layer in layers if layer]
+
+
+def package_imports(package: Path) -> Dict[str, Set[str]]:
+    """What each module of the package imports of the package, type-only imports included: a
+    subpackage counts as one module (its own modules importing each other are inside it)."""
+    found: Dict[str, Set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        inside = path.relative_to(package).parts
+        name = inside[0].removesuffix(".py")
+        depth = len(inside)  # 1: a module of the package; 2: a module of a subpackage
+        names = found.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == depth and node.module:
+                names.add(node.module.split(".")[0])
+        names.discard(name)
+    return found
+
+
+def layering_problems(layers: List[Set[str]], imports: Dict[str, Set[str]]) -> List[str]:
+    """Modules missing from the drawing or drawn twice, and imports that are not downward."""
+    row: Dict[str, int] = {}
+    problems: List[str] = []
+    for depth, layer in enumerate(layers):
+        for name in layer:
+            if name in row:
+                problems.append(f"{name} is drawn twice")
+            row[name] = depth
+    # The package root re-exports, and __main__ runs the command line: neither is a layer.
+    modules = {name: imported - {"__init__"} for name, imported in imports.items()
+               if name not in ("__init__", "__main__")}
+    problems += [f"{name} is not drawn" for name in sorted(set(modules) - set(row))]
+    problems += [f"{name} is drawn but does not exist" for name in sorted(set(row) - set(modules))]
+    edges: List[Tuple[str, str]] = sorted((a, b) for a, bs in modules.items() for b in bs)
+    problems += [f"{a} -> {b}: {'same layer' if row[a] == row[b] else 'upward'}" for a, b in edges
+                 if a in row and b in row and row[b] <= row[a]]
+    return problems
+
+
+def test_the_layer_drawing_matches_the_imports() -> None:
+    """Every module is drawn once, and imports only modules drawn in layers below its own."""
+    layers = drawn_layers(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert len(layers) >= 5, layers
+    problems = layering_problems(layers, package_imports(PACKAGE))
+    assert not problems, "docs/architecture.md's layers and the imports disagree:\n" + "\n".join(problems)
+
+
+def test_the_layer_check_catches_an_import_upward() -> None:
+    layers = [{"storage"}, {"runs", "streams"}, {"tracking"}, {"errors"}]
+    imports = {"storage": {"runs"}, "runs": {"tracking", "errors"}, "streams": {"runs"},
+               "tracking": {"runs"}, "errors": set(), "extra": set()}
+    assert layering_problems(layers, imports) == [
+        "extra is not drawn", "streams -> runs: same layer", "tracking -> runs: upward"]
+
+
 def test_nothing_below_the_storage_object_imports_it() -> None:
     offenders = [name for name, tree in _trees().items()
                  if name not in ABOVE_STORAGE and "storage" in _imported(tree, name)]
@@ -75,7 +149,8 @@ def test_no_import_inside_a_function() -> None:
 def test_domain_helpers_run_sql_through_the_executor() -> None:
     """The helpers, prune, tracking and the followers never call peewee's own execution paths."""
     direct = ("execute_sql", ".execute()", ".scalar(", ".count()", ".tuples()")
-    modules = ("memory", "runs", "streams", "prune", "tables", "tracking", "followers")
+    modules = ("memory", "runs", "streams", "prune", "reap", "stats", "batches", "tables", "tracking",
+               "followers")
     found = [f"{name}: {needle}" for name in modules
              for needle in direct if needle in (PACKAGE / f"{name}.py").read_text(encoding="utf-8")]
     assert not found, f"statements run around the executor: {found}"

@@ -23,8 +23,8 @@ from playhouse.migrate import SchemaMigrator
 
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.cli import parse_duration
-from better_agent_peewee.prune import stats
 from better_agent_peewee.schema import drop_performance_indexes
+from better_agent_peewee.stats import stats
 from tests.test_prune import DAY, HOUR, add_runs, snapshot
 
 PROG = "better-agent-peewee"

@@ -19,7 +19,9 @@ import pytest
 from bench.prune_scale import bulk_insert
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.errors import QueryError
-from better_agent_peewee.prune import STALE_RUN_CODE, PruneReport, prune_runs, reap_stale, stats
+from better_agent_peewee.prune import PruneReport, prune_runs
+from better_agent_peewee.reap import STALE_RUN_CODE, reap_stale
+from better_agent_peewee.stats import stats
 from better_agent_peewee.streams import Streams
 from better_agent_peewee.tables import Tables
 
