@@ -446,6 +446,33 @@ def test_reap_stale_skips_a_stream_closed_after_its_select(storage: Any) -> None
     assert after["streams"]["raced"]["closedAt"] != NOW and after["streams"]["a"]["closedAt"] == NOW
 
 
+class Counting(Streams):
+    """Real streams that count the events appended through them."""
+
+    def __init__(self, storage: Any) -> None:
+        super().__init__(Tables(storage.executor, storage.models))
+        self.appended: List[str] = []
+
+    def append(self, run_id: str, event: Mapping[str, Any]) -> int:
+        self.appended.append(run_id)
+        return super().append(run_id, event)
+
+
+def test_reap_stale_appends_through_the_storages_own_streams(storage: Any) -> None:
+    """One `Streams` per storage: the reaper's RUN_ERROR goes through `storage.streams` (whose
+    appenders take turns on its locks), not through a second `Streams` of its own."""
+    add_runs(storage, [{"run_id": run_id, "status": "running", "started_at": NOW - 5 * HOUR,
+                        "updated_at": NOW - 3 * HOUR} for run_id in ("a", "b")])
+    storage.streams = Counting(storage)
+    assert reap_stale(storage, timedelta(hours=2), now_ms=NOW) == 2
+    assert sorted(storage.streams.appended) == ["a", "b"]
+    add_runs(storage, [{"run_id": "c", "status": "running", "started_at": NOW - 5 * HOUR,
+                        "updated_at": NOW - 3 * HOUR}])
+    with pytest.raises(TypeError, match="streams"):
+        reap_stale(Tables(storage.executor, storage.models), timedelta(hours=2), now_ms=NOW)
+    assert snapshot(storage)["runs"]["c"]["status"] == "running"  # nothing written
+
+
 def test_reap_stale_in_batches_then_prune(storage: Any) -> None:
     add_runs(storage, [{"run_id": f"dead-{i:03d}", "status": "running", "started_at": OLD - DAY,
                         "updated_at": OLD - DAY} for i in range(23)])
