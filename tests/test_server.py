@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import peewee
@@ -540,3 +541,12 @@ def test_a_database_that_cannot_serve_now_is_a_503() -> None:
         assert (answer["status"], answer["code"], answer["retryable"]) == (503, "SERVICE_UNAVAILABLE", True)
         assert "remaining" not in answer["detail"]  # the driver's words stay in the log
     assert problem_of(RuntimeError("boom")).details()["status"] == 500
+
+
+def test_a_streamed_run_no_worker_takes_is_failed_not_left_running(storage: Any) -> None:
+    workers = ThreadPoolExecutor(1)
+    workers.shutdown()
+    with serving(storage, executor=workers) as app:
+        status, body = app.json("POST", "/echo/run", {}, headers={"Accept": "text/event-stream"})
+    assert (status, body["code"]) == (500, "INTERNAL")
+    assert [r["status"] for r in storage.list("runs", {})["items"]] == ["failed"]

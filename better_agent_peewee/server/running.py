@@ -1,6 +1,7 @@
 """``POST /:name/run``: a run of an agent written in Python, tracked, streamed or answered as JSON."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -117,12 +118,21 @@ class Runner:
                                resume=resume, auth=auth, body=body)
 
     def _submit(self, agent: Any, run: TrackedRun, run_request: RunRequest) -> None:
-        """Execute the run in the executor, or in a thread of its own."""
-        if self.executor is not None:
-            self.executor.submit(self._execute_quietly, agent, run, run_request)
-            return
-        threading.Thread(target=self._execute_quietly, args=(agent, run, run_request),
-                         name=f"agent-{run.run_id}", daemon=True).start()
+        """Execute the run in the executor, or in a thread of its own.
+
+        When neither takes it (an executor shut down, no thread to be had), the run is
+        recorded as failed and the error answered.
+        """
+        try:
+            if self.executor is not None:
+                self.executor.submit(self._execute_quietly, agent, run, run_request)
+            else:
+                threading.Thread(target=self._execute_quietly, args=(agent, run, run_request),
+                                 name=f"agent-{run.run_id}", daemon=True).start()
+        except Exception as exc:
+            with contextlib.suppress(Exception), run:
+                raise exc  # (recorded as RUN_ERROR: the run does not stay `running`)
+            raise
 
     def _execute_quietly(self, agent: Any, run: TrackedRun, run_request: RunRequest) -> None:
         try:
