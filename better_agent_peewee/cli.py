@@ -23,14 +23,14 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable, Iterable, List, NoReturn, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import peewee
 
 from . import __version__
 from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, open_database, redact
+from .domains import ALL_DOMAINS, check_domains, physical_tables
 from .errors import StorageError, first_line
-from .models import PHYSICAL_TABLES
 from .prune import PruneReport, prune_runs
 from .reap import reap_stale
 from .records import FINISHED_STATUSES
@@ -120,11 +120,12 @@ def _storage(db: peewee.Database) -> Storage:
 def cmd_init(args: argparse.Namespace) -> int:
     db = _connect(args, create=True)
     before = set(db.get_tables())
-    added = create_tables(db, concurrently=args.concurrently)
-    created = [t for t in PHYSICAL_TABLES if t not in before]
+    added = create_tables(db, concurrently=args.concurrently, domains=args.domains)
+    tables = physical_tables(args.domains)
+    created = [t for t in tables if t not in before]
     if created:
-        print(f"created {', '.join(created)}" + (f"; {len(PHYSICAL_TABLES) - len(created)} already present"
-                                                  if len(created) < len(PHYSICAL_TABLES) else ""))
+        print(f"created {', '.join(created)}" + (f"; {len(tables) - len(created)} already present"
+                                                  if len(created) < len(tables) else ""))
     else:
         print("all tables already present")
     if added:
@@ -134,7 +135,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     db = _connect(args)
-    report = check_schema(db)
+    report = check_schema(db, domains=args.domains)
     for problem in report:
         print(problem)
     for advice in report.advice:
@@ -157,13 +158,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise _Failure(f"--threads-idle-for must be a positive duration, got {args.threads_idle_for}", 2)
     db = _connect(args)
     if args.older_than is not None or args.reap_stale is not None:
-        _require_tables(db, ("agent_runs", "streams", "stream_events"))
+        _require_tables(db, physical_tables(["runs", "streams"]))
     if args.threads_idle_for is not None:
-        _require_tables(db, ("threads", "messages"))
+        _require_tables(db, physical_tables(["memory"]))
     if "interrupted" in (args.statuses or ()) and not args.include_interrupted:
         raise _Failure("interrupted runs wait for a human to resume them: add --include-interrupted "
                        "to prune them", 2)
-    storage = _storage(db)
+    # The domains whose tables are there: prune skips the others (streams kept elsewhere, say).
+    present = set(db.get_tables())
+    storage = peewee_storage(db, domains=[d for d in ALL_DOMAINS if present.issuperset(physical_tables([d]))])
     parts: List[str] = []
     if args.reap_stale is not None:
         # A dry run counts the runs it would reap and writes nothing, like the prune after it.
@@ -209,7 +212,7 @@ def _done(report: Union[PruneReport, ThreadPruneReport]) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     db = _connect(args)
-    _require_tables(db, PHYSICAL_TABLES)
+    _require_tables(db, physical_tables())
     numbers = stats(_storage(db))
     if args.json:
         print(json.dumps(numbers, indent=2))
@@ -264,6 +267,13 @@ def _duration(text: str) -> _dt.timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _domains(text: str) -> Tuple[str, ...]:
+    try:
+        return check_domains(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -305,17 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="database URL (default: $DATABASE_URL), e.g. sqlite:///agent.db, "
                              "postgresql://user:pw@host/db, mysql://user:pw@host/db")
     common.add_argument("--verbose", "-v", action="store_true", help="log what the library does on stderr")
+    domains = _Parser(add_help=False)
+    domains.add_argument("--domains", type=_domains, metavar="LIST",
+                         help="only the tables of these storage domains, comma-separated: memory "
+                              "(threads, messages), runs, streams (streams, stream events); default all")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    p = commands.add_parser("init", parents=[common],
+    p = commands.add_parser("init", parents=[common, domains],
                             help="create the five tables and add missing indexes (safe to repeat)")
     p.add_argument("--concurrently", action="store_true",
                    help="PostgreSQL: build missing indexes with CREATE INDEX CONCURRENTLY, so the "
                         "tables keep taking writes meanwhile")
     p.set_defaults(func=cmd_init)
 
-    p = commands.add_parser("check", parents=[common],
+    p = commands.add_parser("check", parents=[common, domains],
                             help="compare the schema with what the adapter needs; exit 1 on problems "
                                  "(advice, such as a missing performance index, exits 0)")
     p.set_defaults(func=cmd_check)

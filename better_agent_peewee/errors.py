@@ -31,6 +31,23 @@ class UnsupportedTableError(StorageError, LookupError):
         super().__init__(f"Storage table {table!r} is not supported")
 
 
+class DomainNotConfiguredError(UnsupportedTableError):
+    """A call needs a storage domain (memory, runs or streams) that this storage was built
+    without (`peewee_storage(db, domains=...)`); nothing was read or written.
+
+    `domain` names it; `table` is the logical table asked for, when one was. Being an
+    `UnsupportedTableError`, it is what Better Agent reads as "this storage area is not configured".
+    """
+
+    def __init__(self, domain: str, needed_by: str, table: Optional[str] = None) -> None:
+        super().__init__(table if table is not None else domain)
+        self.domain = domain
+        self.args = (f"the {domain} domain is not configured in this storage ({needed_by} needs it); "
+                     f"to enable it, create its tables (create_tables(db, domains=[..., {domain!r}]) or "
+                     f"`better-agent-peewee init --domains ...,{domain}`) and build the storage with "
+                     f"peewee_storage(db, domains=[..., {domain!r}])",)
+
+
 class QueryError(StorageError, ValueError):
     """A `list` query that names an unknown field, a bad direction or a bad `take`."""
 

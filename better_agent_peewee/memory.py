@@ -21,7 +21,7 @@ from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError
 from .executor import Applied, json_refused, read_back_after
 from .query import MultiRowInsert, compile_statement, first_row, marker, select_columns
-from .records import check_key, check_ts, message_id, now_ms, storable_key
+from .records import check_key, check_ts, make_json_check, message_id, now_ms, storable_key
 from .retention import ThreadPruneReport, prune_threads
 from .tables import TableAdapter, Tables
 
@@ -56,6 +56,16 @@ class Threads:
         self._touch = compile_statement(self._db, T.update({T.updated_at: marker("now")}).where(
             T.id == marker("thread")))
         self._encode_ts = tables.executor.dialect.encode_ts
+        self._check_json = make_json_check(tables.executor.dialect)
+        # A run's state write: the state and updatedAt only (a concurrent title or metadata change
+        # is kept), and, for a run that must still be running, only while it is (one statement).
+        R = tables.models.run
+        write = T.update({T.state: marker("state"), T.updated_at: marker("now")})
+        self._set_state = compile_statement(self._db, write.where(T.id == marker("thread")))
+        running = R.select(peewee.SQL("1")).where((R.run_id == marker("run")) & (R.status == "running"))
+        self._set_state_running = compile_statement(self._db, write.where(
+            (T.id == marker("thread")) & peewee.fn.EXISTS(running)))
+        self._running = compile_statement(self._db, running)
 
     def get(self, thread_id: str) -> Optional[Record]:
         """The thread record `thread_id`, or None."""
@@ -93,6 +103,35 @@ class Threads:
             return
         self._executor.execute(self._touch.sql, self._touch.params(
             {"now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)), "thread": thread_id}))
+
+    def check_state(self, state: Any) -> Optional[str]:
+        """`state` encoded for its column (None for no state); RecordError naming `state` when it
+        is not JSON (or not storable on every dialect)."""
+        return None if state is None else self._check_json(_THREADS, "state", state)
+
+    def set_state(self, thread_id: str, state: Any, updated_at: int, *,
+                  while_running: Optional[str] = None) -> bool:
+        """Set the thread's `state` and `updatedAt` (nothing else), as a run's ``onState`` does;
+        True if the thread was written.
+
+        One UPDATE, so a concurrent change of the thread's title or metadata is kept. With
+        `while_running` (a run id), only while that run is `running`: False when it is not, or
+        when there is no such thread.
+
+        :raises RecordError: `state` is not JSON (nothing is written).
+        """
+        thread_id = check_key(_THREADS, "id", thread_id)
+        values = {"state": self.check_state(state), "thread": thread_id,
+                  "now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)), "run": while_running}
+        statement = self._set_state if while_running is None else self._set_state_running
+        if self._executor.execute(statement.sql, statement.params(values)).rowcount == 1:
+            return True
+        # MySQL counts a row whose values did not change as not updated: look.
+        if while_running is not None and first_row(self._executor.execute(
+                self._running.sql, self._running.params({"run": while_running}))) is None:
+            return False
+        thread = self.get(thread_id)
+        return thread is not None and thread["updatedAt"] == updated_at and thread.get("state") == state
 
     def delete(self, thread_id: str) -> None:
         """Delete the thread `thread_id` and its messages, in one transaction.

@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import peewee
 
 from .checks import is_int
+from .domains import ALL_DOMAINS
 from .records import check_key
 from .tables import StorageParts
 from .timestamps import MAX_TIMESTAMP_MS, ms_to_iso
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ThreadPruneReport", "prune_threads"]
 
 _COUNT = peewee.fn.COUNT(peewee.SQL("*"))
+Rows = List[Tuple[Any, ...]]
 # IN lists are sent in chunks of this many parameters (SQLite before 3.32 allows 999).
 _IN_CHUNK = 500
 
@@ -71,12 +73,12 @@ def idle_cutoff(idle_for: Any, now_ms: Optional[int] = None) -> int:
 
 def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name: Optional[str] = None,
                   batch_size: int = 1000, dry_run: bool = False, now_ms: Optional[int] = None,
-                  progress: Optional[Callable[[ThreadPruneReport], None]] = None,
-                  runs: bool = True) -> ThreadPruneReport:
+                  progress: Optional[Callable[[ThreadPruneReport], None]] = None) -> ThreadPruneReport:
     """Delete the threads not updated for `idle_for`, with their messages; what was deleted.
 
     A thread with a running run is kept (a run that starts also sets its thread's
-    ``updatedAt``, so a thread in use is not idle). Each batch is one transaction.
+    ``updatedAt``, so a thread in use is not idle). Each batch is one transaction. Without the
+    runs domain (`peewee_storage(db, domains=...)`) there is no running run to respect.
 
     :param storage: the storage object (`peewee_storage`), or anything with its executor and models.
     :param idle_for: how long a thread may go without an update, a positive `timedelta`.
@@ -85,7 +87,6 @@ def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name:
     :param dry_run: count what would be deleted, delete nothing.
     :param now_ms: "now" in epoch ms (default: the clock), for reproducible jobs and tests.
     :param progress: called with the running totals after every batch.
-    :param runs: False when the runs table is not in this database (no running run to respect).
     """
     cutoff = idle_cutoff(idle_for, now_ms)
     if agent_name is not None:
@@ -94,38 +95,14 @@ def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     started = time.monotonic()
     report = ThreadPruneReport(dry_run=dry_run, cutoff_ms=cutoff)
-    executor, m = storage.executor, storage.models
-    Thread, Message, Run = m.thread, m.message, m.run
-    idle: List[Any] = [Thread.updated_at < cutoff]
-    if agent_name is not None:
-        idle.append(Thread.agent_name == agent_name)
-    if runs:
-        busy = Run.select(peewee.SQL("1")).where((Run.thread_id == Thread.id) & (Run.status == "running"))
-        idle.append(~peewee.fn.EXISTS(busy))
-    # Rows locked until COMMIT: a run starting meanwhile waits, then sees the thread gone (SQLite
-    # has one writer at a time: its transaction holds the write lock from the start).
-    lock = not executor.dialect.single_writer and not dry_run
-
-    def page(after: Optional[Tuple[Any, Any]]) -> List[Tuple[Any, ...]]:
-        query = Thread.select(Thread.id, Thread.updated_at).where(*idle)
-        if after is not None:  # the stored value as the driver gave it (see prune_runs)
-            at = peewee.Value(after[1], converter=False)
-            query = query.where((Thread.updated_at > at)
-                                | ((Thread.updated_at == at) & (Thread.id > after[0])))
-        return executor.rows(query.order_by(Thread.updated_at, Thread.id).limit(batch_size))
-
+    idle = _idle(storage, cutoff, agent_name)
     last: Optional[Tuple[Any, Any]] = None
     while True:
-        with executor.transaction():
-            rows = page(last)
+        with storage.executor.transaction():
+            rows = _page(storage, idle, last, batch_size)
             if not rows:
                 break
-            ids = sorted(thread_id for thread_id, _ in rows)
-            if lock:  # re-checked and locked: one updated or taken by a run since the page is kept
-                locking = Thread.select(Thread.id).where(*idle).for_update()
-                ids = sorted(_in(executor, locking, Thread.id, ids))
-            report.messages += _delete_or_count(executor, Message, Message.thread, ids, dry_run)
-            report.threads += _delete_or_count(executor, Thread, Thread.id, ids, dry_run, idle)
+            _prune_page(storage, idle, sorted(thread_id for thread_id, _ in rows), report)
         last = (rows[-1][0], rows[-1][1])
         report.batches += 1
         report.seconds = time.monotonic() - started
@@ -139,6 +116,43 @@ def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name:
     return report
 
 
+def _idle(storage: StorageParts, cutoff: int, agent_name: Optional[str]) -> List[Any]:
+    """The condition of an idle thread: not updated since `cutoff`, of `agent_name`, no running run
+    (when the runs domain is here)."""
+    Thread, Run = storage.models.thread, storage.models.run
+    idle: List[Any] = [Thread.updated_at < cutoff]
+    if agent_name is not None:
+        idle.append(Thread.agent_name == agent_name)
+    if "runs" in getattr(storage, "domains", ALL_DOMAINS):
+        busy = Run.select(peewee.SQL("1")).where((Run.thread_id == Thread.id) & (Run.status == "running"))
+        idle.append(~peewee.fn.EXISTS(busy))
+    return idle
+
+
+def _page(storage: StorageParts, idle: List[Any], after: Optional[Tuple[Any, Any]], size: int) -> Rows:
+    """The next `size` idle threads (id, updatedAt) after `after`, oldest first (keyset: threads
+    kept for a running run stay idle, so the page after them must start past them)."""
+    Thread = storage.models.thread
+    query = Thread.select(Thread.id, Thread.updated_at).where(*idle)
+    if after is not None:  # the stored value as the driver gave it (see prune_runs)
+        at = peewee.Value(after[1], converter=False)
+        query = query.where((Thread.updated_at > at) | ((Thread.updated_at == at) & (Thread.id > after[0])))
+    return storage.executor.rows(query.order_by(Thread.updated_at, Thread.id).limit(size))
+
+
+def _prune_page(storage: StorageParts, idle: List[Any], ids: List[Any], report: ThreadPruneReport) -> None:
+    """Delete (or count) the threads `ids` with their messages, inside the page's transaction."""
+    executor, Thread, Message = storage.executor, storage.models.thread, storage.models.message
+    # Re-checked and locked until COMMIT: a thread updated or taken by a run since the page is kept,
+    # and a run starting now waits, then finds the thread gone (SQLite: one writer at a time anyway).
+    if not report.dry_run and not executor.dialect.single_writer:
+        ids = sorted(_in(executor, Thread.select(Thread.id).where(*idle).for_update(), Thread.id, ids))
+    # By key alone: the rows are locked (or SQLite's one writer holds the lock), and a re-check here
+    # could keep a thread whose messages the statement before deleted (a run committed in between).
+    report.messages += _delete_or_count(executor, Message, Message.thread, ids, report.dry_run)
+    report.threads += _delete_or_count(executor, Thread, Thread.id, ids, report.dry_run)
+
+
 def _chunks(ids: Sequence[Any]) -> List[Sequence[Any]]:
     return [ids[start:start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
 
@@ -148,12 +162,10 @@ def _in(executor: Any, query: peewee.Query, key: peewee.Field, ids: Sequence[Any
     return [row[0] for chunk in _chunks(ids) for row in executor.rows(query.where(key.in_(chunk)))]
 
 
-def _delete_or_count(executor: Any, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
-                     extra: Sequence[Any] = ()) -> int:
-    """DELETE the rows of `model` whose `key` is in `ids` (and that match `extra`); with
-    `dry_run`, COUNT them instead. How many."""
+def _delete_or_count(executor: Any, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool) -> int:
+    """DELETE the rows of `model` whose `key` is in `ids`; with `dry_run`, COUNT them instead. How many."""
     if dry_run:
-        return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk), *extra))[0][0])
+        return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk)))[0][0])
                    for chunk in _chunks(ids))
-    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra)).rowcount)
+    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk))).rowcount)
                for chunk in _chunks(ids))

@@ -68,7 +68,7 @@ class Runs:
     given `memory` and `streams`, the storage's other parts.
     """
 
-    def __init__(self, tables: Tables, memory: Memory, streams: Streams) -> None:
+    def __init__(self, tables: Tables, memory: Optional[Memory], streams: Optional[Streams]) -> None:
         self._executor = tables.executor
         self._memory = memory
         self._streams = streams
@@ -284,7 +284,7 @@ class Runs:
 
     def track(self, run_id: str, agent_name: str, *, thread_id: Optional[str] = None,
               scope: Optional[str] = None, config: Any = None,
-              messages: Optional[Sequence[Mapping[str, Any]]] = None,
+              messages: Optional[Sequence[Mapping[str, Any]]] = None, state: Any = None,
               abort_check_interval: float = ABORT_CHECK_INTERVAL,
               heartbeat_interval: float = HEARTBEAT_INTERVAL,
               run_input: Optional[Mapping[str, Any]] = None) -> TrackedRun:
@@ -309,9 +309,13 @@ class Runs:
         `run_input`, when given, is RUN_STARTED's ``input`` (Better Agent's runtime writes the
         run's ``runId``, ``threadId``, ``messages``, ``tools`` and ``context`` there). See
         `better_agent_peewee.tracking.TrackedRun`.
+
+        `state` is the run's input state, kept in its thread as Better Agent keeps it: written on
+        entry (without it the thread's state stays, and ``run.state`` reads it), then by
+        ``run.set_state(state)`` and ``run.finish(result, state=...)``.
         """
         return TrackedRun(self, self._memory, self._streams, self._tables, run_id, agent_name,
-                          thread_id=thread_id, scope=scope, config=config, messages=messages,
+                          thread_id=thread_id, scope=scope, config=config, messages=messages, state=state,
                           abort_check_interval=abort_check_interval, heartbeat_interval=heartbeat_interval,
                           run_input=run_input)
 

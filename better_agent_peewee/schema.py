@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import peewee
 from playhouse.schema_diff import diff_models
 
 from .dialects import Dialect, detect_dialect, unwrap
+from .domains import ModelSet
 from .models import (
     PERFORMANCE_INDEXES,
     IndexSpec,
-    Models,
     build_models,
     expected_indexes,
     foreign_keys,
@@ -46,13 +46,15 @@ class SchemaReport(List[str]):
         return list(self)
 
 
-def _models(database: Any, dialect: Optional[str]) -> Tuple[peewee.Database, Models]:
+def _models(database: Any, dialect: Optional[str], domains: Optional[Iterable[str]] = None,
+            ) -> Tuple[peewee.Database, ModelSet]:
     real = unwrap(database)
-    return real, build_models(real, detect_dialect(real, dialect))
+    return real, ModelSet(build_models(real, detect_dialect(real, dialect)), domains)
 
 
 def create_tables(database: Any, dialect: Optional[str] = None, *,
-                  run_primary_key: Optional[bool] = None, concurrently: bool = False) -> List[str]:
+                  run_primary_key: Optional[bool] = None, concurrently: bool = False,
+                  domains: Optional[Iterable[str]] = None) -> List[str]:
     """Create the five tables where missing, and every declared index missing from existing ones.
 
     Safe to call again. A schema made by the TypeScript adapters' migrations (or by an earlier
@@ -69,12 +71,15 @@ def create_tables(database: Any, dialect: Optional[str] = None, *,
         a transaction), so a live table keeps taking writes meanwhile; an invalid index left by
         an interrupted concurrent build is dropped and built again. Ignored elsewhere: MariaDB
         and MySQL build secondary indexes online anyway, SQLite has one writer at a time.
+    :param domains: only the tables of these storage domains: "memory" (threads, messages),
+        "runs" (agent_runs), "streams" (streams, stream_events); default all three.
     """
     real = unwrap(database)
     found = detect_dialect(real, dialect)
+    chosen = ModelSet(build_models(real, found), domains)  # a bad domain fails before the database is asked
     if run_primary_key is None:
-        run_primary_key = found.requires_primary_key()
-    models = build_models(real, found, run_primary_key=bool(run_primary_key))
+        run_primary_key = "runs" in chosen.domains and found.requires_primary_key()
+    models = ModelSet(build_models(real, found, run_primary_key=bool(run_primary_key)), chosen.domains)
     present: Set[str] = set()
     with real.atomic():
         for model in models.in_dependency_order():
@@ -97,7 +102,7 @@ def create_tables(database: Any, dialect: Optional[str] = None, *,
     return added
 
 
-def missing_indexes(database: peewee.Database, dialect: Dialect, models: Models,
+def missing_indexes(database: peewee.Database, dialect: Dialect, models: ModelSet,
                     tables: Set[str]) -> List[IndexSpec]:
     """The declared named indexes missing from `tables` (matched by columns: the name may differ)."""
     missing = []
@@ -157,9 +162,10 @@ def drop_performance_indexes(database: Any, dialect: Optional[str] = None) -> Li
     return dropped
 
 
-def drop_tables(database: Any, dialect: Optional[str] = None) -> None:
-    """Drop the five tables (and their rows) where present."""
-    real, models = _models(database, dialect)
+def drop_tables(database: Any, dialect: Optional[str] = None, *,
+                domains: Optional[Iterable[str]] = None) -> None:
+    """Drop the five tables (and their rows) where present; with `domains`, only theirs."""
+    real, models = _models(database, dialect, domains)
     with real.atomic():
         for model in reversed(models.in_dependency_order()):
             if model.table_exists():
@@ -167,7 +173,8 @@ def drop_tables(database: Any, dialect: Optional[str] = None) -> None:
                 model.drop_table(safe=True)
 
 
-def check_schema(database: Any, dialect: Optional[str] = None) -> SchemaReport:
+def check_schema(database: Any, dialect: Optional[str] = None, *,
+                 domains: Optional[Iterable[str]] = None) -> SchemaReport:
     """What is missing or different in the database, in words: the problems, and advice.
 
     The result is the list of *problems* (empty when the shared schema is there and the
@@ -176,9 +183,10 @@ def check_schema(database: Any, dialect: Optional[str] = None) -> SchemaReport:
     Checks tables, columns, nullability, primary keys, the foreign keys, the named indexes,
     and on MySQL/MariaDB the collation of the key columns. Extra nullable columns are fine
     (a user's migration may add them); an extra NOT NULL column without a default is a
-    problem, since inserts would fail.
+    problem, since inserts would fail. With `domains`, only the tables of those domains are
+    checked (the others may live elsewhere, or nowhere).
     """
-    real, models = _models(database, dialect)
+    real, models = _models(database, dialect, domains)
     diff = diff_models(real, models.in_dependency_order())
     problems: List[str] = [f"missing table {m._meta.table_name}" for m in diff.create_tables]
     problems += [f"missing column {f.model._meta.table_name}.{f.column_name}" for f in diff.add_columns]
@@ -226,7 +234,7 @@ def _primary_keys(model: Any) -> List[List[str]]:
     return [own] if own else [own, [key_column(model)]]
 
 
-def _index_problems(database: peewee.Database, models: Models, missing_tables: Set[str]) -> List[str]:
+def _index_problems(database: peewee.Database, models: ModelSet, missing_tables: Set[str]) -> List[str]:
     found: Dict[str, List[Any]] = {}
     problems = []
     expected = [index for model in models.in_dependency_order() for index in expected_indexes(model)
@@ -247,7 +255,7 @@ def _index_problems(database: peewee.Database, models: Models, missing_tables: S
     return problems
 
 
-def _index_advice(database: peewee.Database, models: Models, missing_tables: Set[str]) -> List[str]:
+def _index_advice(database: peewee.Database, models: ModelSet, missing_tables: Set[str]) -> List[str]:
     advice = []
     for model in models.in_dependency_order():
         table = model._meta.table_name

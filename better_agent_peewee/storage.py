@@ -6,11 +6,12 @@ table adapters, and hands them to memory, runs and streams. Nothing below import
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, cast
 
 from .agent import AgentHandle
 from .dialects import Dialect, detect_dialect, unwrap
-from .errors import UnsupportedTableError
+from .domains import Unconfigured, check_domains, domain_of
+from .errors import DomainNotConfiguredError, UnsupportedTableError
 from .executor import RECONNECT_WINDOW, Executor
 from .memory import Memory
 from .models import Models, build_models
@@ -31,21 +32,30 @@ class Storage:
     """
 
     def __init__(self, database: Any, dialect_name: Optional[str] = None, *,
-                 reconnect_window: float = RECONNECT_WINDOW, causal_reads: bool = True) -> None:
+                 reconnect_window: float = RECONNECT_WINDOW, causal_reads: bool = True,
+                 domains: Optional[Iterable[str]] = None) -> None:
         """:param database: any Peewee database or an initialised `DatabaseProxy`.
         :param dialect_name: "postgres", "mysql" or "sqlite"; inferred when omitted.
         :param reconnect_window: see `peewee_storage`.
-        :param causal_reads: see `peewee_storage`."""
+        :param causal_reads: see `peewee_storage`.
+        :param domains: see `peewee_storage`."""
+        #: The storage domains this storage has: "memory", "runs", "streams" (all three by default).
+        self.domains = check_domains(domains)
         self.database = unwrap(database)
         self.dialect: Dialect = detect_dialect(database, dialect_name)
         self.dialect.prepare(causal_reads=causal_reads)
         self.models: Models = build_models(self.database, self.dialect)
         self.executor = Executor(self.database, self.dialect, reconnect_window=reconnect_window)
-        parts = Tables(self.executor, self.models)
-        self.tables: Dict[str, TableAdapter] = parts.by_name
-        self.memory = Memory(parts)
-        self.streams = Streams(parts)
-        self.runs = Runs(parts, self.memory, self.streams)
+        parts = Tables(self.executor, self.models, self.domains)
+        self.tables: Dict[str, TableAdapter] = {name: adapter for name, adapter in parts.by_name.items()
+                                                if domain_of(name) in self.domains}
+        memory = Memory(parts) if "memory" in self.domains else None
+        streams = Streams(parts) if "streams" in self.domains else None
+        # An omitted domain's helper raises DomainNotConfiguredError on any use (domains.Unconfigured).
+        self.memory: Memory = memory or cast(Memory, Unconfigured("memory"))
+        self.streams: Streams = streams or cast(Streams, Unconfigured("streams"))
+        self.runs: Runs = Runs(parts, memory, streams) if "runs" in self.domains else \
+            cast(Runs, Unconfigured("runs"))
 
     def __repr__(self) -> str:
         return f"<Storage {self.dialect.name} {self.database.database!r}>"
@@ -60,11 +70,18 @@ class Storage:
         return AgentHandle(self.runs, self.streams, name, scope)
 
     def table(self, name: Any) -> TableAdapter:
-        """The adapter of logical table `name`, or UnsupportedTableError."""
+        """The adapter of logical table `name`, or UnsupportedTableError (DomainNotConfiguredError
+        for a table of a domain this storage was built without)."""
         try:
             return self.tables[name]
         except (KeyError, TypeError):
-            raise UnsupportedTableError(name) from None
+            raise self._unsupported(name, "table") from None
+
+    def _unsupported(self, table: Any, verb: str) -> UnsupportedTableError:
+        domain = domain_of(table) if isinstance(table, str) else None
+        if domain is None:
+            return UnsupportedTableError(table)
+        return DomainNotConfiguredError(domain, f"storage.{verb}({table!r}, ...)", table)
 
     # The four verbs look the table up inline rather than through `table()`: one call less
     # on every operation (the hot path, see docs/performance.md).
@@ -73,7 +90,7 @@ class Storage:
         try:
             adapter = self.tables[table]
         except (KeyError, TypeError):
-            raise UnsupportedTableError(table) from None
+            raise self._unsupported(table, "get") from None
         return adapter.get(id)
 
     def set(self, table: str, id: str, value: Mapping[str, Any]) -> None:
@@ -81,7 +98,7 @@ class Storage:
         try:
             adapter = self.tables[table]
         except (KeyError, TypeError):
-            raise UnsupportedTableError(table) from None
+            raise self._unsupported(table, "set") from None
         adapter.set(id, value)
 
     def delete(self, table: str, id: str) -> None:
@@ -89,7 +106,7 @@ class Storage:
         try:
             adapter = self.tables[table]
         except (KeyError, TypeError):
-            raise UnsupportedTableError(table) from None
+            raise self._unsupported(table, "delete") from None
         adapter.delete(id)
 
     def list(self, table: str, query: Optional[Mapping[str, Any]] = None) -> Dict[str, List[Dict[str, Any]]]:
@@ -97,7 +114,7 @@ class Storage:
         try:
             adapter = self.tables[table]
         except (KeyError, TypeError):
-            raise UnsupportedTableError(table) from None
+            raise self._unsupported(table, "list") from None
         return adapter.list(query)
 
     def transaction(self, retries: int = 0) -> Any:
@@ -134,7 +151,7 @@ class Storage:
 
 
 def peewee_storage(db: Any, dialect: Optional[str] = None, *, reconnect_window: float = RECONNECT_WINDOW,
-                   causal_reads: bool = True) -> Storage:
+                   causal_reads: bool = True, domains: Optional[Iterable[str]] = None) -> Storage:
     """The Better Agent storage object over `db`.
 
     :param db: any Peewee database (plain, `*Ext`, pooled) or an initialised `DatabaseProxy`.
@@ -146,5 +163,9 @@ def peewee_storage(db: Any, dialect: Optional[str] = None, *, reconnect_window: 
     :param causal_reads: on a Galera cluster, make every connection read what any node has
         committed before it (``wsrep_sync_wait``), so a write on one node is seen by the next
         read on another; False trades that for a little latency per read. Ignored elsewhere.
+    :param domains: the storage domains kept in `db`: "memory" (threads, messages), "runs",
+        "streams" (streams, stream events); default all three. A call that needs another one
+        raises DomainNotConfiguredError and writes nothing; `runs.track` records runs without
+        streams (no events are stored) and without memory (no thread, no messages).
     """
-    return Storage(db, dialect, reconnect_window=reconnect_window, causal_reads=causal_reads)
+    return Storage(db, dialect, reconnect_window=reconnect_window, causal_reads=causal_reads, domains=domains)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Type
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, Type
 
 import peewee
 
+from .domains import ALL_DOMAINS
 from .errors import ConflictError, NotFoundError, UnsupportedTableError
 from .executor import Executor, json_refused
 from .models import Models, logical_name
@@ -109,9 +110,11 @@ class Tables:
     What the domain helpers (memory, runs, streams) and prune are built on.
     """
 
-    def __init__(self, executor: Executor, models: Models) -> None:
+    def __init__(self, executor: Executor, models: Models, domains: Tuple[str, ...] = ALL_DOMAINS) -> None:
         self.executor = executor
         self.models = models
+        #: The storage domains whose tables are in the database (prune skips the others).
+        self.domains = domains
         self.by_name: Dict[str, TableAdapter] = {}
         for model in models.in_dependency_order():
             spec = TABLES[logical_name(model)]

@@ -29,7 +29,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from .checks import is_int
-from .errors import ConflictError, ConnectionLostError, RecordError, RunAborted
+from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError, RunAborted
 from .executor import read_back_after
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
@@ -83,10 +83,10 @@ class TrackedRun:
     enter the block later, in any thread.
     """
 
-    def __init__(self, runs: RunRecords, memory: Memory, streams: Streams, tables: Tables, run_id: str,
-                 agent_name: str, *, thread_id: Optional[str] = None,
+    def __init__(self, runs: RunRecords, memory: Optional[Memory], streams: Optional[Streams], tables: Tables,
+                 run_id: str, agent_name: str, *, thread_id: Optional[str] = None,
                  scope: Optional[str] = None, config: Any = None,
-                 messages: Optional[Sequence[Mapping[str, Any]]] = None,
+                 messages: Optional[Sequence[Mapping[str, Any]]] = None, state: Any = None,
                  abort_check_interval: float = ABORT_CHECK_INTERVAL,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  run_input: Optional[Mapping[str, Any]] = None) -> None:
@@ -99,6 +99,8 @@ class TrackedRun:
                                                       f"got {type(messages).__name__}")
         if messages and thread_id is None:
             raise ValueError(f"runs: run {run_id!r} has input messages but no thread_id to store them in")
+        if state is not None and memory is not None:
+            memory.threads.check_state(state)  # RecordError now: nothing is written
         for name, value in (("abort_check_interval", abort_check_interval),
                             ("heartbeat_interval", heartbeat_interval)):
             if not is_int(value, or_float=True) or not value >= 0:
@@ -113,6 +115,11 @@ class TrackedRun:
         #: The messages `append_messages` added in this run, in order (as stored; a run without
         #: a thread keeps them here only).
         self.messages: List[Dict[str, Any]] = []
+        #: The run's state, kept in its thread: the `state` given, else (once started) the thread's
+        #: own, as Better Agent's next run reads it; then what `set_state` or `finish` wrote.
+        self.state: Any = state
+        self._input_state = state
+        self._final_state: Any = None  # what the end transaction writes (None: the state stays)
         self._runs, self._memory, self._streams = runs, memory, streams
         self._executor = tables.executor
         self._models = tables.models
@@ -155,29 +162,40 @@ class TrackedRun:
     def _start(self) -> Dict[str, Any]:
         """The entry, inside its transaction; the running record."""
         memory, streams = self._memory, self._streams
-        thread = memory.threads.get(self.thread_id) if self.thread_id is not None else None
+        # Without the memory domain there is no thread to read or write (as Better Agent without memory).
+        thread = None
+        if memory is not None and self.thread_id is not None:
+            thread = memory.threads.get(self.thread_id)
         scope = self._scope
         if scope is None and thread is not None:
             scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
         record = self._claim(scope)
         now: int = record["startedAt"]  # as Better Agent: one clock reading for the whole start
-        if self.thread_id is not None:
+        if memory is not None and self.thread_id is not None:
+            given = self._input_state
             if thread is None:
                 new: Dict[str, Any] = {"id": self.thread_id, "agentName": self.agent_name,
                                        "createdAt": now, "updatedAt": now}
                 if scope is not None:
                     new["scope"] = scope
+                if given is not None:
+                    new["state"] = given
                 memory.threads.set(self.thread_id, new)
+            elif given is not None:  # the run's input state, as the thread's from now on
+                memory.threads.set_state(self.thread_id, given, now)
             else:
                 memory.threads.touch(self.thread_id, now)
+            # As Better Agent: the input state, else the thread's (``input.state ?? thread.state``).
+            self.state = given if given is not None else (thread or {}).get("state")
             if self._messages:
                 memory.messages.append(self.thread_id, self._messages, run_id=self.run_id)
-        streams.open(self.run_id)
-        started = {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
-                   "threadId": self.thread_id or ""}
-        if self._run_input is not None:
-            started["input"] = self._run_input
-        streams.append(self.run_id, started)
+        if streams is not None:  # without the streams domain the run is recorded, no event is
+            streams.open(self.run_id)
+            started = {"type": "RUN_STARTED", "timestamp": now, "runId": self.run_id,
+                       "threadId": self.thread_id or ""}
+            if self._run_input is not None:
+                started["input"] = self._run_input
+            streams.append(self.run_id, started)
         return record
 
     def _claim(self, scope: Optional[str]) -> Dict[str, Any]:
@@ -200,9 +218,10 @@ class TrackedRun:
             deleted = execute(R.delete().where((R.run_id == self.run_id) & (R.status != "running"))).rowcount
             if deleted != 1:
                 raise ConflictError(f"runs: run {self.run_id!r} was started again by someone else meanwhile")
-        E, S = self._models.stream_event, self._models.stream
-        execute(E.delete().where(E.run_id == self.run_id))
-        execute(S.delete().where(S.id == self.run_id))
+        if self._streams is not None:
+            E, S = self._models.stream_event, self._models.stream
+            execute(E.delete().where(E.run_id == self.run_id))
+            execute(S.delete().where(S.id == self.run_id))
         record = runs.start(*args)
         return record
 
@@ -230,6 +249,8 @@ class TrackedRun:
                                  "instead of emitting it")
             if "timestamp" not in event:
                 event = {**event, "timestamp": now_ms()}
+        if self._streams is None:  # no streams domain: nothing is stored (as Better Agent without one)
+            return 0
         seq: int = self._streams.append(self.run_id, event)
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
@@ -244,12 +265,40 @@ class TrackedRun:
         self._require_running("append messages")
         if self.thread_id is None:
             records = _unstored(messages)
+        elif self._memory is None:  # no memory domain: no thread to store them in (as Better Agent)
+            records = _unstored(messages)
         else:
             records = self._memory.messages.append(self.thread_id, messages, run_id=self.run_id)
         self.messages.extend(records)
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
         return records
+
+    def set_state(self, state: Any) -> None:
+        """Write the run's `state` to its thread now, as Better Agent's ``onState`` does: the
+        thread's state and ``updatedAt`` only (a concurrent title or metadata change is kept),
+        and only while the run is running, in one UPDATE. The next run on the thread reads it
+        as its input state (TypeScript's and `track`'s alike). A run without a thread (or without
+        the memory domain) keeps it in `state` only, as Better Agent does.
+
+        :raises RecordError: `state` is not JSON (nothing is written).
+        :raises ConflictError: the run has ended (here, or elsewhere: failed by `reap_stale`).
+        :raises NotFoundError: the thread was deleted meanwhile.
+        """
+        self._require_running("set its state")
+        threads = self._memory.threads if self._memory is not None else None
+        if threads is not None and self.thread_id is None:
+            threads.check_state(state)
+        elif threads is not None and self.thread_id is not None and not threads.set_state(
+                self.thread_id, state, now_ms(), while_running=self.run_id):
+            run = self._runs.get(self.run_id)
+            if run is not None and run["status"] == "running":
+                raise NotFoundError("memoryThreads", self.thread_id, f"runs: run {self.run_id!r} cannot keep "
+                                    f"its state: thread {self.thread_id!r} was deleted")
+            raise self._ended_elsewhere()
+        self.state = state
+        if time.monotonic() >= self._next_beat:
+            self.heartbeat()
 
     def heartbeat(self) -> bool:
         """Set the run's ``updatedAt`` to now (one conditional UPDATE); False if it is no longer running.
@@ -287,14 +336,17 @@ class TrackedRun:
                 return
         raise RunAborted(f"run {self.run_id!r} was aborted on request")
 
-    def finish(self, result: Any = None, *, interrupts: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+    def finish(self, result: Any = None, *, interrupts: Optional[Sequence[Any]] = None,
+               state: Any = None) -> Dict[str, Any]:
         """End the run now with an explicit outcome; the final event.
 
         With `interrupts` (a non-empty list, as Better Agent's interrupts) the run is
         `interrupted` and the event is ``{"type": "RUN_FINISHED", "outcome": "interrupt",
         "interrupts": [...]}``; otherwise it is `completed` with ``"outcome": "success"`` and
         ``"result": result`` when given (Better Agent's is ``{"finishReason", "usage",
-        "stepCount"}``). The rest of the block then writes nothing more.
+        "stepCount"}``). The rest of the block then writes nothing more. `state`, when given,
+        is written to the thread in the same transaction, as Better Agent writes the result's
+        state at the end (None: the state stays as it is).
 
         :raises ConflictError: the run had already ended (e.g. failed by `reap_stale`).
         """
@@ -312,8 +364,13 @@ class TrackedRun:
             status, final = "completed", {**base, "outcome": "success"}
             if result is not None:
                 final["result"] = result
+        if state is not None and self._memory is not None:
+            self._memory.threads.check_state(state)  # RecordError now: nothing is written
+        self._final_state = state
         if not self._end(status, final):
             raise self._ended_elsewhere()
+        if state is not None:
+            self.state = state
         return final
 
     # -- the end -------------------------------------------------------------------------
@@ -377,10 +434,15 @@ class TrackedRun:
         if not self._runs.finish(self.run_id, status, final):
             return False
         # The thread before the stream, as on entry: both transactions lock in one order.
-        if self.thread_id is not None and status in ("completed", "interrupted"):
-            self._memory.threads.touch(self.thread_id, now_ms())
-        self._streams.append(self.run_id, final)
-        self._streams.close(self.run_id)
+        memory, streams = self._memory, self._streams
+        if memory is not None and self.thread_id is not None and status in ("completed", "interrupted"):
+            if self._final_state is not None:
+                memory.threads.set_state(self.thread_id, self._final_state, now_ms())
+            else:
+                memory.threads.touch(self.thread_id, now_ms())
+        if streams is not None:
+            streams.append(self.run_id, final)
+            streams.close(self.run_id)
         return True
 
     def _require_running(self, what: str) -> None:

@@ -32,10 +32,13 @@ PRINTS: Dict[str, List[str]] = {
     "README.md": ["1 RUN_STARTED\n2 TEXT_MESSAGE_CONTENT\n"]
     + [f"{name} - " for name in ("UnsupportedTableError", "QueryError", "RecordError", "NotFoundError")],
     "operations.md": ["pruned 0 runs, 0 streams, 0 events older than",
-                      "would prune 1 threads, 1 messages idle since "],
+                      "would prune 1 threads, 1 messages idle since ",
+                      "streams - the streams domain is not configured in this storage "
+                      "(storage.streams.resume"],
     "runs.md": ["['RUN_STARTED', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_CONTENT', "
                 "'TEXT_MESSAGE_END', 'RUN_FINISHED']",
                 "runs: run 'run-1' already exists (completed); nothing was written.",
+                "{'step': 2, 'total': 4}\n",
                 "['RUN_STARTED', 'RUN_ERROR']\nruns: cannot abort run 'run-6': it does not exist\n"],
 }
 
