@@ -550,3 +550,41 @@ def test_a_streamed_run_no_worker_takes_is_failed_not_left_running(storage: Any)
         status, body = app.json("POST", "/echo/run", {}, headers={"Accept": "text/event-stream"})
     assert (status, body["code"]) == (500, "INTERNAL")
     assert [r["status"] for r in storage.list("runs", {})["items"]] == ["failed"]
+
+
+def test_thread_state_goes_from_run_to_run(storage: Any) -> None:
+    seen: List[Any] = []
+
+    def counter(run: Any, request: RunRequest) -> None:
+        seen.append(request.state)
+        run.set_state({"count": (request.state or {}).get("count", 0) + 1})
+
+    with serving(storage, agents={"counter": counter}) as app:
+        assert app.json("POST", "/counter/run", {"threadId": "t"})[1]["state"] == {"count": 1}
+        assert app.json("POST", "/counter/run", {"threadId": "t"})[1]["state"] == {"count": 2}
+        _, answer = app.json("POST", "/counter/run", {"threadId": "t", "state": {"count": 10}})
+        assert answer["state"] == {"count": 11}
+        assert app.json("GET", "/counter/threads/t")[1]["state"] == {"count": 11}
+        body = app.call("POST", "/counter/run", {"threadId": "t"}, headers={"Accept": "text/event-stream"})[2]
+        assert events(body)[0]["input"]["state"] == {"count": 11}  # RUN_STARTED's input, as Better Agent's
+    assert seen == [None, {"count": 1}, {"count": 10}, {"count": 11}]
+
+
+def test_a_storage_without_memory_or_streams_answers_as_better_agent(database: peewee.Database) -> None:
+    create_tables(database)
+    runs_only = peewee_storage(database, domains=("runs", "streams"))
+    with serving(runs_only) as app:
+        no_memory = not_found("Agent 'echo' does not have memory configured.")
+        assert app.json("GET", "/echo/threads") == (404, no_memory)
+        status, answer = app.json("POST", "/echo/run", {"threadId": "t1", "messages": [
+            {"role": "user", "content": "no memory here"}]})
+        assert (status, answer["outcome"]) == (200, "success")  # the run, without a thread or messages
+        assert runs_only.runs.get(answer["runId"])["threadId"] == "t1"
+        assert app.json("POST", "/echo/abort")[0] == 422  # no running run in alice's default scope
+    memory_only = peewee_storage(database, domains=("memory",))
+    with serving(memory_only) as app:
+        assert app.json("GET", "/echo/threads") == (200, {"threads": []})
+        status, answer = app.json("POST", "/echo/run", {}, headers={"Accept": "text/event-stream"})
+        assert (status, answer["code"]) == (422, "VALIDATION_FAILED")
+        status, answer = app.json("POST", "/runs/r1/abort")
+        assert (status, answer["code"]) == (422, "VALIDATION_FAILED") and "runs" in answer["detail"]

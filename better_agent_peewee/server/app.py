@@ -7,7 +7,7 @@ from concurrent.futures import Executor
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..checks import is_int
-from ..errors import NotFoundError, RecordError
+from ..errors import DomainNotConfiguredError, NotFoundError, RecordError
 from .auth import Access, AuthResolver, ScopeResolver
 from .control import Control
 from .problems import Problem, problem_of
@@ -45,7 +45,7 @@ class App:
         self.storage = storage
         self.base = [s for s in base_path.split("/") if s]
         self.max_body_bytes = max_body_bytes
-        self.access = Access(auth, scope, agents)
+        self.access = Access(auth, scope, agents, "memory" in getattr(storage, "domains", ("memory",)))
         self.threads = Threads(storage, self.access)
         self.control = Control(storage, self.access, heartbeat)
         self.runner = Runner(storage, self.access, self.control, abort_on_disconnect, executor)
@@ -118,6 +118,8 @@ def _match(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, 
 
 def _problem(exc: Exception) -> Problem:
     """A storage refusal as the client's fault (422 or 404); anything else as `problem_of` says."""
+    if isinstance(exc, DomainNotConfiguredError):  # as Better Agent answers a storage area not configured
+        return Problem("VALIDATION_FAILED", str(exc))
     if isinstance(exc, RecordError):
         return Problem("VALIDATION_FAILED", str(exc))
     if isinstance(exc, NotFoundError):

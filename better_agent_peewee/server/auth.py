@@ -47,10 +47,12 @@ class Access:
     """The checks of one app: its auth resolver, scope resolver and agents."""
 
     def __init__(self, auth: Optional[AuthResolver], scope: Optional[ScopeResolver],
-                 agents: Mapping[str, Any]) -> None:
+                 agents: Mapping[str, Any], has_memory: bool = True) -> None:
         self._auth = auth
         self._scope = scope
         self.agents = agents
+        #: Whether the storage keeps memory (threads, messages): Better Agent's agent memory.
+        self.has_memory = has_memory
 
     @property
     def has_app_auth(self) -> bool:
@@ -117,7 +119,16 @@ class Access:
         """The scope in which "the agent's latest running run" is looked up (None: any)."""
         if not self.has_app_auth:
             return None
-        return self.memory_scope(name, auth, environ)
+        return self.run_scope(name, auth, environ)
+
+    def run_scope(self, name: str, auth: Optional[Mapping[str, Any]], environ: Dict[str, Any]) -> str:
+        """The caller's scope for the runs of agent `name`: its memory scope, or without memory
+        the default scope."""
+        if self.has_memory:
+            return self.memory_scope(name, auth, environ)
+        if not auth:
+            raise unauthorized()
+        return default_scope(auth)
 
     @staticmethod
     def visible_thread(thread: Optional[Dict[str, Any]], thread_id: str, agent_name: str,
@@ -145,5 +156,5 @@ class Access:
             return
         agent_name = record["agentName"]
         self.agent(agent_name)
-        if record["scope"] != self.memory_scope(agent_name, auth, environ):
+        if record["scope"] != self.run_scope(agent_name, auth, environ):
             raise run_not_found(run_id)

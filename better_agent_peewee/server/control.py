@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from ..errors import NotFoundError
+from ..errors import DomainNotConfiguredError, NotFoundError
 from ..followers import HEARTBEAT, Follower
 from .auth import Access, run_not_found
 from .problems import Problem, problem_of
@@ -122,8 +122,11 @@ class Control:
                 follower = self.storage.streams.resume(run_id, after, heartbeat=self.heartbeat)
             else:
                 follower = self.storage.agent(agent).resume(run_id, after, heartbeat=self.heartbeat)
-        except NotFoundError:
-            body: Iterator[bytes] = iter([b"", error_frame(stream_not_found(run_id))])
+        except (NotFoundError, DomainNotConfiguredError) as exc:
+            problem = stream_not_found(run_id) if isinstance(exc, NotFoundError) else Problem(
+                "VALIDATION_FAILED",
+                "Stream storage is not configured. resumeStream() requires a StreamStore.")
+            body: Iterator[bytes] = iter([b"", error_frame(problem)])
             if on_close is not None:
                 on_close(True)
         else:

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..records import now_ms
 from .auth import Access
+from .problems import Problem
 from .wire import Reply, Request, js_number, json_reply, no_content
 
 __all__ = ["Threads", "thread_view", "limit_of"]
@@ -41,6 +42,8 @@ class Threads:
     def _scoped(self, request: Request, name: str) -> Tuple[Any, str]:
         """The agent checked, and the caller's scope for its memory (Better Agent's getThreadRequest)."""
         self.access.agent(name)
+        if not self.access.has_memory:
+            raise Problem("NOT_FOUND", f"Agent '{name}' does not have memory configured.")
         auth = self.access.resolve(request.environ)
         self.access.check_agent(name, auth, request.environ)
         return auth, self.access.memory_scope(name, auth, request.environ)

@@ -55,6 +55,7 @@ class Runner:
         self.control = control
         self.abort_on_disconnect = bool(abort_on_disconnect)
         self.executor = executor
+        self.has_streams = "streams" in getattr(storage, "domains", ("streams",))
 
     def run(self, request: Request, params: Dict[str, str]) -> Reply:
         """POST /:name/run: start the run, then stream it (``Accept: text/event-stream``) or
@@ -70,7 +71,7 @@ class Runner:
             raise Problem("VALIDATION_FAILED", "Run threadId must be a string when provided.")
         thread_id: Optional[str] = run_body.get("threadId")
         thread, scope = None, None
-        if thread_id is not None:
+        if thread_id is not None and self.access.has_memory:  # (without memory: no thread, no scope)
             scope = self.access.memory_scope(name, auth, request.environ)
             thread = self.storage.memory.threads.get(thread_id)
             if thread is not None:
@@ -78,6 +79,9 @@ class Runner:
         if agent is None:
             raise Problem("NOT_FOUND", f"Agent '{name}' is not run by this server: its runs start elsewhere.",
                           context={"agentName": name})
+        if streamed and not self.has_streams:
+            raise Problem("VALIDATION_FAILED", "Stream storage is not configured: this server streams a run "
+                          "from its stored stream. Ask for the JSON result instead.")
         run, run_request = self._start(name, run_body, thread, thread_id, scope, auth)
         if streamed:
             self._submit(agent, run, run_request)
@@ -94,7 +98,7 @@ class Runner:
         run_id = f"run_{uuid.uuid4()}"
         for message in messages:
             message["id"] = f"message_{uuid.uuid4()}"  # as Better Agent: the server names them
-        history = [] if thread_id is None or thread is None else [
+        history = [] if thread is None else [
             {k: v for k, v in m.items() if k not in _PLACEMENT}
             for m in self.storage.memory.messages.list(thread_id)]
         state = body.get("state")
@@ -111,10 +115,10 @@ class Runner:
         run = self.storage.runs.track(run_id, name, thread_id=thread_id, scope=scope,
                                       config=run_config(body, latest, resume),
                                       messages=messages if thread_id is not None else None,
-                                      run_input=run_input)
+                                      state=body.get("state"), run_input=run_input)
         run.start()
         return run, RunRequest(agent_name=name, run_id=run_id, thread_id=thread_id,
-                               messages=history + messages, state=state, context=body.get("context"),
+                               messages=history + messages, state=run.state, context=body.get("context"),
                                resume=resume, auth=auth, body=body)
 
     def _submit(self, agent: Any, run: TrackedRun, run_request: RunRequest) -> None:
@@ -167,10 +171,8 @@ class Runner:
             answer["threadId"] = run.thread_id
         # The messages the run added (not its input), as the model wrote them.
         answer["messages"] = [{k: v for k, v in m.items() if k not in _PLACEMENT} for m in run.messages]
-        if run.thread_id is not None:
-            thread = self.storage.memory.threads.get(run.thread_id) or {}
-            if "state" in thread:
-                answer["state"] = thread["state"]
+        if run.state is not None:  # the state the run left (set_state, finish), as Better Agent's result
+            answer["state"] = run.state
         if run.status == "interrupted":
             answer.update(outcome="interrupt", interrupts=open_interrupts(
                 {"status": "interrupted", "finalEvent": run.final_event}))
