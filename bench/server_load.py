@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import resource
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,10 +44,13 @@ from .followers import held_connections as held_connections_to
 from .followers import server_cpu
 
 #: connect_seconds: the time given to connect every client; the runs start ticking after it.
-#: pool_size: the server process's database pool (`open_database(..., max_connections=)`).
-FULL = {"runs": 100, "followers": 900, "ticks": 40, "interval": 0.25, "connect_seconds": 20.0,
-        "pool_size": 64}
-QUICK = {"runs": 4, "followers": 12, "ticks": 5, "interval": 0.05, "connect_seconds": 3.0, "pool_size": 64}
+FULL = {"runs": 100, "followers": 900, "ticks": 40, "interval": 0.25, "connect_seconds": 20.0}
+QUICK = {"runs": 4, "followers": 12, "ticks": 5, "interval": 0.05, "connect_seconds": 3.0}
+#: The server process's database pool beyond one connection per run: a running run's thread holds
+#: its connection from start to end, so a smaller pool keeps new runs from starting until others end.
+POOL_HEADROOM = 16
+#: A throwaway server's connection limit (PostgreSQL's tests default is 100: too few for 100 runs).
+SERVER_SETTINGS = {"max_connections": "300"}
 #: Bound on the whole ticking window beyond its planned length.
 SLACK_SECONDS = 120.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -142,6 +147,7 @@ def serve(side: str, database_url: str, pool_size: int) -> None:
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a log line per request would cost CPU
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # measure() asks for the stacks on a stall
     if side == "ours":
         from better_agent_peewee import create_tables, open_database, peewee_storage
         from better_agent_peewee.server import wsgi_app
@@ -335,6 +341,9 @@ def measure(side: str, params: Dict[str, Any], database_url: str,
             "context": {"startAt": start_at + k * interval / runs, "ticks": ticks, "interval": interval},
         }).encode()) for k in range(runs)]
         left = pump(starters, lambda c: c.head is not None, params["connect_seconds"])
+        if left:
+            os.kill(pid, signal.SIGUSR1)  # the server's thread stacks, on its stderr
+            time.sleep(1)
         assert not left, f"{len(left)} runs did not answer"
         run_ids = [c.header("x-run-id") for c in starters]
         assert all(run_ids), [c.head for c in starters if not c.header("x-run-id")][:3]
@@ -427,16 +436,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--lock", help="hold this file's lock (flock) while measuring")
     parser.add_argument("--serve", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--pool-size", type=int,
+                        help=f"the server's database pool (default: one per run + {POOL_HEADROOM})")
     for key in FULL:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(FULL[key]), help=f"default {FULL[key]}")
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.database_url, args.pool_size)
+        serve(args.serve, args.database_url, args.pool_size or 64)
         return 0
     params = dict(QUICK if args.quick else FULL)
     for key in FULL:
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
+    params["pool_size"] = args.pool_size or params["runs"] + POOL_HEADROOM
     if params["runs"] < 1 or params["followers"] < 0 or params["ticks"] < 1:
         parser.error("--runs and --ticks must be at least 1, --followers at least 0")
     with contextlib.ExitStack() as stack:
@@ -449,7 +461,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .env import open_target
 
             log = lambda text: print(text, file=sys.stderr)  # noqa: E731
-            target = stack.enter_context(open_target(args.dialect, log=log))
+            target = stack.enter_context(open_target(args.dialect, log=log, settings=SERVER_SETTINGS))
             url, server = target.url, target.server
             if args.dialect != "sqlite":  # (a SQLite file has no server to ask)
                 db_connections = lambda: held_connections_to(target)  # noqa: E731
