@@ -158,7 +158,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise _Failure(f"--threads-idle-for must be a positive duration, got {args.threads_idle_for}", 2)
     db = _connect(args)
     if args.older_than is not None or args.reap_stale is not None:
-        _require_tables(db, physical_tables(["runs", "streams"]))
+        _require_tables(db, physical_tables(["runs"]))  # streams: pruned when there, skipped when not
     if args.threads_idle_for is not None:
         _require_tables(db, physical_tables(["memory"]))
     if "interrupted" in (args.statuses or ()) and not args.include_interrupted:
@@ -212,8 +212,8 @@ def _done(report: Union[PruneReport, ThreadPruneReport]) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     db = _connect(args)
-    _require_tables(db, physical_tables())
-    numbers = stats(_storage(db))
+    _require_tables(db, physical_tables(args.domains))
+    numbers = stats(peewee_storage(db, domains=args.domains))
     if args.json:
         print(json.dumps(numbers, indent=2))
         return 0
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(alone, without --older-than: a reap-only job for a frequent cron line)")
     p.set_defaults(func=cmd_prune)
 
-    p = commands.add_parser("stats", parents=[common],
+    p = commands.add_parser("stats", parents=[common, domains],
                             help="rows per table, runs per status, oldest and newest run")
     p.add_argument("--json", action="store_true", help="print JSON (timestamps as epoch ms)")
     p.set_defaults(func=cmd_stats)

@@ -27,6 +27,7 @@ import peewee
 
 from .batches import COUNT, IN_CHUNK, chunks, cutoff, delete_in, exists, page, select_in
 from .checks import is_int
+from .domains import ALL_DOMAINS
 from .errors import QueryError
 from .executor import Executor
 from .records import FINISHED_STATUSES, RUN_STATUSES
@@ -87,7 +88,8 @@ def prune_runs(
     a human to resume them, so they are kept unless `include_interrupted` is true. Orphans go
     too: streams whose run no longer exists, with all their events, and events with neither
     run nor stream, once created (stream ``createdAt``, event ``timestamp``) before the cutoff.
-    Threads and messages are never touched.
+    Threads and messages are never touched. Without the streams domain (`peewee_storage(db,
+    domains=...)`), only the runs are deleted.
 
     :param storage: the storage object (`peewee_storage`).
     :param older_than: how long a finished run is kept, a non-negative `timedelta`.
@@ -115,10 +117,10 @@ def prune_runs(
     for status in chosen:
         pruner.pages(f"finished runs ({status})", functools.partial(pruner.finished_runs, status),
                      pruner.prune_finished)
-    if orphan_scan is None:
+    if pruner.streams_here and orphan_scan is None:  # (no streams domain: no orphan to look for)
         pruner.pages("orphan streams", pruner.orphan_streams, pruner.prune_orphan_streams)
         pruner.pages("orphan events", pruner.orphan_events, pruner.prune_orphan_events)
-    else:
+    elif pruner.streams_here and orphan_scan is not None:
         pruner.sweep(orphan_scan + 10 * pruner.report.runs)
     return pruner.done()
 
@@ -144,6 +146,8 @@ class _Pruner:
         self._executor = storage.executor
         self._size = batch_size
         self._progress = progress
+        #: False when the storage was built without the streams domain: runs alone are deleted.
+        self.streams_here = "streams" in getattr(storage, "domains", ALL_DOMAINS)
         m = storage.models
         Run, Stream, Event = self._run, self._stream, self._event = m.run, m.stream, m.stream_event
         before = report.cutoff_ms
@@ -188,8 +192,9 @@ class _Pruner:
             report.runs += delete_in(executor, Run, Run.run_id, ids, self._finished)
             kept = set(select_in(executor, Run.run_id, Run.run_id, ids))
             gone = [r for r in ids if r not in kept]
-        report.events += self._delete_or_count(self._event, self._event.run_id, gone)
-        report.streams += self._delete_or_count(self._stream, self._stream.run_id, gone)
+        if self.streams_here:
+            report.events += self._delete_or_count(self._event, self._event.run_id, gone)
+            report.streams += self._delete_or_count(self._stream, self._stream.run_id, gone)
 
     def orphan_streams(self, after: Optional[Tuple[Any, ...]]) -> peewee.Query:
         """The next page of streams whose run no longer exists, created before the cutoff."""

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import peewee
 
 from .batches import COUNT, chunks, cutoff, exists, page
+from .domains import ALL_DOMAINS
 from .errors import ConflictError
 from .streams import Streams
 from .tables import StorageParts
@@ -38,7 +39,8 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
     "message": ..., "timestamp": now}``; the same event is appended to its open stream, which
     is then closed, so followers read why the run ended and stop waiting. The UPDATEs are
     conditional (still running, still stale), so a run that finishes meanwhile is kept; a
-    stream closed by someone else meanwhile stays closed, without the event.
+    stream closed by someone else meanwhile stays closed, without the event. Without the
+    streams domain (`peewee_storage(db, domains=...)`) only the runs are marked.
 
     :param storage: the storage object (`peewee_storage`).
     :param stale_after: how long a running run may go without an update, a `timedelta`. A
@@ -87,7 +89,7 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
 class _Reaper:
     """The statements of one `reap_stale` call: fail a chunk of stale runs, end their streams."""
 
-    def __init__(self, storage: StorageParts, streams: Streams, stale: List[Any],
+    def __init__(self, storage: StorageParts, streams: Optional[Streams], stale: List[Any],
                  final_event: Dict[str, Any]) -> None:
         self._executor, self._streams = storage.executor, streams
         self._run, self._stream = storage.models.run, storage.models.stream
@@ -102,6 +104,8 @@ class _Reaper:
         reaped = int(self._executor.execute_query(
             Run.update(status="failed", final_event=self._final, finished_at=now, updated_at=now)
             .where(Run.run_id.in_(chunk), *self._stale)).rowcount)
+        if self._streams is None:  # no streams domain: no stream to end
+            return reaped
         # Only the streams of runs this call just failed (a finished run closes its own).
         ours = (Run.select(peewee.SQL("1"))
                 .where(Run.run_id == Stream.run_id, Run.status == "failed", Run.finished_at == now))
@@ -115,21 +119,26 @@ class _Reaper:
         return reaped
 
     def _append(self, run_id: str) -> None:
+        streams = self._streams
+        assert streams is not None  # (reap returns before the streams without them)
         try:
-            self._streams.append(run_id, self._final)
+            streams.append(run_id, self._final)
         except ConflictError:
             # Closed by someone since the SELECT: it stays closed, without our event.
-            if (self._streams.get(run_id) or {}).get("status") == "open":
+            if (streams.get(run_id) or {}).get("status") == "open":
                 raise
             logger.info("reap_stale: stream %r was closed meanwhile; its run is failed all the "
                         "same, its stream left as it was closed", run_id)
 
 
-def _streams_of(storage: StorageParts, streams: Optional[Streams]) -> Streams:
+def _streams_of(storage: StorageParts, streams: Optional[Streams]) -> Optional[Streams]:
     """The `Streams` to append with: `streams`, else the storage's own (one per storage: its
-    appenders take turns on its locks and share what it remembers of each stream)."""
+    appenders take turns on its locks and share what it remembers of each stream); None
+    without the streams domain."""
     if streams is not None:
         return streams
+    if "streams" not in getattr(storage, "domains", ALL_DOMAINS):
+        return None
     found = getattr(storage, "streams", None)
     if not isinstance(found, Streams):
         raise TypeError(f"reap_stale needs the storage object (peewee_storage), or streams=: "

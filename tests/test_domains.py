@@ -1,6 +1,7 @@
 """Storage domains: memory, runs and streams here, elsewhere or nowhere (Better Agent's composite storage)."""
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any, List
 
@@ -111,7 +112,12 @@ def test_the_command_line_takes_domains(database: peewee.Database, database_url:
     assert ok.returncode == 0 and "schema ok" in ok.stdout, ok.stdout + ok.stderr
     missing = cli("check", url=database_url)
     assert missing.returncode == 1 and "missing table streams" in missing.stdout
-    for command in ("init", "check"):
+    numbers = cli("stats", "--json", "--domains", "memory", url=database_url)
+    assert numbers.returncode == 0, numbers.stderr
+    assert json.loads(numbers.stdout) == {"tables": {"threads": 0, "messages": 0}, "runs": {},
+                                          "oldestRun": None, "newestRun": None}
+    one_error_line(cli("stats", url=database_url), 1, "missing table", "streams")
+    for command in ("init", "check", "stats"):
         one_error_line(cli(command, "--domains", "memory,logs", url=database_url), 2, "'logs'",
                        "memory, runs, streams")
     assert tables(database) == {"threads", "messages", "agent_runs"}
@@ -166,3 +172,31 @@ def test_prune_skips_what_is_not_there(database: peewee.Database, database_url: 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("pruned 2 threads, 1 messages idle since ")
     one_error_line(cli("prune", "--older-than", "7d", url=database_url), 1, "missing table", "agent_runs")
+
+
+def test_prune_and_reap_without_the_streams_domain(database: peewee.Database, database_url: str) -> None:
+    from tests.test_prune import DAY
+
+    create_tables(database, domains=["memory", "runs"])
+    storage = peewee_storage(database, domains=["memory", "runs"])
+    now = 1_700_000_000_000
+    for run_id, status, finished in (("old", "completed", now - 10 * DAY), ("new", "completed", now - DAY)):
+        storage.set("runs", run_id, {"runId": run_id, "agentName": "a", "status": status, "config": None,
+                                     "startedAt": finished - 1000, "updatedAt": finished,
+                                     "finishedAt": finished})
+    storage.set("runs", "dead", {"runId": "dead", "agentName": "a", "status": "running", "config": None,
+                                 "startedAt": now - DAY, "updatedAt": now - DAY})
+    dry = storage.runs.prune(timedelta(days=7), now_ms=now, dry_run=True)
+    assert (dry.runs, dry.streams, dry.events) == (1, 0, 0)
+    report = storage.runs.prune(timedelta(days=7), now_ms=now, orphan_scan=None)
+    assert (report.runs, report.streams, report.events) == (1, 0, 0)
+    assert storage.runs.get("old") is None and storage.runs.get("new") is not None
+    assert storage.runs.reap_stale(timedelta(hours=1)) == 1
+    assert storage.runs.get("dead")["status"] == "failed"
+    assert storage.runs.get("dead")["finalEvent"]["code"] == "STALE_RUN"
+    database.close()
+    result = cli("prune", "--older-than", "7d", "--reap-stale", "1h", "--threads-idle-for", "30d",
+                 url=database_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("reaped 0 stale runs; pruned 1 runs, 0 streams, 0 events older than ")
+    assert storage.runs.get("new") is None
