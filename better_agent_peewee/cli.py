@@ -1,4 +1,4 @@
-"""The ``better-agent-peewee`` command line: init, check, prune, stats, tail, export.
+"""The ``better-agent-peewee`` command line: init, check, prune, stats, tail, export, inspect.
 
 Each command is a thin shell over one library call a Python program can make too
 (`create_tables`, `check_schema`, `prune_runs` / `reap_stale`, `stats`,
@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any, Callable, Iterable, List, NoReturn, Optional, Sequence, Tuple, Union
 
@@ -31,6 +30,7 @@ from . import __version__
 from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, open_database, redact
 from .domains import ALL_DOMAINS, check_domains, physical_tables
 from .errors import StorageError, first_line
+from .inspector import inspector_app, make_inspector_server
 from .prune import PruneReport, prune_runs
 from .reap import reap_stale
 from .records import FINISHED_STATUSES
@@ -38,7 +38,7 @@ from .retention import ThreadPruneReport
 from .schema import check_schema, create_tables
 from .stats import stats
 from .storage import Storage, peewee_storage
-from .timestamps import ms_to_iso
+from .timestamps import ms_to_iso, parse_duration
 
 # open_database and its companions moved to database_url; still importable from here.
 __all__ = ["main", "open_database", "parse_duration", "DatabaseURLError", "redact", "SQLITE_PRAGMAS",
@@ -56,25 +56,6 @@ class _Failure(Exception):
 
 
 # -- reusable pieces ------------------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
-_UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_duration(text: str) -> _dt.timedelta:
-    """A `timedelta` from ``30s``, ``15m``, ``12h``, ``7d``, ``2w`` or combinations (``1h30m``).
-
-    :raises ValueError: for anything else (a bare number is refused: say which unit).
-    """
-    compact = str(text).strip().replace(" ", "")
-    parts = _DURATION_PART.findall(compact)
-    if not compact or "".join(n + u for n, u in parts) != compact:
-        raise ValueError(f"invalid duration {text!r} (use e.g. 30s, 15m, 12h, 7d, 1h30m)")
-    total = _dt.timedelta()
-    for number, unit in parts:
-        total += _dt.timedelta(**{_UNITS[unit.lower()]: float(number)})
-    return total
-
 
 # -- command implementations ---------------------------------------------------------------
 
@@ -251,6 +232,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    _require_tables(db, physical_tables())
+    token = args.token or os.environ.get("BAP_INSPECT_TOKEN") or None
+    try:
+        app = inspector_app(_storage(db), allow_writes=args.allow_writes, token=token)
+        server = make_inspector_server(app, args.host, args.port, token)
+    except ValueError as exc:
+        raise _Failure(str(exc), 2) from None
+    except OSError as exc:
+        raise _Failure(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    db.close()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    address = f"http://{host}:{server.server_port}/" + (f"?token={token}" if token else "")
+    print(f"inspecting {redact(db_description(db))} at {address} "
+          f"({'writes allowed' if args.allow_writes else 'read-only'}; Ctrl-C stops)", flush=True)
+    try:
+        with server:
+            server.serve_forever()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 # -- argument parsing ----------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -375,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", parents=[common], help="print a thread and its messages as JSON")
     p.add_argument("thread_id", metavar="THREAD_ID")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("inspect", parents=[common],
+                            help="serve a web inspector of threads, runs and live streams (read-only unless "
+                                 "--allow-writes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                   "needs --token)")
+    p.add_argument("--port", type=_non_negative_int, default=8765,
+                   help="port (default 8765; 0: any free one)")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="offer abort, reap-stale and prune (each behind a CSRF token); "
+                        "off: every write is 403")
+    p.add_argument("--token", metavar="T", help="require this token on every request (default: "
+                   "$BAP_INSPECT_TOKEN); needed for a --host other than loopback")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

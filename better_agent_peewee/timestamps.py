@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 __all__ = ["MAX_TIMESTAMP_MS", "now_ms", "ms_to_iso", "parse_iso_ms", "sqlite_encode_ts", "sqlite_decode_ts",
-           "datetime_to_ms", "mysql_encode_ts", "postgres_encode_ts"]
+           "datetime_to_ms", "mysql_encode_ts", "postgres_encode_ts", "parse_duration"]
 
 _MS = _dt.timedelta(milliseconds=1)
 _EPOCH = _dt.datetime(1970, 1, 1)
@@ -105,3 +105,22 @@ def mysql_encode_ts(ms: int) -> _dt.datetime:
 def postgres_encode_ts(ms: int) -> _dt.datetime:
     """Epoch ms as a PostgreSQL timestamptz parameter (an aware UTC datetime)."""
     return _EPOCH_UTC + ms * _MS
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> _dt.timedelta:
+    """A `timedelta` from ``30s``, ``15m``, ``12h``, ``7d``, ``2w`` or combinations (``1h30m``).
+
+    :raises ValueError: for anything else (a bare number is refused: say which unit).
+    """
+    compact = str(text).strip().replace(" ", "")
+    parts = _DURATION_PART.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 30s, 15m, 12h, 7d, 1h30m)")
+    total = _dt.timedelta()
+    for number, unit in parts:
+        total += _dt.timedelta(**{_UNITS[unit.lower()]: float(number)})
+    return total

@@ -24,6 +24,10 @@ import pytest
 import better_agent_peewee
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The inspector's assets, as the wheel and the sdist must carry them.
+ASSETS = {f"better_agent_peewee/inspector/assets/{p.name}"
+          for p in (ROOT / "better_agent_peewee" / "inspector" / "assets").iterdir()
+          if p.suffix in (".css", ".js")}
 #: What a checkout holds that the build reads (the tests, docs and benchmarks are not shipped).
 SOURCES = ("better_agent_peewee", "pyproject.toml", "setup.cfg", "setup.py", "README.md")
 
@@ -33,7 +37,8 @@ import importlib.metadata, json, pathlib, better_agent_peewee as bap
 here = pathlib.Path(bap.__file__).parent
 print(json.dumps({"file": str(here), "typed": (here / "py.typed").is_file(), "version": bap.__version__,
                   "metadata": importlib.metadata.version("better-agent-peewee"),
-                  "follower": hasattr(bap, "Follower")}))
+                  "follower": hasattr(bap, "Follower"),
+                  "assets": sorted(__import__("better_agent_peewee.inspector", fromlist=["ASSETS"]).ASSETS)}))
 """
 
 
@@ -89,10 +94,13 @@ def test_the_sdist_and_the_wheel_carry_the_package_and_py_typed(built: Dict[str,
         names = set(wheel.namelist())
         metadata = wheel.read(f"better_agent_peewee-{version}.dist-info/METADATA").decode()
     assert "better_agent_peewee/py.typed" in names and "better_agent_peewee/__init__.py" in names
+    # The inspector's assets ship inside (it serves them from the installed package alone).
+    assert set(ASSETS) <= names, sorted(n for n in names if "inspector" in n)
     assert f"\nVersion: {version}\n" in metadata and "Requires-Dist: peewee" in metadata
     with tarfile.open(built["sdist"]) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"pyproject.toml", "setup.cfg", "setup.py", "README.md", "better_agent_peewee/py.typed"} <= members
+    assert set(ASSETS) <= members
 
 
 @pytest.mark.parametrize("artifact", ["wheel", "sdist"])
@@ -109,6 +117,7 @@ def test_each_artifact_installs_in_a_clean_venv(built: Dict[str, Path], artifact
     found = json.loads(_run([python, "-c", PROBE], built["base"]).strip().splitlines()[-1])
     assert Path(found["file"]).is_relative_to(target), found
     assert found == {"file": found["file"], "typed": True, "version": better_agent_peewee.__version__,
-                     "metadata": better_agent_peewee.__version__, "follower": True}
+                     "metadata": better_agent_peewee.__version__, "follower": True,
+                     "assets": ["inspector.css", "inspector.js"]}
     out = _run([str(target / "bin" / "better-agent-peewee"), "--version"], built["base"])
     assert better_agent_peewee.__version__ in out

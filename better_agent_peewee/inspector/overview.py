@@ -1,0 +1,92 @@
+"""The overview: agents with their counts, runs per hour, durations, running runs."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import charts
+from .layout import Context, badge, count, field, form, link, page, table
+from .markup import Markup, ago, duration, href, iso, join, tag
+from .queries import CHART_CAP, COUNT_CAP, DURATION_SAMPLE, MAX_AGENTS, Reader, RunRow
+
+__all__ = ["overview"]
+
+DAY = 86_400_000
+
+
+def overview(reader: Reader, ctx: Context) -> Markup:
+    """GET /: the whole page."""
+    agents = reader.agents()
+    now = ctx.now_ms
+    since_7d = (now // charts.HOUR - 7 * 24 + 1) * charts.HOUR
+    rows, starts, partial, spans = [], [], None, []
+    for agent in agents:
+        counts = reader.agent_counts(agent)
+        recent = reader.recent_starts(agent, since_7d)
+        for times in recent.values():
+            if len(times) >= CHART_CAP:  # this agent's status was sampled: older hours are partial
+                partial = max(partial or 0, min(times))
+        starts.append(recent)
+        spans.append(reader.recent_durations(agent))
+        rows.append(_agent_row(agent, counts, spans[-1]))
+    merged: Dict[str, List[int]] = {}
+    for recent in starts:
+        for status, times in recent.items():
+            merged.setdefault(status, []).extend(times)
+    body = [
+        tag("section", None, tag("h2", None, "Agents"),
+            table(["agent", "threads", *charts.STATUS_ORDER, "p50", "p95"], rows, empty="No agents yet: "
+                  "no runs or threads are stored.", class_="agents"),
+            tag("p", {"class": "muted"}, f"Counts stop at {COUNT_CAP:,} ({COUNT_CAP:,}+); the first "
+                f"{MAX_AGENTS} agents are shown.") if agents else None),
+        tag("section", None, tag("h2", None, "Runs per hour"), _legend(),
+            tag("h3", None, "Last 24 hours"),
+            charts.hourly(charts.bucket(merged, now, 24), now, "runs per hour, last 24 hours", partial),
+            tag("h3", None, "Last 7 days"),
+            charts.hourly(charts.bucket(merged, now, 24 * 7), now, "runs per hour, last 7 days", partial),
+            tag("p", {"class": "muted"}, f"Read from the newest {CHART_CAP} runs of each agent and status; "
+                f"hours before {iso(partial)} UTC are partly counted (pale)." if partial else None)),
+        tag("section", None, tag("h2", None, "Run duration"),
+            charts.durations([(a, charts.percentile(d, 50), charts.percentile(d, 95), len(d))
+                              for a, d in zip(agents, spans)]),
+            tag("p", {"class": "muted"}, f"Over each agent's newest {DURATION_SAMPLE} finished runs.")),
+        _running(reader.running(), ctx),
+    ]
+    return page("Overview", join(body), active="overview")
+
+
+def _agent_row(agent: str, counts: Dict[str, int], spans: List[int]) -> List[Any]:
+    cells: List[Any] = [link(agent, "agents", agent, "threads"),
+                        link(count(counts["threads"], COUNT_CAP), "agents", agent, "threads")]
+    for status in charts.STATUS_ORDER:
+        n = counts.get(status, 0)
+        cells.append(tag("a", {"href": href("runs", agent=agent, status=status),
+                               "class": f"n s-{status}" if n else "n zero"}, count(n, COUNT_CAP)))
+    cells += [duration(charts.percentile(spans, 50)), duration(charts.percentile(spans, 95))]
+    return cells
+
+
+def _legend() -> Markup:
+    keys = [tag("span", {"class": f"key s-{s}"}, s) for s in charts.STATUS_ORDER]
+    return tag("p", {"class": "legend"}, *keys)
+
+
+def _running(runs: List[RunRow], ctx: Context) -> Markup:
+    cutoff = ctx.now_ms - ctx.stale_after_ms
+    stale = [r for r in runs if (r.updated_at or 0) < cutoff]
+    rows: List[Tuple[Any, ...]] = []
+    for r in runs:
+        looks_stale = (r.updated_at or 0) < cutoff
+        rows.append((link(r.run_id, "runs", r.run_id), link(r.agent_name, "agents", r.agent_name, "threads"),
+                     badge("stale?", "stale") if looks_stale else badge("running"),
+                     iso(r.started_at), ago(r.updated_at, ctx.now_ms)))
+    reap: Optional[Markup] = None
+    if ctx.allow_writes and stale:
+        since = field("not updated for", "stale_after", f"{ctx.stale_after_ms // 1000}s", size="6")
+        reap = form("/reap", ctx.csrf, [since], "Reap stale runs", danger=True)
+    prune = tag("p", None, tag("a", {"href": "/prune", "class": "button"}, "Prune old runs…")) \
+        if ctx.allow_writes else None
+    return tag("section", None, tag("h2", None, "Running runs"),
+               tag("p", {"class": "muted"}, f"A run not updated for {duration(ctx.stale_after_ms)} is "
+                   f"flagged stale?: its worker may be gone ({len(stale)} flagged)."),
+               table(["run", "agent", "", "started (UTC)", "last update"], rows, empty="No run is running.",
+                     class_="running"), reap, prune)
