@@ -29,6 +29,7 @@ from .errors import (
 )
 from .errors import SchemaError as _SchemaError
 from .followers import HEARTBEAT, Follower
+from .inspector import inspector_app
 from .prune import PruneReport, prune_runs
 from .reap import reap_stale
 from .retention import ThreadPruneReport, prune_threads
@@ -95,6 +96,7 @@ __all__ = [
     "ListResult",
     "wsgi_app",
     "RunRequest",
+    "inspector_app",
 ]
 #: The one place the version is written (setup.cfg reads it from here).
 __version__ = "0.1.0"

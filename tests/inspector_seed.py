@@ -5,8 +5,18 @@ string is shown. Not a test module: tests/test_inspector*.py and bench/inspector
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from typing import Any, Dict, List
+
+import peewee
+
+from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee.inspector import inspector_app, make_inspector_server
 
 #: Stored strings that would run script if a page put them in as markup (each sets window.__pwned).
 HOSTILE = [
@@ -20,11 +30,11 @@ HOUR = 60 * MINUTE
 STATUSES = ("completed", "completed", "completed", "failed", "completed", "aborted", "interrupted")
 
 
-def seed(storage: Any, now_ms: int = 0) -> Dict[str, Any]:
-    """Fill `storage`; returns the ids the tests look for."""
+def seed(storage: Any, now_ms: int = 0, hostile: bool = True) -> Dict[str, Any]:
+    """Fill `storage`; returns the ids the tests look for. `hostile`: with the hostile strings."""
     now = now_ms or int(time.time() * 1000)
     with storage.transaction():  # one commit: a thousand rows in a blink on every dialect
-        _fill(storage, now)
+        _fill(storage, now, hostile)
     return {
         "thread": "trip-to-lisbon",
         "live": "run-live",
@@ -34,33 +44,10 @@ def seed(storage: Any, now_ms: int = 0) -> Dict[str, Any]:
     }
 
 
-def _fill(storage: Any, now: int) -> None:
+def _fill(storage: Any, now: int, hostile: bool) -> None:
     _conversation(storage, now)
-    hostile_agent = HOSTILE[1]
-    for i, title in enumerate(HOSTILE):
-        storage.set(
-            "memoryThreads",
-            f"evil-{i}",
-            {
-                "id": f"evil-{i}",
-                "agentName": hostile_agent,
-                "title": title,
-                "state": {"note": title},
-                "createdAt": now - 9 * HOUR,
-                "updatedAt": now - 9 * HOUR + i,
-            },
-        )
-        storage.set(
-            "memoryMessages",
-            f"evil-{i}:{now - 9 * HOUR}:e{i}",
-            {
-                "id": f"e{i}",
-                "threadId": f"evil-{i}",
-                "role": "user",
-                "content": title,
-                "createdAt": now - 9 * HOUR,
-            },
-        )
+    if hostile:
+        _hostile(storage, now)
     for i in range(40):
         storage.set(
             "memoryThreads",
@@ -86,10 +73,42 @@ def _fill(storage: Any, now: int) -> None:
             started,
             started + (2 + i % 9) * 1000 + (i % 4) * 15000,
         )
+    # Running: one live (updated just now) and one whose worker looks gone (silent for an hour).
+    _run(storage, "run-live", "planner", None, "running", now - 2 * MINUTE, None, updated=now)
+    _run(storage, "run-stale", "support", "support-001", "running", now - 3 * HOUR, None, updated=now - HOUR)
+
+
+def _hostile(storage: Any, now: int) -> None:
+    """Hostile strings as a thread title, state, message, agent name, error and event payloads."""
+    agent = HOSTILE[1]
+    for i, title in enumerate(HOSTILE):
+        storage.set(
+            "memoryThreads",
+            f"evil-{i}",
+            {
+                "id": f"evil-{i}",
+                "agentName": agent,
+                "title": title,
+                "state": {"note": title},
+                "createdAt": now - 9 * HOUR,
+                "updatedAt": now - 9 * HOUR + i,
+            },
+        )
+        storage.set(
+            "memoryMessages",
+            f"evil-{i}:{now - 9 * HOUR}:e{i}",
+            {
+                "id": f"e{i}",
+                "threadId": f"evil-{i}",
+                "role": "user",
+                "content": title,
+                "createdAt": now - 9 * HOUR,
+            },
+        )
     _run(
         storage,
         "run-hostile",
-        hostile_agent,
+        agent,
         "evil-0",
         "failed",
         now - 8 * HOUR,
@@ -97,9 +116,6 @@ def _fill(storage: Any, now: int) -> None:
         message=HOSTILE[0],
         extra_events=[{"type": "TEXT_MESSAGE_CONTENT", "messageId": "x", "delta": h} for h in HOSTILE],
     )
-    # Running: one live (updated just now) and one whose worker looks gone (silent for an hour).
-    _run(storage, "run-live", "planner", None, "running", now - 2 * MINUTE, None, updated=now)
-    _run(storage, "run-stale", "support", "support-001", "running", now - 3 * HOUR, None, updated=now - HOUR)
 
 
 def _conversation(storage: Any, now: int) -> None:
@@ -247,3 +263,38 @@ def _run(
                 "event": {**event, "timestamp": stamp},
             },
         )
+
+
+def screenshot(out: str) -> None:
+    """``python -m tests.inspector_seed docs/inspector-overview.png``: the README's picture, of the
+    seeded database without the hostile strings, taken by headless chromium."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = peewee.SqliteDatabase(os.path.join(tmp, "demo.db"))
+        create_tables(db)
+        storage = peewee_storage(db)
+        seed(storage, hostile=False)
+        server = make_inspector_server(inspector_app(storage), "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            subprocess.run(
+                [
+                    "chromium",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--hide-scrollbars",
+                    f"--user-data-dir={tmp}/profile",
+                    "--window-size=1200,1180",
+                    f"--screenshot={os.path.abspath(out)}",
+                    f"http://127.0.0.1:{server.server_port}/",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        finally:
+            server.shutdown()
+
+
+if __name__ == "__main__":
+    screenshot(sys.argv[1])

@@ -71,6 +71,7 @@ def console_problems(driver: Any) -> List[str]:
 def test_a_person_sees_every_page_and_the_live_run(
     database: peewee.Database, tmp_path: Path, dialect: str
 ) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -81,7 +82,10 @@ def test_a_person_sees_every_page_and_the_live_run(
     shots = Path(os.environ.get("BAP_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     with serving(storage, allow_writes=True) as base, browser(tmp_path / "profile") as driver:
-        wait = WebDriverWait(driver, 30)
+        # (A page being replaced by the next one makes its elements stale for a moment: look again.)
+        wait = WebDriverWait(
+            driver, 30, ignored_exceptions=[StaleElementReferenceException, NoSuchElementException]
+        )
 
         def visit(path: str, name: str) -> str:
             driver.get(base + path)

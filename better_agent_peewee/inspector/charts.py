@@ -57,11 +57,9 @@ def hourly(bins: List[Dict[str, int]], now_ms: int, label: str, partial_before: 
         text = stamp[11:16] if hours <= 48 else stamp[5:10]
         ticks.append(tag("text", {"x": f"{i * bar_w:.1f}", "y": str(height - 6), "class": "tick"}, text))
     axis = tag("line", {"x1": "0", "y1": str(plot_h), "x2": str(width), "y2": str(plot_h), "class": "axis"})
-    peak = tag("text", {"x": str(width - 2), "y": "12", "class": "tick", "text-anchor": "end"},
-               f"max {top}/h")
     return tag("svg", {"class": "chart", "viewBox": f"0 0 {width} {height}", "role": "img",
                        "aria-label": label, "preserveAspectRatio": "none"},
-               tag("title", None, label), join(shapes), axis, join(ticks), peak)
+               tag("title", None, label), join(shapes), axis, join(ticks))
 
 
 def percentile(values: Sequence[int], p: float) -> Optional[int]:

@@ -39,10 +39,8 @@ def overview(reader: Reader, ctx: Context) -> Markup:
             tag("p", {"class": "muted"}, f"Counts stop at {COUNT_CAP:,} ({COUNT_CAP:,}+); the first "
                 f"{MAX_AGENTS} agents are shown.") if agents else None),
         tag("section", None, tag("h2", None, "Runs per hour"), _legend(),
-            tag("h3", None, "Last 24 hours"),
-            charts.hourly(charts.bucket(merged, now, 24), now, "runs per hour, last 24 hours", partial),
-            tag("h3", None, "Last 7 days"),
-            charts.hourly(charts.bucket(merged, now, 24 * 7), now, "runs per hour, last 7 days", partial),
+            _chart("Last 24 hours", charts.bucket(merged, now, 24), now, partial),
+            _chart("Last 7 days", charts.bucket(merged, now, 24 * 7), now, partial),
             tag("p", {"class": "muted"}, f"Read from the newest {CHART_CAP} runs of each agent and status; "
                 f"hours before {iso(partial)} UTC are partly counted (pale)." if partial else None)),
         tag("section", None, tag("h2", None, "Run duration"),
@@ -52,6 +50,12 @@ def overview(reader: Reader, ctx: Context) -> Markup:
         _running(reader.running(), ctx),
     ]
     return page("Overview", join(body), active="overview")
+
+
+def _chart(title: str, bins: List[Dict[str, int]], now: int, partial: Optional[int]) -> Markup:
+    peak = max([sum(b.values()) for b in bins] + [0])
+    return join([tag("h3", None, f"{title} · {sum(sum(b.values()) for b in bins):,} runs, at most {peak:,} "
+                     f"in an hour"), charts.hourly(bins, now, f"runs per hour, {title.lower()}", partial)])
 
 
 def _agent_row(agent: str, counts: Dict[str, int], spans: List[int]) -> List[Any]:

@@ -32,7 +32,9 @@
     li.dataset.seq = String(event.seq);
     const details = document.createElement("details");
     const summary = document.createElement("summary");
-    const at = typeof event.timestamp === "number" && start !== null ? "+" + duration(event.timestamp - start) : "";
+    // An event without a timestamp of its own is placed at its arrival (within a second of its append).
+    const stamp = typeof event.timestamp === "number" ? event.timestamp : Date.now();
+    const at = start !== null ? "+" + duration(Math.max(stamp - start, 0)) : "";
     summary.append(span("seq", String(event.seq)), " ", span("type", String(event.type || "?")), " ",
                    span("offset", at));
     const pre = document.createElement("pre");
