@@ -24,6 +24,7 @@ from .errors import (
     ReadOnlyError,
     RecordError,
     RunAborted,
+    RunEndedElsewhere,
     StorageError,
     UnsupportedTableError,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "PoolExhaustedError",
     "DialectError",
     "RunAborted",
+    "RunEndedElsewhere",
     "AbortRequest",
     "AgentHandle",
     "DatabaseURLError",

@@ -5,7 +5,7 @@ fix the call without reading our source.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import peewee
 
@@ -160,3 +160,23 @@ class RunAborted(Exception):
     """
 
     code = "ABORTED"
+
+
+class RunEndedElsewhere(RunAborted):
+    """Raised by `run.check_abort()` (and `run.emit(...)`) inside `storage.runs.track(...)` once
+    the run was ended by someone else: failed by `reap_stale` (its worker was presumed dead),
+    finished or aborted by another writer, or deleted. The worker should stop: the block it
+    leaves writes nothing more (the first outcome stays) and ends quietly, like `RunAborted`.
+
+    ``status`` is the run's status as read (None: the run is gone), ``final_event`` its
+    final event (the reaper's RUN_ERROR with code STALE_RUN, say).
+    """
+
+    code = "RUN_ENDED_ELSEWHERE"
+
+    def __init__(self, message: str, run_id: str, status: Optional[str],
+                 final_event: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
+        self.final_event = final_event

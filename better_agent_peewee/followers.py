@@ -31,6 +31,14 @@ other processes arrive at once too; the timed poll then only backs that up (ever
 `PUSH_FALLBACK` seconds) for writers that do not notify. Elsewhere the timed poll, every
 `poll_interval` of the most eager follower, is how other processes' appends are seen.
 
+Dead workers: every `LIVENESS_PAUSE` seconds the poller also asks, in one statement per
+`STREAMS_PER_POLL` followed runs (plain SQL on ``agent_runs``, the same on every database),
+which of them are still ``running`` but have sent no heartbeat (``updatedAt``) for longer
+than their followers' `stale_after`. Their followers take every event stored so far, then
+end with reason ``"stale"`` (see `Poller._check_alive`). Only runs that have heartbeat at
+least once (``updatedAt`` after ``startedAt``) are judged: a writer that never heartbeats
+(Better Agent's own runtime) is never called dead.
+
 On SQLite a `fork()` waits until the poller is out of its statement (so the child inherits no
 lock taken inside the database library, which runs in this process), and the child starts its
 own poller with its own connection; the parent's inherited connection is made inert first, so
@@ -54,6 +62,7 @@ import peewee
 from playhouse.pool import PooledDatabase
 
 from .errors import ConnectionLostError, PoolExhaustedError
+from .timestamps import now_ms
 
 if TYPE_CHECKING:
     from .dialects import Dialect
@@ -63,7 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["HEARTBEAT", "Follower", "Poller", "POLL_BATCH", "PUSH_FALLBACK", "STREAMS_PER_POLL", "notify_sql",
-           "in_memory_sqlite"]
+           "in_memory_sqlite", "STALE_AFTER", "LIVENESS_PAUSE"]
 
 #: Widest seq window a poll reads for one stream; more is read by the next poll, at once.
 POLL_BATCH = 500
@@ -80,6 +89,15 @@ STATUS_PAUSE = 0.5
 PREPARE_PAUSE = 1.0
 #: Seconds between timed polls while PostgreSQL push (LISTEN/NOTIFY) works.
 PUSH_FALLBACK = 0.5
+#: Seconds without a heartbeat (the run's ``updatedAt``) after which a follower of a running run ends
+#: "stale" (its worker is presumed dead): `resume`'s default `stale_after`. Tracked runs heartbeat every
+#: ``tracking.HEARTBEAT_INTERVAL`` (10) seconds, so a follower of a killed worker ends within about
+#: STALE_AFTER + LIVENESS_PAUSE seconds.
+STALE_AFTER = 40.0
+#: Seconds between two liveness checks of the followed runs (one statement per STREAMS_PER_POLL runs).
+LIVENESS_PAUSE = 5.0
+#: Fewest seconds between a liveness check and the next one that a new follower brings forward.
+FIRST_LIVENESS = 1.0
 #: Seconds the poller stays after its last follower left (a quick next `resume` reuses it).
 LINGER = 1.0
 #: The NOTIFY channel of appends and closes (payload: the run id; empty: "look at all").
@@ -108,29 +126,35 @@ class _Watch:
     """What the poller knows about one follower; shared by the two threads."""
 
     __slots__ = ("run_id", "cursor", "queue", "end", "error", "checked", "event", "stop", "interval", "full",
-                 "__weakref__")
+                 "stale_after", "stale", "last", "__weakref__")
 
-    def __init__(self, run_id: str, cursor: int, interval: float, stop: Optional[threading.Event]) -> None:
+    def __init__(self, run_id: str, cursor: int, interval: float, stop: Optional[threading.Event],
+                 stale_after: Optional[float] = None) -> None:
         self.run_id = run_id
         #: Every event with seq <= cursor is in `queue` or was taken from it (written by the poller only).
         self.cursor = cursor
         self.queue: Deque[Tuple[int, Any]] = collections.deque()
-        self.end: Optional[str] = None  # "closed" / "deleted", once the queue has everything
+        self.end: Optional[str] = None  # "closed" / "deleted" / "stale", once the queue has everything
         self.error: Optional[BaseException] = None
         self.checked = False  # the poller has looked at the stream once (resume waits for that)
         self.event = threading.Event()
         self.stop = stop
         self.interval = interval
         self.full = False  # the queue holds a window's worth: not polled until the follower drains it
+        self.stale_after = stale_after  # seconds without a heartbeat that make the run dead (None: never)
+        self.stale = False  # the liveness check found the run dead: end "stale" once caught up
+        self.last: Optional[int] = None  # the stream's last seq, as last read
 
 
 class Follower(Iterator[Dict[str, Any]]):
     """The iterator `storage.streams.resume` returns: each event (with its "seq") once, in order.
 
     ``reason`` is None while it runs and says why it ended: ``"closed"`` (the stream was
-    closed and every event was yielded), ``"deleted"`` (the stream disappeared), ``"timeout"``
-    or ``"stopped"`` (`stop` was set, or `close()` was called). ``last_seq`` is the seq of
-    the last event yielded (or the `after_seq` it started from).
+    closed and every event was yielded), ``"deleted"`` (the stream disappeared), ``"stale"``
+    (the run still says running but its worker sent no heartbeat for `stale_after` seconds:
+    presumed dead; every event stored was yielded), ``"timeout"`` or ``"stopped"`` (`stop`
+    was set, or `close()` was called). ``last_seq`` is the seq of the last event yielded (or
+    the `after_seq` it started from, but never beyond the stream's last event once it ended).
     """
 
     def __init__(self, run_id: str, after_seq: int, load: Callable[[Any], Any], deadline: Optional[float],
@@ -177,6 +201,8 @@ class Follower(Iterator[Dict[str, Any]]):
                 self._leave(None)
                 raise error
             if watch.end is not None:
+                if watch.last is not None and self.last_seq > watch.last:
+                    self.last_seq = watch.last  # (after_seq was beyond the end: say where it ends)
                 self._finish(watch.end)
             now = time.monotonic()
             if self._deadline is not None and now >= self._deadline:
@@ -233,6 +259,10 @@ class Poller:
         self._stoppable = 0  # watches with a stop event: the poller checks those every tick
         self._interval = LINGER  # the shortest poll_interval of the followers
         self._unchecked = 0  # followers waiting for their first answer
+        self._alive_at = 0.0  # when the next liveness check is due (`_check_alive`)
+        self._alive_last = -1.0  # when the last one ran
+        self.liveness_checks = 0  # liveness statements run (for tests and benchmarks)
+        self._stale_runs: Set[str] = set()  # runs found dead whose followers have not ended yet
         # What a timed poll of every stream sends, kept while nothing changes (`_version`).
         self._version = 0
         self._plan: Optional[Tuple[int, List[Any]]] = None
@@ -276,12 +306,13 @@ class Poller:
         """Run id -> watches (read without the lock on the append path: a stale answer costs a poll)."""
         return self._watches
 
-    def follow(self, run_id: str, after_seq: int, interval: float, stop: Optional[threading.Event]) -> _Watch:
+    def follow(self, run_id: str, after_seq: int, interval: float, stop: Optional[threading.Event],
+               stale_after: Optional[float] = None) -> _Watch:
         """Register a follower and wait until the poller has looked at its stream once.
 
         :raises NotFoundError: through the caller, when the stream does not exist (see Streams.resume).
         """
-        watch = _Watch(run_id, after_seq, interval, stop)
+        watch = _Watch(run_id, after_seq, interval, stop, stale_after)
         with self._lock:
             self._watches.setdefault(run_id, []).append(watch)
             if stop is not None:
@@ -290,6 +321,8 @@ class Poller:
                 len(self._watches[run_id]) > 1 else interval
             self._unchecked += 1
             self._version += 1
+            if stale_after is not None:  # a newcomer (a reconnecting browser) is judged soon
+                self._alive_at = min(self._alive_at, self._alive_last + FIRST_LIVENESS)
             if not self.inline:
                 self._dirty.add(run_id)
                 self._start()
@@ -318,6 +351,7 @@ class Poller:
             watches.remove(watch)
             if not watches:
                 del self._watches[watch.run_id]
+                self._stale_runs.discard(watch.run_id)
             if watch.stop is not None:
                 self._stoppable -= 1
             if not watch.checked:
@@ -570,6 +604,11 @@ class Poller:
 
     def _poll_round(self, targets: Set[str], full: bool) -> None:
         self._connect()
+        if full or self.inline:
+            now = time.monotonic()
+            if now >= self._alive_at:  # before the data_version shortcut: a dead worker writes nothing
+                self._alive_at = now + LIVENESS_PAUSE
+                targets = targets | self._check_alive()
         if full and self._dialect.has_data_version and not self._unchecked:
             # Nothing committed by any connection since the last timed poll: nothing to read.
             version = self._storage.execute("PRAGMA data_version").fetchone()[0]
@@ -604,8 +643,51 @@ class Poller:
                     self._plan = (self._version, plan)
         for chunk, window, params in plan:
             rows = self._read(params)
-            if rows or self._unchecked:
+            if rows or self._unchecked or self._stale_runs:
                 self._deliver(chunk, window, rows)
+
+    def _check_alive(self) -> Set[str]:
+        """The liveness check: mark the watches of followed runs whose worker is presumed dead
+        (still running, no heartbeat for their `stale_after`); the run ids marked, to be polled
+        now (their followers end "stale" once they have every event stored).
+
+        One plain statement per STREAMS_PER_POLL runs, on the same columns everywhere
+        (``status``, ``updatedAt`` > ``startedAt``: runs whose writer heartbeats).
+        """
+        with self._lock:
+            limits = {run_id: min(w.stale_after for w in ws if w.stale_after is not None)
+                      for run_id, ws in self._watches.items()
+                      if any(w.stale_after is not None and not w.stale for w in ws)}
+        if not limits:
+            return set()
+        now = now_ms()
+        self._alive_last = time.monotonic()
+        shortest = min(limits.values())
+        # A short stale_after (tests, impatient apps) is checked more often than LIVENESS_PAUSE.
+        self._alive_at = time.monotonic() + min(LIVENESS_PAUSE, shortest / 4)
+        cutoff = now - int(shortest * 1000)
+        Run = self._models.run
+        ids = sorted(limits)
+        found: Dict[str, int] = {}
+        for start in range(0, len(ids), STREAMS_PER_POLL):
+            query = Run.select(Run.run_id, Run.updated_at).where(
+                Run.run_id.in_(ids[start:start + STREAMS_PER_POLL]), Run.status == "running",
+                Run.updated_at < cutoff, Run.updated_at > Run.started_at)
+            self.liveness_checks += 1
+            for run_id, updated in self._storage.rows(query):
+                found[run_id] = updated if isinstance(updated, int) else self._dialect.decode_ts(updated)
+        marked: Set[str] = set()
+        with self._lock:
+            for run_id, updated in found.items():
+                for w in self._watches.get(run_id, ()):
+                    if w.stale_after is not None and not w.stale and now - updated > w.stale_after * 1000:
+                        w.stale = True
+                        marked.add(run_id)
+            self._stale_runs |= marked
+        if marked:
+            logger.info("stream poller: %d followed run(s) sent no heartbeat for their stale_after; "
+                        "their followers end \"stale\": %s", len(marked), sorted(marked)[:10])
+        return marked
 
     def _params(self, entries: List[Tuple[str, int, int]], full: bool, index: int) -> Any:
         """The poll statement's parameters for (run id, after, upto) entries (chunk `index` of a round)."""
@@ -747,6 +829,9 @@ class Poller:
             got = found.get(run_id)
             if got is None:  # open, nothing after `after`: only new followers need to hear that
                 for w in watches:
+                    if w.stale and w.end is None:
+                        w.end = "stale"  # (a dead run's follower that has everything)
+                        w.event.set()
                     if not w.checked:
                         w.checked = True
                         checked += 1
@@ -759,12 +844,15 @@ class Poller:
                 if status is None:
                     w.end = "deleted"  # (events left without their stream are not delivered)
                 else:
+                    w.last = last
                     if events and events[-1][0] > w.cursor:
                         w.queue.extend(e for e in events if e[0] > w.cursor)
                     if reach > w.cursor:
                         w.cursor = reach
                     if status != "open" and w.cursor >= last:
                         w.end = "closed"
+                    elif w.stale and w.cursor >= last:
+                        w.end = "stale"
                     elif len(w.queue) >= POLL_BATCH:
                         w.full = True
                     elif w.cursor < last:
@@ -775,6 +863,9 @@ class Poller:
                 w.event.set()
         with self._lock:
             self._unchecked -= checked
+            if self._stale_runs:
+                self._stale_runs -= {run_id for run_id, _, watches in chunk
+                                     if all(w.end is not None for w in watches)}
             if found:
                 self._version += 1  # cursors moved: the next timed poll asks anew
             if again:
@@ -802,6 +893,7 @@ class Poller:
         self._stoppable = 0
         self._interval = LINGER
         self._unchecked = 0
+        self._stale_runs = set()
         self._plan = None
         self._data_version = None
         self._prepared = {}

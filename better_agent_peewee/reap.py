@@ -44,8 +44,8 @@ def reap_stale(storage: StorageParts, stale_after: _dt.timedelta, now_ms: Option
 
     :param storage: the storage object (`peewee_storage`).
     :param stale_after: how long a running run may go without an update, a `timedelta`. A
-        tracked run (`runs.track`) updates itself every ``heartbeat_interval`` seconds (60 by
-        default) while it emits or checks for aborts: keep `stale_after` well above that.
+        tracked run (`runs.track`) updates itself every ``heartbeat_interval`` seconds (10 by
+        default) while its block runs: keep `stale_after` well above that.
     :param now_ms: "now" in epoch ms (default: the clock).
     :param batch_size: runs per transaction.
     :param streams: the `Streams` that appends the event (default: the storage's, ``storage.streams``).

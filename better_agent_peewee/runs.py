@@ -19,6 +19,7 @@ import peewee
 
 from .errors import ConflictError, NotFoundError, RecordError
 from .executor import Applied
+from .heartbeats import Heartbeats
 from .prune import PruneReport, prune_runs
 from .query import Statement, compile_statement, first_row, marker
 from .reap import reap_stale
@@ -102,8 +103,12 @@ class Runs:
             raise AssertionError(f"run insert parameters out of column order: {self._insert.plan}")
         self._abort_stamp = compile_statement(
             self._db, R.select(R.abort_requested_at).where(R.run_id == marker("run")))
+        self._abort_state = compile_statement(
+            self._db, R.select(R.abort_requested_at, R.status).where(R.run_id == marker("run")))
         self._heartbeat = compile_statement(self._db, R.update({R.updated_at: marker("now")}).where(
             (R.run_id == marker("run")) & (R.status == "running")))
+        #: The thread that keeps tracked runs' ``updatedAt`` fresh while their blocks run.
+        self.heartbeats = Heartbeats(tables.executor, tables.models)
 
     def get(self, run_id: str) -> Optional[Dict[str, Any]]:
         """The run record of `run_id`, or None."""
@@ -253,6 +258,17 @@ class Runs:
                                                self._abort_stamp.params({"run": run_id})))
         return row is not None and row[0] is not None
 
+    def abort_state(self, run_id: str) -> Tuple[bool, Optional[str]]:
+        """(abort requested, status) of `run_id` in one indexed read: what a tracked run's
+        `check_abort` asks; (False, None) when there is no such run."""
+        if not storable_key(run_id):
+            return False, None
+        row = first_row(self._executor.execute(self._abort_state.sql,
+                                               self._abort_state.params({"run": run_id})))
+        if row is None:
+            return False, None
+        return row[0] is not None, str(row[1])
+
     def heartbeat(self, run_id: str) -> bool:
         """Set the `updatedAt` of a running run to now: its worker is alive; False if it is not running.
 
@@ -303,12 +319,14 @@ class Runs:
         `updatedAt`, appends `messages`, opens the stream and emits RUN_STARTED. Leaving
         normally appends and stores RUN_FINISHED (status completed) and closes the stream;
         an exception stores RUN_ERROR (failed) and propagates; `RunAborted` stores RUN_ERROR
-        with code ABORTED (aborted) and ends the block quietly. While it runs, `emit`,
-        `append_messages` and `check_abort` set the run's `updatedAt` to now at most once every
-        `heartbeat_interval` seconds (60 by default), so `reap_stale` leaves a live run alone.
+        with code ABORTED (aborted) and ends the block quietly; so does `RunEndedElsewhere`, which
+        `check_abort` raises once someone else ended the run (`reap_stale`), writing nothing more.
+        While it runs, the storage's heartbeat thread (and `emit`, `append_messages`,
+        `check_abort`) set the run's `updatedAt` to now every `heartbeat_interval` seconds (10 by
+        default), so followers and `reap_stale` leave a live run alone.
         `run_input`, when given, is RUN_STARTED's ``input`` (Better Agent's runtime writes the
         run's ``runId``, ``threadId``, ``messages``, ``tools`` and ``context`` there). See
-        `better_agent_peewee.tracking.TrackedRun`.
+        `better_agent_peewee.tracking.TrackedRun` and `better_agent_peewee.heartbeats`.
 
         `state` is the run's input state, kept in its thread as Better Agent keeps it: written on
         entry (without it the thread's state stays, and ``run.state`` reads it), then by

@@ -22,6 +22,9 @@ reads the end of the body as the end of the run. For a browser's EventSource, wh
 reconnects when a body ends, pass ``end_event=True``: an ``end`` event then comes last, with
 ``{"runId", "lastSeq", "reason"}`` (call ``source.close()`` on it); with `max_seconds` the
 response ends after that long without ``end``, and the browser reconnects and resumes.
+When the run's worker is presumed dead (the follower's reason "stale") an ``event: error``
+frame with problem details (code ``STALE_RUN``) comes last (`stale_frame`), as Better
+Agent's server ends a failed stream.
 
 The response body holds no database connection: the storage's poller serves it.
 """
@@ -31,8 +34,9 @@ import json
 from typing import Any, Dict, Iterator, Optional
 
 from .followers import HEARTBEAT, Follower
+from .reap import STALE_RUN_CODE
 
-__all__ = ["SSE_HEADERS", "event_stream", "frames", "resume_point"]
+__all__ = ["SSE_HEADERS", "event_stream", "frames", "resume_point", "stale_frame"]
 
 #: Headers of an SSE response (``X-Accel-Buffering: no`` stops nginx from buffering it).
 SSE_HEADERS: Dict[str, str] = {"Content-Type": "text/event-stream; charset=utf-8",
@@ -72,6 +76,16 @@ def event_stream(storage: Any, run_id: str, after_seq: int = 0, *, heartbeat: fl
     return frames(follower, retry_ms=retry_ms, end_event=end_event)
 
 
+def stale_frame(follower: Follower) -> str:
+    """The ``event: error`` frame (problem details, as Better Agent's server sends on a failure)
+    that ends the body when the run's worker is presumed dead: read as a failure, not a finish."""
+    problem = {"type": "about:blank", "title": "Run worker presumed dead", "status": 503,
+               "detail": f"run {follower.run_id!r} still says running but its worker sent no heartbeat "
+                         f"for its stale limit; it may be reaped as failed (STALE_RUN)",
+               "code": STALE_RUN_CODE, "context": {"runId": follower.run_id, "lastSeq": follower.last_seq}}
+    return f"event: error\ndata: {json.dumps(problem, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
 def frames(follower: Follower, *, retry_ms: Optional[int] = None, end_event: bool = False) -> Iterator[str]:
     """SSE frames of a `resume` follower: events and heartbeat comments; with `end_event`, an
     ``end`` event once the stream is closed or deleted."""
@@ -87,5 +101,7 @@ def frames(follower: Follower, *, retry_ms: Optional[int] = None, end_event: boo
         if end_event and follower.reason in ("closed", "deleted"):
             end = {"runId": follower.run_id, "lastSeq": follower.last_seq, "reason": follower.reason}
             yield f"event: end\ndata: {json.dumps(end, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        elif follower.reason == "stale":
+            yield stale_frame(follower)
     finally:
         follower.close()  # the client went away (the server closed this generator): stop following

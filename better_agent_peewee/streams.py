@@ -46,7 +46,7 @@ import peewee
 from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
 from .executor import Applied, json_refused, read_back_after
-from .followers import HEARTBEAT, POLL_BATCH, Follower, Poller, notify_sql
+from .followers import HEARTBEAT, POLL_BATCH, STALE_AFTER, Follower, Poller, notify_sql
 from .query import MultiRowInsert, compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -414,15 +414,17 @@ class Streams:
 
     def resume(self, run_id: str, after_seq: int = 0, *, poll_interval: float = 0.025,
                timeout: Optional[float] = None, stop: Optional[threading.Event] = None,
-               heartbeat: Optional[float] = None) -> Follower:
+               heartbeat: Optional[float] = None, stale_after: Optional[float] = STALE_AFTER) -> Follower:
         """Follow the stream of `run_id`: yield each event with seq > `after_seq`, in order.
 
         Each item is the stored event object plus its ``"seq"``. The iterator ends when the
         stream is closed and every event stored before the close has been yielded, ends
-        quietly when the stream is deleted, and stops when `stop` is set or `timeout`
-        seconds have passed; its ``reason`` then says which ("closed", "deleted",
-        "stopped", "timeout"). With `heartbeat` seconds it also yields `HEARTBEAT` (an
-        empty dict: test ``item is HEARTBEAT``) after each such quiet spell.
+        quietly when the stream is deleted, ends "stale" when the run still says running but
+        has sent no heartbeat for `stale_after` seconds (its worker is presumed dead; None:
+        never), and stops when `stop` is set or `timeout` seconds have passed; its ``reason``
+        then says which ("closed", "deleted", "stale", "stopped", "timeout"). With `heartbeat`
+        seconds it also yields `HEARTBEAT` (an empty dict: test ``item is HEARTBEAT``) after
+        each such quiet spell.
 
         The follower holds no connection and runs no statement: the storage's poller thread
         reads all followed streams together on one connection, at once when this process
@@ -445,11 +447,15 @@ class Streams:
             raise ValueError(f"timeout must be None or a non-negative number of seconds, got {timeout!r:.80}")
         if heartbeat is not None and (not is_int(heartbeat, or_float=True) or not heartbeat > 0):
             raise ValueError(f"heartbeat must be None or a positive number of seconds, got {heartbeat!r:.80}")
+        if stale_after is not None and (not is_int(stale_after, or_float=True) or not stale_after > 0):
+            raise ValueError(f"stale_after must be None or a positive number of seconds, "
+                             f"got {stale_after!r:.80}")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not storable_key(run_id):
             raise NotFoundError(_STREAMS, run_id, f"streams: no stream for run {run_id!r} to resume")
         poller = self.poller()
-        watch = poller.follow(run_id, after_seq, float(poll_interval), stop)
+        watch = poller.follow(run_id, after_seq, float(poll_interval), stop,
+                              None if stale_after is None else float(stale_after))
         if watch.error is not None or (watch.end == "deleted" and not watch.queue):
             poller.leave(watch)
             if watch.error is not None:

@@ -9,8 +9,9 @@ records, so a TypeScript UI shows a run executed here like one of its own:
   stream opened, and a ``RUN_STARTED`` event (``runId``, ``threadId``) as its event 1;
 * in the block: the caller's events (`emit`), messages (`append_messages`) and abort
   checks (`check_abort`); each of these also sets the run's ``updatedAt`` to now when
-  `heartbeat_interval` seconds have passed since it was last set (the heartbeat), so
-  `reap_stale` tells a live run from a dead one;
+  `heartbeat_interval` seconds have passed since it was last set (the heartbeat), and so
+  does the storage's heartbeat thread while the block runs (`heartbeats`), however long a
+  step stays silent, so followers and `reap_stale` tell a live run from a dead one;
 * at the end, in one transaction: the final event appended to the stream and stored on
   the run (``RUN_FINISHED`` with ``outcome`` "success" or "interrupt"; ``RUN_ERROR`` with
   ``message`` and ``code`` when the exception has a string ``code``), the status
@@ -26,11 +27,20 @@ import logging
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from .checks import is_int
-from .errors import ConflictError, ConnectionLostError, NotFoundError, RecordError, RunAborted
+from .errors import (
+    ConflictError,
+    ConnectionLostError,
+    NotFoundError,
+    RecordError,
+    RunAborted,
+    RunEndedElsewhere,
+)
 from .executor import read_back_after
+from .heartbeats import Heartbeats
 from .records import FINAL_EVENT_TYPES, check_key, now_ms
 
 if TYPE_CHECKING:
@@ -45,9 +55,10 @@ __all__ = ["TrackedRun", "RunRecords", "ABORT_CHECK_INTERVAL", "HEARTBEAT_INTERV
 _RUNS = "runs"
 #: Seconds between two reads of the abort stamp by `check_abort` (the first call always reads).
 ABORT_CHECK_INTERVAL = 0.2
-#: Seconds between two heartbeats (the run's ``updatedAt`` set to now); far below any sensible
-#: `reap_stale` ``stale_after`` (minutes to hours), and one UPDATE a minute per run costs nothing.
-HEARTBEAT_INTERVAL = 60.0
+#: Seconds between two heartbeats (the run's ``updatedAt`` set to now): a quarter of the followers'
+#: ``followers.STALE_AFTER`` (40), so a follower of a killed worker ends within a minute; the
+#: heartbeat thread sends one UPDATE per interval for all of a process's tracked runs.
+HEARTBEAT_INTERVAL = 10.0
 #: Reruns of the start and end transactions when the server rolls one back (deadlock, serialization).
 _RETRIES = 4
 
@@ -72,6 +83,13 @@ class RunRecords(Protocol):
 
     def abort_requested(self, run_id: str) -> bool:
         """Whether an abort of the run was requested."""
+
+    def abort_state(self, run_id: str) -> Tuple[bool, Optional[str]]:
+        """(abort requested, status) in one read; (False, None) for no such run."""
+
+    @property
+    def heartbeats(self) -> Heartbeats:
+        """The storage's heartbeat thread."""
 
 
 class TrackedRun:
@@ -136,6 +154,8 @@ class TrackedRun:
         self._next_beat = math.inf  # set by start: `updatedAt` is the start's time
         self._next_due = 0.0  # the earlier of the two: when check_abort has something to do
         self._aborted = False
+        self._gone: Optional[RunEndedElsewhere] = None  # raised from now on: the run was ended by others
+        self._stop_beating: Callable[[], Any] = _nothing
 
     def __repr__(self) -> str:
         return f"<TrackedRun {self.run_id!r} {self.status or 'not started'}>"
@@ -157,6 +177,10 @@ class TrackedRun:
         self.record = self._executor.transaction(retries=_RETRIES)(self._start)()
         self.status = "running"
         self._next_beat = time.monotonic() + self._beat_every
+        beats = self._runs.heartbeats
+        beats.add(self.run_id, self._beat_every)
+        # A run started and never ended (the object dropped) must not beat for ever.
+        self._stop_beating = weakref.finalize(self, beats.remove, self.run_id)
         return self
 
     def _start(self) -> Dict[str, Any]:
@@ -251,7 +275,13 @@ class TrackedRun:
                 event = {**event, "timestamp": now_ms()}
         if self._streams is None:  # no streams domain: nothing is stored (as Better Agent without one)
             return 0
-        seq: int = self._streams.append(self.run_id, event)
+        try:
+            seq: int = self._streams.append(self.run_id, event)
+        except ConflictError as exc:  # the stream is closed: by whoever ended the run?
+            ended = self._ended()
+            if ended is not None:
+                raise ended from exc
+            raise
         if time.monotonic() >= self._next_beat:
             self.heartbeat()
         return seq
@@ -313,13 +343,18 @@ class TrackedRun:
         return self._runs.heartbeat(self.run_id)
 
     def check_abort(self) -> None:
-        """Raise `RunAborted` if an abort of this run was requested; cheap enough per token.
+        """Raise `RunAborted` if an abort of this run was requested, or `RunEndedElsewhere` (a
+        subclass) if the run was ended by someone else (failed by `reap_stale`, finished by
+        another writer, deleted); cheap enough per token.
 
-        The first call reads the run's abort stamp; later calls read it again only once
-        `abort_check_interval` seconds (0.2 by default) have passed since the last read, so a
-        request is noticed within about that time. Once seen, every call raises.
+        The first call reads the run's abort stamp and status (one indexed read); later calls
+        read them again only once `abort_check_interval` seconds (0.2 by default) have passed
+        since the last read, so either is noticed within about that time. Once seen, every
+        call raises, and the block writes nothing more for the run.
         """
         if self.status != "running":
+            if self._gone is not None:
+                raise self._gone
             return
         if not self._aborted:
             clock = time.monotonic()
@@ -331,10 +366,28 @@ class TrackedRun:
                 return
             self._next_check = clock + self._interval
             self._next_due = min(self._next_check, self._next_beat)
-            self._aborted = self._runs.abort_requested(self.run_id)
+            self._aborted, status = self._runs.abort_state(self.run_id)
+            if status != "running":
+                raise self._ended_by_others(status)
             if not self._aborted:
                 return
         raise RunAborted(f"run {self.run_id!r} was aborted on request")
+
+    def _ended(self) -> Optional[RunEndedElsewhere]:
+        """`RunEndedElsewhere` (and this object marked so) if the run no longer runs, else None."""
+        status = self._runs.abort_state(self.run_id)[1]
+        return None if status == "running" else self._ended_by_others(status)
+
+    def _ended_by_others(self, status: Optional[str]) -> RunEndedElsewhere:
+        run = self._runs.get(self.run_id) if status is not None else None
+        final = (run or {}).get("finalEvent")
+        why = (final or {}).get("message") or ("the run was deleted" if status is None else "no message")
+        self._gone = RunEndedElsewhere(f"run {self.run_id!r} was ended elsewhere "
+                                       f"({status or 'deleted'}: {why}); stop working on it",
+                                       self.run_id, status, final)
+        self.status = "ended elsewhere"
+        self._stop_beating()
+        return self._gone
 
     def finish(self, result: Any = None, *, interrupts: Optional[Sequence[Any]] = None,
                state: Any = None) -> Dict[str, Any]:
@@ -376,7 +429,7 @@ class TrackedRun:
     # -- the end -------------------------------------------------------------------------
 
     def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> bool:
-        if self.status != "running":  # finished explicitly: nothing left to write
+        if self.status != "running":  # finished explicitly, or ended by others: nothing left to write
             return isinstance(exc, RunAborted)
         if exc is None:
             final = {"type": "RUN_FINISHED", "timestamp": now_ms(), "runId": self.run_id,
@@ -411,6 +464,7 @@ class TrackedRun:
         event means it was written; still running means it was not, and it is written again.
         """
         end = self._executor.transaction(retries=_RETRIES)(self._finish)
+        self._stop_beating()  # (whatever comes of it: the block is over)
         try:
             done: bool = end(status, final)
         except ConnectionLostError as lost:
@@ -446,6 +500,8 @@ class TrackedRun:
         return True
 
     def _require_running(self, what: str) -> None:
+        if self._gone is not None:
+            raise self._gone
         if self.status != "running":
             state = "has not started" if self.status is None else f"has ended ({self.status})"
             raise ConflictError(f"runs: cannot {what}: run {self.run_id!r} {state}")
@@ -468,3 +524,7 @@ def _unstored(messages: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
 def _storable(text: str) -> str:
     """`text` without what no dialect stores (NUL, lone surrogates), so an error message always goes in."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _nothing() -> None:
+    """What `_stop_beating` is before the run started."""

@@ -1,0 +1,209 @@
+"""A dead worker is noticed without cron: followers of a run whose heartbeat stopped end "stale",
+on SQLite, PostgreSQL and MariaDB, with a real worker process killed by SIGKILL.
+
+Nothing here asserts a duration: bench/stale.py measures the time from the kill to the end.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import peewee
+import pytest
+
+from better_agent_peewee import (
+    RunAborted,
+    RunEndedElsewhere,
+    create_tables,
+    open_database,
+    peewee_storage,
+    reap_stale,
+)
+from better_agent_peewee.sse import event_stream
+from tests.test_followers import Reader
+from tests.test_prune import snapshot
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def storage(database: peewee.Database) -> Any:
+    create_tables(database)
+    return peewee_storage(database)
+
+
+def worker_main(url: str, run_id: str, beat: str) -> None:
+    """A worker that tracks `run_id`, emits three events, says so, then waits to be killed."""
+    storage = peewee_storage(open_database(url))
+    with storage.runs.track(run_id, "agent", heartbeat_interval=float(beat)) as run:
+        for i in range(3):
+            run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": f"d{i}"})
+        print("emitted", flush=True)
+        time.sleep(300)
+
+
+def start_worker(url: str, run_id: str, beat: float = 0.2) -> subprocess.Popen:  # type: ignore[type-arg]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.test_stale import worker_main; "
+                             "worker_main(*sys.argv[1:])", url, run_id, str(beat)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != "emitted\n":
+        proc.kill()
+        raise AssertionError(f"the worker did not start: {line!r}")
+    return proc
+
+
+def test_the_follower_of_a_killed_worker_ends_stale(storage: Any, database_url: str) -> None:
+    worker = start_worker(database_url, "doomed")
+    try:
+        reader = Reader(storage, "doomed", stale_after=1.0)
+        time.sleep(1.5)  # alive: the heartbeat thread keeps it so, though it emits nothing
+        assert reader.is_alive() and reader.reason is None
+    finally:
+        worker.kill()
+        worker.wait(30)
+    reader.finished()
+    assert reader.reason == "stale"
+    assert [e["type"] for e in reader.items] == ["RUN_STARTED"] + ["TEXT_MESSAGE_CONTENT"] * 3
+    # The follower only reports: the run and its stream stay as the dead worker left them.
+    assert storage.runs.get("doomed")["status"] == "running"
+    assert storage.streams.get("doomed")["status"] == "open"
+    # A new follower learns it at once, from the start or from where the last one stopped.
+    follower = storage.streams.resume("doomed", 2, stale_after=1.0, timeout=60)
+    assert [e["seq"] for e in follower] == [3, 4] and follower.reason == "stale"
+    follower = storage.streams.resume("doomed", 4, stale_after=1.0, timeout=60)
+    assert list(follower) == [] and follower.reason == "stale"
+    # stale_after=None: this follower waits (here, until its timeout).
+    follower = storage.streams.resume("doomed", 4, stale_after=None, timeout=2)
+    assert list(follower) == [] and follower.reason == "timeout"
+
+
+def test_a_silent_live_run_is_not_stale(storage: Any) -> None:
+    with storage.runs.track("slow", "agent", heartbeat_interval=0.2) as run:
+        reader = Reader(storage, "slow", stale_after=1.0)
+        time.sleep(2.5)  # one long step: no emit, no check_abort; the heartbeat thread beats
+        assert reader.is_alive() and reader.reason is None
+        run.emit({"type": "CUSTOM", "name": "done", "value": 1})
+    assert reader.finished().reason == "closed"
+    assert [e["type"] for e in reader.items] == ["RUN_STARTED", "CUSTOM", "RUN_FINISHED"]
+    assert "slow" not in storage.runs.heartbeats  # the block is over: no more beats
+
+
+def test_a_run_that_never_beats_is_never_called_stale(storage: Any) -> None:
+    # Better Agent's own runtime writes updatedAt = startedAt and never beats: an old running run
+    # of such a writer is not judged (only runs that have beaten once are).
+    storage.runs.start("ts-run", "agent")
+    storage.streams.open("ts-run")
+    Run = storage.models.run
+    long_ago = int(time.time() * 1000) - 3_600_000
+    Run.update(started_at=long_ago, updated_at=long_ago).where(Run.run_id == "ts-run").execute()
+    follower = storage.streams.resume("ts-run", stale_after=0.5, timeout=2)
+    assert list(follower) == [] and follower.reason == "timeout"
+    # Once it has beaten, and then not for stale_after, it is.
+    Run.update(updated_at=long_ago + 1).where(Run.run_id == "ts-run").execute()
+    follower = storage.streams.resume("ts-run", stale_after=0.5, timeout=60)
+    assert list(follower) == [] and follower.reason == "stale"
+
+
+def test_a_follower_does_not_end_stale_before_it_has_every_event(storage: Any) -> None:
+    storage.runs.start("dead", "agent")
+    storage.streams.open("dead")
+    storage.streams.append_many("dead", [{"type": "X", "i": i} for i in range(1200)])  # > one window
+    Run = storage.models.run
+    long_ago = int(time.time() * 1000) - 3_600_000
+    Run.update(started_at=long_ago, updated_at=long_ago + 1).where(Run.run_id == "dead").execute()
+    follower = storage.streams.resume("dead", stale_after=0.5, timeout=60)
+    assert [e["i"] for e in follower] == list(range(1200)) and follower.reason == "stale"
+
+
+def test_stale_after_must_be_a_positive_number(storage: Any) -> None:
+    storage.streams.open("r")
+    for bad in (0, -1, "5", True):
+        with pytest.raises(ValueError, match="stale_after"):
+            storage.streams.resume("r", stale_after=bad)
+
+
+def test_an_after_seq_beyond_the_end_is_not_reported_as_the_last_seq(storage: Any) -> None:
+    storage.streams.open("short")
+    storage.streams.append_many("short", [{"type": "X"}] * 3)
+    storage.streams.close("short")
+    follower = storage.streams.resume("short", 999, timeout=60)
+    assert list(follower) == [] and (follower.reason, follower.last_seq) == ("closed", 3)
+
+
+def test_many_followers_one_liveness_statement(storage: Any) -> None:
+    # Liveness is read for all followed runs together, not per follower.
+    for i in range(30):
+        storage.runs.start(f"r{i}", "agent")
+        storage.streams.open(f"r{i}")
+    stop = threading.Event()
+    readers = [Reader(storage, f"r{i}", stale_after=60.0, stop=stop) for i in range(30)]
+    poller = storage.streams.poller()
+    time.sleep(2.0)
+    stop.set()
+    for reader in readers:
+        assert reader.finished().reason == "stopped"
+    # About one a second while followers keep arriving, then one per LIVENESS_PAUSE: not thirty.
+    assert 1 <= poller.liveness_checks <= 4
+
+
+# -- a reaped worker stops ------------------------------------------------------------------------
+
+def test_a_reaped_worker_is_told_by_check_abort_and_writes_nothing_more(storage: Any) -> None:
+    with storage.runs.track("reaped", "agent", abort_check_interval=0.05) as run:
+        run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "a"})
+        run.check_abort()  # running: passes
+        time.sleep(0.01)
+        assert reap_stale(storage, timedelta(0)) == 1  # (the worker lives, but the reaper says dead)
+        before = snapshot(storage)
+        deadline = time.monotonic() + 5
+        with pytest.raises(RunEndedElsewhere) as caught:
+            while time.monotonic() < deadline:
+                run.check_abort()  # a worker's per-token loop
+                time.sleep(0.005)
+        assert isinstance(caught.value, RunAborted)
+        assert caught.value.status == "failed" and caught.value.final_event["code"] == "STALE_RUN"
+        with pytest.raises(RunEndedElsewhere):
+            run.check_abort()  # once seen, every call raises
+        with pytest.raises(RunEndedElsewhere):
+            run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "b"})
+        raise caught.value  # the worker lets it propagate: the block ends quietly
+    assert snapshot(storage) == before  # nothing more written: the reaper's outcome stays
+    assert storage.runs.get("reaped")["status"] == "failed"
+    assert "reaped" not in storage.runs.heartbeats
+
+
+def test_an_emit_after_another_writer_ended_the_run_says_so(storage: Any) -> None:
+    with storage.runs.track("taken", "agent") as run:
+        assert storage.runs.finish("taken", "aborted", {"type": "RUN_ERROR", "message": "by hand",
+                                                         "code": "ABORTED"})
+        storage.streams.close("taken")
+        before = snapshot(storage)
+        with pytest.raises(RunEndedElsewhere, match="by hand") as caught:
+            run.emit({"type": "CUSTOM", "name": "x", "value": 1})
+        assert caught.value.status == "aborted"
+    assert snapshot(storage) == before
+
+
+def test_the_sse_body_of_a_dead_run_ends_with_an_error_frame(storage: Any) -> None:
+    storage.runs.start("dead-sse", "agent")
+    storage.streams.open("dead-sse")
+    storage.streams.append_many("dead-sse", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
+    Run = storage.models.run
+    beat = int(time.time() * 1000) - 120_000  # two minutes without a heartbeat: over the default limit
+    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead-sse").execute()
+    body = "".join(event_stream(storage, "dead-sse", 0, max_seconds=60))
+    frames = body.split("\n\n")[:-1]
+    assert [f.split("\n")[0] for f in frames] == ["retry: 2000", "id: 1", "id: 2", "event: error"]
+    problem = json.loads(frames[-1].split("data: ", 1)[1])
+    assert set(problem) >= {"type", "title", "status", "detail", "code"}
+    assert problem["code"] == "STALE_RUN" and problem["status"] == 503
+    assert problem["context"] == {"runId": "dead-sse", "lastSeq": 2}
+    assert "event: end" not in body
