@@ -10,8 +10,8 @@ storage sets ``updatedAt`` = now for every registered run that is due, in one UP
 
 So the beat says that the worker's process lives, not that its step makes progress: a
 process that hangs keeps its run alive. A killed process stops beating at once. The first
-beat comes `FIRST_BEAT` seconds after the start, so that ``updatedAt`` passes ``startedAt``
-early (followers judge only runs that have beaten at least once: a writer that never beats,
+beat comes `FIRST_BEAT` (10 ms) after the start, so that ``updatedAt`` passes ``startedAt``
+at once (followers judge only runs that have beaten at least once: a writer that never beats,
 such as Better Agent's own runtime, is never called dead).
 
 The thread starts with the first registered run and ends `LINGER` seconds after the last
@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Heartbeats", "FIRST_BEAT"]
 
-#: Seconds after its start when a tracked run beats for the first time (then every interval).
-FIRST_BEAT = 1.0
+#: Seconds after its start when a tracked run beats for the first time (then every interval): at
+#: once, but in a later millisecond than ``startedAt``, so that followers judge the run from then
+#: on (a worker killed before its first beat is left to `reap_stale`).
+FIRST_BEAT = 0.01
 #: Fewest seconds between two beats of one run, whatever its interval (0 beats from every call).
 MIN_PAUSE = 0.5
 #: Seconds the thread stays after the last run left.

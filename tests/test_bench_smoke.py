@@ -185,3 +185,25 @@ def test_server_load_benchmark_smoke_run(database_url: str, tmp_path: Path) -> N
         assert result["delivered"] == result["expected"] == 16 * 5, result
         assert result["peak_connections"] >= result["clients"], result
         assert result["p50_ms"] is not None and result["p99_ms"] >= result["p50_ms"], result
+
+
+def test_stale_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Path) -> None:
+    """W16 (``python -m bench.stale --quick``): killed workers' followers end "stale", and the
+    heartbeat and liveness statements are counted."""
+    out = tmp_path / "w16.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if dialect != "sqlite":
+        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
+    proc = subprocess.run([sys.executable, "-m", "bench.stale", "--dialect", dialect, "--quick",
+                           "--lock", str(tmp_path / "bench.lock"), "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())["dialects"][dialect]
+    assert [k["reason"] for k in result["kills"]] == ["stale", "stale"]
+    assert all(k["events"] == 4 and k["seconds"] > 0 for k in result["kills"])
+    cost = result["cost"]
+    assert cost["statements_per_s"] > 0 and cost["liveness_statements_per_s"] > 0
+    assert cost["round_batched_ms"] > 0 and cost["round_one_by_one_ms"] > 0
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4, proc.stdout

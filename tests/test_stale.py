@@ -160,7 +160,7 @@ def test_a_reaped_worker_is_told_by_check_abort_and_writes_nothing_more(storage:
     with storage.runs.track("reaped", "agent", abort_check_interval=0.05) as run:
         run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "a"})
         run.check_abort()  # running: passes
-        time.sleep(0.01)
+        time.sleep(0.1)  # (after the heartbeat thread's first beat, 10 ms after the start)
         assert reap_stale(storage, timedelta(0)) == 1  # (the worker lives, but the reaper says dead)
         before = snapshot(storage)
         deadline = time.monotonic() + 5
