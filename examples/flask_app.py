@@ -21,8 +21,10 @@ Each SSE message carries the event's seq as its id, so a browser's EventSource t
 reconnects sends ``Last-Event-ID`` and picks up where it left off (``?after=N`` does the
 same by hand). When the stream is closed and every event was sent, the endpoint sends an
 ``end`` event and the response ends; call ``source.close()`` on it, or EventSource
-reconnects. While the stream is idle it sends a comment line every
-``SSE_HEARTBEAT_SECONDS`` (so proxies keep the connection), and after
+reconnects. When the run's worker died (no heartbeat for the followers' stale limit) it
+sends an ``error`` event with problem details (code ``STALE_RUN``) instead. While the
+stream is idle it sends a comment line every ``SSE_HEARTBEAT_SECONDS`` (so proxies keep
+the connection), and after
 ``SSE_MAX_SECONDS`` it ends the response (the browser reconnects and resumes).
 
 The demo agent (`demo_agent`) stands in for a model: it streams its reply back word by
@@ -45,7 +47,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 import peewee
 from flask import Flask, Response, jsonify, request
@@ -54,6 +56,8 @@ from better_agent_peewee import (
     ConnectionLostError,
     NotFoundError,
     PoolExhaustedError,
+    RunAborted,
+    RunEndedElsewhere,
     StorageError,
     TrackedRun,
     create_tables,
@@ -176,16 +180,37 @@ def execute_run(db: peewee.Database, run: TrackedRun, text: str, word_seconds: f
 
 
 def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
-    """Streams its reply word by word, as a model streams tokens, and stores it in the thread."""
+    """Streams its reply word by word, as a model streams tokens, and stores it in the thread.
+
+    It checks for an abort before it starts the message (a run aborted while it waited in the
+    queue streams no message at all), and an abort mid-reply keeps what was said: the message
+    is ended and stored with the words sent so far, then the abort ends the run.
+    """
     message_id = f"{run.run_id}-reply"
     reply = f"You said: {text}"
+    run.check_abort()  # aborted while queued: stop before anything is said
     run.emit({"type": "TEXT_MESSAGE_START", "messageId": message_id, "role": "assistant"})
-    for word in reply.split(" "):
-        run.check_abort()  # RunAborted once someone POSTs /runs/<id>/abort
-        time.sleep(word_seconds)  # the model thinking
-        run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": word + " "})
+    said: List[str] = []
+    try:
+        for word in reply.split(" "):
+            run.check_abort()  # RunAborted once someone POSTs /runs/<id>/abort
+            time.sleep(word_seconds)  # the model thinking
+            run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": word + " "})
+            said.append(word)
+    except RunEndedElsewhere:
+        raise  # (a RunAborted too) ended by someone else, the reaper say: the run takes no more writes
+    except RunAborted:
+        keep_partial_reply(run, message_id, said)
+        raise  # the block records the run as aborted
     run.emit({"type": "TEXT_MESSAGE_END", "messageId": message_id})
     run.append_messages([{"id": message_id, "role": "assistant", "content": reply}])
+
+
+def keep_partial_reply(run: TrackedRun, message_id: str, said: List[str]) -> None:
+    """On an abort: end the open message on the stream and store what was said, if anything."""
+    run.emit({"type": "TEXT_MESSAGE_END", "messageId": message_id})
+    if said:
+        run.append_messages([{"id": message_id, "role": "assistant", "content": " ".join(said)}])
 
 
 #: The watch page: an EventSource on the events endpoint, one list item per event.
@@ -207,6 +232,11 @@ source.onmessage = (message) => {
 source.addEventListener("end", (message) => {
   source.close();  // or EventSource reconnects
   document.getElementById("status").textContent = "ended: " + JSON.parse(message.data).reason;
+});
+source.addEventListener("error", (message) => {
+  if (!message.data) return;  // a dropped connection: EventSource reconnects by itself
+  source.close();  // the server's error frame (problem details): the run failed, e.g. STALE_RUN
+  document.getElementById("status").textContent = "failed: " + JSON.parse(message.data).code;
 });
 </script>
 </body></html>
