@@ -242,3 +242,85 @@ def test_a_browser_shows_a_runs_events_as_they_are_appended(database_url: str, t
                            {"seq": "2", "text": "TEXT_MESSAGE_CONTENT Hello"},
                            {"seq": "3", "text": "TEXT_MESSAGE_CONTENT there"},
                            {"seq": "4", "text": "RUN_FINISHED"}]
+
+
+# -- the docs' SSE views, served for real ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def docs_views() -> List[str]:
+    """The python blocks of docs/followers.md that define an SSE view (Flask, then Django)."""
+    from tests.test_readme import blocks
+
+    text = (DOCS / "followers.md").read_text(encoding="utf-8")
+    return [code for lang, _, code in blocks(text) if lang == "python" and "def run_events" in code]
+
+
+def django_app(view: Any) -> Any:
+    """A minimal Django WSGI app routing runs/<run_id>/events to `view`."""
+    import sys
+    import types
+
+    import django
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.urls import clear_url_caches, path
+
+    urls = types.ModuleType("bap_docs_urls")
+    urls.urlpatterns = [path("runs/<str:run_id>/events", view)]  # type: ignore[attr-defined]
+    sys.modules["bap_docs_urls"] = urls
+    if not settings.configured:
+        settings.configure(ROOT_URLCONF="bap_docs_urls", ALLOWED_HOSTS=["*"], DEBUG=False,
+                           SECRET_KEY="docs-test", MIDDLEWARE=[], INSTALLED_APPS=[])
+        django.setup()
+    clear_url_caches()
+    return WSGIHandler()
+
+
+def get(port: int, path: str, headers: Dict[str, str]) -> Tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("framework", ["flask", "django"])
+def test_the_docs_sse_views_answer_what_the_docs_promise(framework: str, storage: Any) -> None:
+    views = docs_views()
+    assert len(views) == 2, "docs/followers.md: expected a Flask and a Django SSE view"
+    namespace: Dict[str, Any] = {"storage": storage, "__name__": "docs_view"}
+    exec(compile(views[0] if framework == "flask" else views[1], "docs/followers.md", "exec"), namespace)
+    app = namespace["app"] if framework == "flask" else django_app(namespace["run_events"])
+    storage.streams.open("doc-run")
+    storage.streams.append_many("doc-run", [{"type": "A"}, {"type": "B"}, {"type": "C"}])
+    storage.streams.close("doc-run")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_port
+        status, body = get(port, "/runs/doc-run/events", {"Last-Event-ID": "1"})
+        assert status == 200
+        messages = sse_messages(body)
+        assert [m.get("id") for m in messages[1:3]] == ["2", "3"]
+        status, body = get(port, "/runs/nope/events", {})
+        assert status == 404 and b"nope" in body
+        status, body = get(port, "/runs/doc-run/events", {"Last-Event-ID": "x"})
+        assert status == 400 and b"Last-Event-ID" in body
+        status, body = get(port, "/runs/doc-run/events?after=-2", {})
+        assert status == 400 and b"after" in body
+        # Past the end: the end frame names the stream's last seq, not the one asked for.
+        status, body = get(port, "/runs/doc-run/events?after=999", {})
+        assert status == 200
+        end = [m for m in sse_messages(body) if m.get("event") == "end"]
+        assert [json.loads(m["data"])["lastSeq"] for m in end] == [3]
+    finally:
+        server.shutdown()
+        thread.join(30)
+        server.server_close()
