@@ -136,6 +136,8 @@ def test_an_after_seq_beyond_the_end_is_not_reported_as_the_last_seq(storage: An
     storage.streams.close("short")
     follower = storage.streams.resume("short", 999, timeout=60)
     assert list(follower) == [] and (follower.reason, follower.last_seq) == ("closed", 3)
+    body = "".join(event_stream(storage, "short", 999, end_event=True))
+    assert body == 'event: end\ndata: {"runId":"short","lastSeq":3,"reason":"closed"}\n\n'
 
 
 def test_many_followers_one_liveness_statement(storage: Any) -> None:
@@ -200,10 +202,12 @@ def test_the_sse_body_of_a_dead_run_ends_with_an_error_frame(storage: Any) -> No
     beat = int(time.time() * 1000) - 120_000  # two minutes without a heartbeat: over the default limit
     Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead-sse").execute()
     body = "".join(event_stream(storage, "dead-sse", 0, max_seconds=60))
+    body += "".join(event_stream(storage, "dead-sse", 2, max_seconds=60, end_event=True))
     frames = body.split("\n\n")[:-1]
-    assert [f.split("\n")[0] for f in frames] == ["retry: 2000", "id: 1", "id: 2", "event: error"]
+    assert [f.split("\n")[0] for f in frames] == ["id: 1", "id: 2", "event: error", "event: error"]
     problem = json.loads(frames[-1].split("data: ", 1)[1])
     assert set(problem) >= {"type", "title", "status", "detail", "code"}
     assert problem["code"] == "STALE_RUN" and problem["status"] == 503
     assert problem["context"] == {"runId": "dead-sse", "lastSeq": 2}
+    assert frames[-1] == frames[2]  # with end_event too: the error, never an end
     assert "event: end" not in body
