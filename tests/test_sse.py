@@ -308,7 +308,7 @@ def test_the_docs_sse_views_answer_what_the_docs_promise(framework: str, storage
         status, body = get(port, "/runs/doc-run/events", {"Last-Event-ID": "1"})
         assert status == 200
         messages = sse_messages(body)
-        assert [m.get("id") for m in messages[1:3]] == ["2", "3"]
+        assert [m.get("id") for m in messages if "data" in m] == ["2", "3"]
         status, body = get(port, "/runs/nope/events", {})
         assert status == 404 and b"nope" in body
         status, body = get(port, "/runs/doc-run/events", {"Last-Event-ID": "x"})
