@@ -257,25 +257,30 @@ def docs_views() -> List[str]:
     return [code for lang, _, code in blocks(text) if lang == "python" and "def run_events" in code]
 
 
-def django_app(view: Any) -> Any:
-    """A minimal Django WSGI app routing runs/<run_id>/events to `view`."""
+@contextlib.contextmanager
+def django_app(view: Any) -> Iterator[Any]:
+    """A Django WSGI app routing runs/<run_id>/events to `view`, while the block runs. Django's
+    settings are per process: the example's (examples/django_app.py) are the ones configured,
+    and only ROOT_URLCONF is overridden here, then restored."""
     import sys
     import types
 
-    import django
-    from django.conf import settings
     from django.core.handlers.wsgi import WSGIHandler
+    from django.test.utils import override_settings
     from django.urls import clear_url_caches, path
 
+    from tests.test_examples import load_django_example
+
+    load_django_example()
     urls = types.ModuleType("bap_docs_urls")
     urls.urlpatterns = [path("runs/<str:run_id>/events", view)]  # type: ignore[attr-defined]
     sys.modules["bap_docs_urls"] = urls
-    if not settings.configured:
-        settings.configure(ROOT_URLCONF="bap_docs_urls", ALLOWED_HOSTS=["*"], DEBUG=False,
-                           SECRET_KEY="docs-test", MIDDLEWARE=[], INSTALLED_APPS=[])
-        django.setup()
-    clear_url_caches()
-    return WSGIHandler()
+    try:
+        with override_settings(ROOT_URLCONF="bap_docs_urls"):
+            clear_url_caches()
+            yield WSGIHandler()
+    finally:
+        clear_url_caches()
 
 
 def get(port: int, path: str, headers: Dict[str, str]) -> Tuple[int, bytes]:
@@ -296,7 +301,14 @@ def test_the_docs_sse_views_answer_what_the_docs_promise(framework: str, storage
     assert len(views) == 2, "docs/followers.md: expected a Flask and a Django SSE view"
     namespace: Dict[str, Any] = {"storage": storage, "__name__": "docs_view"}
     exec(compile(views[0] if framework == "flask" else views[1], "docs/followers.md", "exec"), namespace)
-    app = namespace["app"] if framework == "flask" else django_app(namespace["run_events"])
+    with contextlib.ExitStack() as stack:
+        app = namespace["app"] if framework == "flask" else stack.enter_context(
+            django_app(namespace["run_events"]))
+        check_docs_view(app, storage)
+
+
+def check_docs_view(app: Any, storage: Any) -> None:
+    """Serve `app` on a real werkzeug server and check each status the docs promise."""
     storage.streams.open("doc-run")
     storage.streams.append_many("doc-run", [{"type": "A"}, {"type": "B"}, {"type": "C"}])
     storage.streams.close("doc-run")
