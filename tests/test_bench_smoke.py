@@ -207,3 +207,26 @@ def test_stale_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Pa
     assert cost["round_batched_ms"] > 0 and cost["round_one_by_one_ms"] > 0
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4, proc.stdout
+
+
+def test_inspector_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Path) -> None:
+    """``python -m bench.inspector`` on tiny tables: every page fetched over HTTP at both sizes."""
+    out = tmp_path / "inspector.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if dialect != "sqlite":
+        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
+    proc = subprocess.run([sys.executable, "-m", "bench.inspector", "--dialect", dialect, "--small", "300",
+                           "--large", "1000", "--quick", "--lock", str(tmp_path / "bench.lock"),
+                           "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())["dialects"][dialect]
+    pages = {row["page"] for row in result["rows"]}
+    assert {"overview", "threads of an agent", "thread (the long one)", "runs",
+            "run with its timeline"} <= pages
+    for row in result["rows"]:
+        assert row["small_p95_ms"] > 0 and row["large_p95_ms"] > 0 and row["requests"] == 4, row
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(pages), proc.stdout
+    assert result["lock_holds"], result

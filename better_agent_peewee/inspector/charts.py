@@ -39,17 +39,18 @@ def hourly(bins: List[Dict[str, int]], now_ms: int, label: str, partial_before: 
     for i, counts in enumerate(bins):
         y = float(plot_h)
         start = first + i * HOUR
-        sampled = partial_before is not None and start < partial_before
+        sampled = " sampled" if partial_before is not None and start < partial_before else ""
         for status in STATUS_ORDER:
             n = counts.get(status, 0)
             if not n:
                 continue
             h = n / top * (plot_h - 4)
             y -= h
-            shapes.append(tag("rect", {"x": f"{i * bar_w + 0.5:.1f}", "y": f"{y:.1f}",
-                                       "width": f"{max(bar_w - 1, 1):.1f}", "height": f"{h:.1f}",
-                                       "class": f"s-{status}{' sampled' if sampled else ''}"},
-                              tag("title", None, f"{iso(start)} UTC: {n} {status}")))
+            # Numbers and our own status names only (no stored string): written directly, for speed.
+            x, w = i * bar_w + 0.5, max(bar_w - 1, 1)
+            shapes.append(Markup(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
+                                 f'class="s-{status}{sampled}"><title>{iso(start)} UTC: {n} {status}</title>'
+                                 '</rect>'))
     ticks = []
     step = 6 if hours <= 48 else 24
     for i in range(0, hours, step):

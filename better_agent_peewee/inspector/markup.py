@@ -30,15 +30,17 @@ def escape(value: Any) -> Markup:
 
 
 def join(children: Iterable[Any]) -> Markup:
-    """The children, each escaped unless Markup, one after the other (None left out)."""
+    """The children, each escaped unless Markup, one after the other (None and False left out)."""
     out = []
     for child in children:
-        if child is None or child is False:
+        if isinstance(child, str):  # Markup is a str: kept; any other str escaped
+            out.append(child if isinstance(child, Markup) else html.escape(child, quote=True))
+        elif child is None or child is False:
             continue
-        if isinstance(child, (list, tuple)) or (hasattr(child, "__iter__") and not isinstance(child, str)):
+        elif hasattr(child, "__iter__") and not isinstance(child, bytes):  # a list, a generator
             out.append(join(child))
         else:
-            out.append(escape(child))
+            out.append(html.escape(str(child), quote=True))
     return Markup("".join(out))
 
 
