@@ -7,7 +7,13 @@ The real browser is tests/test_inspector_browser.py.
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes, urlencode
 
@@ -302,3 +308,30 @@ def test_filters_search_and_paging_links(storage: Any) -> None:
     assert first.text.count("/threads/support-") + first.text.count("/threads/trip") <= 50
     assert more is None  # 41 threads: one page
     assert call(app, "GET", "/threads/nope").code == 404 and call(app, "GET", "/runs/nope").code == 404
+
+
+def test_the_command_serves_and_refuses_an_open_host_without_a_token(database_url: str,
+                                                                     storage: Any) -> None:
+    """`better-agent-peewee inspect` prints its address and answers there; another host needs --token."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    storage.database.close()
+    refused = subprocess.run([sys.executable, "-m", "better_agent_peewee", "inspect", "-d", database_url,
+                              "--host", "0.0.0.0", "--port", "0"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "--token" in refused.stderr, refused.stderr
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "better_agent_peewee", "inspect", "-d", database_url,
+                             "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        address = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert address, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        with urllib.request.urlopen(address.group(0) + "runs/run-trip-2", timeout=30) as response:
+            page = response.read().decode()
+        print(f"inspect answered its first page {time.monotonic() - started:.2f}s after it was started")
+        assert "booking API answered 503" in page and "read-only" in line
+    finally:
+        proc.terminate()
+        proc.wait(30)
