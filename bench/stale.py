@@ -3,8 +3,8 @@
 1. **Kill to end.** `--kills` worker processes each track a run (the library's defaults:
    `heartbeat_interval` 10 s, followers' `stale_after` 40 s, unless given), emit three
    events and wait; this process follows each run with `resume`. Each worker is SIGKILLed
-   at a random moment (uniform over one heartbeat interval after its events, so the kill
-   lands anywhere between two beats), and the time from the kill to its follower's end
+   at a random moment (after its first beat, then uniform over one heartbeat interval, so
+   the kill lands anywhere between two beats), and the time from the kill to its follower's end
    (reason "stale") is recorded. The baseline is the old behaviour: the follower waited for
    the next `reap_stale` (cron), so it is printed as the cron interval, not measured.
 2. **Heartbeat cost.** `--runs` tracked runs live in this process for `--seconds`: the
@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from better_agent_peewee import open_database, peewee_storage
 from better_agent_peewee.followers import LIVENESS_PAUSE, STALE_AFTER
+from better_agent_peewee.heartbeats import FIRST_BEAT_LATEST
 from better_agent_peewee.tracking import HEARTBEAT_INTERVAL
 
 from .env import machine, open_target
@@ -81,7 +82,9 @@ def kill_to_end(url: str, storage: Any, kills: int, beat: float, stale_after: fl
             killed: List[float] = []
 
             def kill() -> None:
-                time.sleep(rng.uniform(0, beat))
+                # After the first beat (a run killed before it is left to reap_stale), then anywhere
+                # between two beats.
+                time.sleep(FIRST_BEAT_LATEST + rng.uniform(0, beat))
                 killed.append(time.monotonic())
                 proc.kill()
             killer = threading.Thread(target=kill, daemon=True)

@@ -10,9 +10,12 @@ storage sets ``updatedAt`` = now for every registered run that is due, in one UP
 
 So the beat says that the worker's process lives, not that its step makes progress: a
 process that hangs keeps its run alive. A killed process stops beating at once. The first
-beat comes `FIRST_BEAT` (10 ms) after the start, so that ``updatedAt`` passes ``startedAt``
-at once (followers judge only runs that have beaten at least once: a writer that never beats,
-such as Better Agent's own runtime, is never called dead).
+beat comes 10 ms to 1 s after the start (`FIRST_BEAT`, `FIRST_BEAT_LATEST`), so that
+``updatedAt`` passes ``startedAt`` early (followers judge only runs that have beaten at least
+once: a writer that never beats, such as Better Agent's own runtime, is never called dead; a
+worker killed before its first beat is left to `reap_stale`). A run beats up to half an
+interval early, so that the runs of a process share their rounds: about one UPDATE per
+interval per 500 runs, however their starts were spread.
 
 The thread starts with the first registered run and ends `LINGER` seconds after the last
 one left, closing its connection. An in-memory SQLite database is per connection: there
@@ -26,7 +29,7 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .followers import in_memory_sqlite
 from .timestamps import now_ms
@@ -39,10 +42,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Heartbeats", "FIRST_BEAT"]
 
-#: Seconds after its start when a tracked run beats for the first time (then every interval): at
-#: once, but in a later millisecond than ``startedAt``, so that followers judge the run from then
-#: on (a worker killed before its first beat is left to `reap_stale`).
+#: Seconds after its start when a tracked run may beat for the first time (then every interval):
+#: in a later millisecond than ``startedAt``, so that followers judge the run from then on (a
+#: worker killed before its first beat is left to `reap_stale`) ...
 FIRST_BEAT = 0.01
+#: ... and when it must have: new runs within this second share their first UPDATE.
+FIRST_BEAT_LATEST = 1.0
 #: Fewest seconds between two beats of one run, whatever its interval (0 beats from every call).
 MIN_PAUSE = 0.5
 #: Seconds the thread stays after the last run left.
@@ -59,7 +64,10 @@ class Heartbeats:
     def __init__(self, executor: Executor, models: Models) -> None:
         self._executor = executor
         self._run = models.run
-        self._due: Dict[str, float] = {}  # run id -> monotonic time of its next beat
+        # run id -> (earliest, latest) monotonic time of its next beat. The thread wakes at the
+        # first `latest` and beats every run whose `earliest` has passed, in one UPDATE: a run
+        # beats up to half an interval early, so the runs of a process fall into shared rounds.
+        self._due: Dict[str, Tuple[float, float]] = {}
         self._every: Dict[str, float] = {}
         self._cond = threading.Condition()
         self._busy = threading.Lock()  # held inside a statement on SQLite: a fork waits for it
@@ -70,13 +78,15 @@ class Heartbeats:
         _ALL.add(self)
 
     def add(self, run_id: str, interval: float) -> None:
-        """Beat `run_id` every `interval` seconds (the first beat after FIRST_BEAT) until `remove`."""
+        """Beat `run_id` at least every `interval` seconds (the first beat between FIRST_BEAT and
+        FIRST_BEAT_LATEST after now) until `remove`."""
         if self.inline:
             return
         every = max(float(interval), MIN_PAUSE)
         with self._cond:
             self._every[run_id] = every
-            self._due[run_id] = time.monotonic() + min(FIRST_BEAT, every)
+            now = time.monotonic()
+            self._due[run_id] = (now + min(FIRST_BEAT, every), now + min(FIRST_BEAT_LATEST, every))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="better-agent-heartbeat", daemon=True)
                 self._thread.start()
@@ -108,12 +118,14 @@ class Heartbeats:
                         self._cond.wait(LINGER - (now - idle_since))
                         continue
                     idle_since = None
-                    due = sorted(r for r, at in self._due.items() if at <= now)
-                    if not due:
-                        self._cond.wait(min(self._due.values()) - now)
+                    wake = min(latest for _, latest in self._due.values())
+                    if wake > now:
+                        self._cond.wait(wake - now)
                         continue
+                    due = sorted(r for r, (earliest, _) in self._due.items() if earliest <= now)
                     for run_id in due:
-                        self._due[run_id] = now + self._every[run_id]
+                        every = self._every[run_id]
+                        self._due[run_id] = (now + every / 2, now + every)
                 self._beat(due)
         finally:
             with contextlib.suppress(Exception):
