@@ -211,3 +211,23 @@ def test_the_sse_body_of_a_dead_run_ends_with_an_error_frame(storage: Any) -> No
     assert problem["context"] == {"runId": "dead-sse", "lastSeq": 2}
     assert frames[-1] == frames[2]  # with end_event too: the error, never an end
     assert "event: end" not in body
+
+
+def test_the_heartbeats_of_a_process_share_rounds(storage: Any) -> None:
+    # Runs started 0.1 s apart, beating every second: about one UPDATE a second for all of them,
+    # not one per run per second (which would be 60 in these 3 s).
+    runs = []
+    for i in range(20):
+        runs.append(storage.runs.track(f"beat-{i}", "agent", heartbeat_interval=1.0).start())
+        time.sleep(0.1)
+    beats = storage.runs.heartbeats
+    before = beats.statements
+    time.sleep(3.0)
+    sent = beats.statements - before
+    assert 1 <= sent <= 12, sent
+    Run = storage.models.run
+    fresh = int(time.time() * 1000) - 2500
+    assert Run.select().where(Run.updated_at < fresh).count() == 0  # every run beat within its interval
+    for run in runs:
+        run.finish()
+    assert not any(f"beat-{i}" in beats for i in range(20))
