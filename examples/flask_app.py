@@ -1,43 +1,36 @@
-"""A synchronous web app over the storage: threads, their messages, and live run streams (SSE).
+"""A Flask app that serves a Better Agent frontend: its routes, for the logged-in user, over the storage.
 
     pip install flask
     python examples/quickstart.py                       # some data to look at (./agent.db)
-    flask --app examples/flask_app run                  # http://127.0.0.1:5000/threads
-    DATABASE_URL=postgresql://app:secret@localhost/app flask --app examples/flask_app run
+    flask --app examples/flask_app run --with-threads   # http://127.0.0.1:5000/
+    DATABASE_URL=postgresql://app:secret@localhost/app flask --app examples/flask_app run --with-threads
 
 Routes:
 
-    GET  /threads?agent=NAME&limit=N      threads, most recently updated first
-    GET  /threads/<thread_id>?limit=N     the thread and its messages (the last N)
-    POST /threads/<thread_id>/runs        {"message": "..."}: a run of the demo agent -> 202 {"runId"}
-    GET  /runs/<run_id>                   the run record
-    POST /runs/<run_id>/abort             ask the worker running it to stop: {"requested": bool, "abort":
-                                          "requested" | "already_requested" | "not_running"}
-    GET  /runs/<run_id>/events            Server-Sent Events: the run's stream, live
-    GET  /runs/<run_id>/watch             a page whose EventSource shows those events as they come
+    POST /login {"user": "alice"}    the demo login (no password: a demo): a session cookie
+    POST /logout
+    /api/agents/...                  Better Agent's routes (docs/server.md), for the session's user:
+                                     POST /api/agents/demo/run, GET /api/agents/demo/threads, ...
+    GET  /runs/<run_id>/watch        a page that follows a run's events and resumes after a drop
 
-The events endpoint is `better_agent_peewee.sse.event_stream` over `storage.streams.resume`.
-Each SSE message carries the event's seq as its id, so a browser's EventSource that
-reconnects sends ``Last-Event-ID`` and picks up where it left off (``?after=N`` does the
-same by hand). When the stream is closed and every event was sent, the endpoint sends an
-``end`` event and the response ends; call ``source.close()`` on it, or EventSource
-reconnects. When the run's worker died (no heartbeat for the followers' stale limit) it
-sends an ``error`` event with problem details (code ``STALE_RUN``) instead. While the
-stream is idle it sends a comment line every ``SSE_HEARTBEAT_SECONDS`` (so proxies keep
-the connection), and after
-``SSE_MAX_SECONDS`` it ends the response (the browser reconnects and resumes).
+Better Agent's client (``createClient({baseURL: "/api/agents"})``) works against it unchanged.
+The routes are `better_agent_peewee.wsgi_app`, mounted with werkzeug's `DispatcherMiddleware`;
+its auth resolver reads Flask's session cookie, so the user logged in here is the subject
+whose threads the routes show (scope ``subject:<user>``). The cookie is ``SameSite=Lax``: a
+form on another site cannot post to the routes with it.
 
-The demo agent (`demo_agent`) stands in for a model: it streams its reply back word by
-word. `POST /threads/<thread_id>/runs` starts the run in the request, so the run can be
-followed and aborted at once, and a pool of worker threads (``AGENT_WORKERS``) executes
-it inside ``with run:`` (`storage.runs.track`), which records how it ended.
+The demo agent (`demo_agent`) stands in for a model: it streams its reply back word by word.
+A streamed run (``Accept: text/event-stream``) executes on a pool of worker threads
+(``AGENT_WORKERS``) while the request's thread sends its events; a run started with a
+JSON request executes in the request's thread. An abort (``POST
+/api/agents/runs/<id>/abort``, or the client going away) stops it at its next check: before
+it starts its message (a run aborted while queued says nothing), or mid-reply (what was said
+is kept in the thread).
 
-Connections: the database is pooled (`open_database(url, pooled=True)`), each request
-takes a connection when it first queries and gives it back when it ends (for the events
-endpoint: when the view returns, before the stream is sent), and followers hold none:
-the storage's one poller thread reads for all of them on one connection. Served by a
-threaded server (``app.run(threaded=True)``: a thread per open response), one process
-follows a thousand runs for a thousand browser tabs.
+Connections: the database is pooled (`open_database(url, pooled=True)`); a request gives its
+connection back when it ends, an open SSE response holds none (the storage's one poller
+thread reads for every follower), and an idle worker holds none. Served by a threaded server
+(a thread per open response), one process follows a thousand runs for a thousand tabs.
 """
 from __future__ import annotations
 
@@ -45,36 +38,37 @@ import json
 import logging
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import peewee
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, session
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from better_agent_peewee import (
-    ConnectionLostError,
-    NotFoundError,
-    PoolExhaustedError,
     RunAborted,
     RunEndedElsewhere,
-    StorageError,
+    RunRequest,
     TrackedRun,
     create_tables,
     open_database,
     peewee_storage,
+    wsgi_app,
 )
-from better_agent_peewee.sse import SSE_HEADERS, event_stream, resume_point
 
 logger = logging.getLogger(__name__)
+
+#: Where Better Agent's routes are mounted (the client's ``baseURL``).
+AGENTS_PATH = "/api/agents"
 
 
 def create_app(database: Union[str, peewee.Database, None] = None, **config: Any) -> Flask:
     """The Flask app over `database`: a URL, a Peewee database, or None for $DATABASE_URL
     (default ``sqlite:///agent.db``). `config` updates ``app.config``."""
     app = Flask(__name__)
-    app.config.update(SSE_HEARTBEAT_SECONDS=15.0, SSE_MAX_SECONDS=300.0, SSE_POLL_SECONDS=0.1,
-                      AGENT_WORKERS=4, AGENT_WORD_SECONDS=0.05)
+    app.config.update(SECRET_KEY=os.environ.get("FLASK_SECRET_KEY", "demo only: set FLASK_SECRET_KEY"),
+                      SESSION_COOKIE_SAMESITE="Lax", SSE_HEARTBEAT_SECONDS=15.0, AGENT_WORKERS=4,
+                      AGENT_WORD_SECONDS=0.05)
     app.config.update(config)
     if database is None or isinstance(database, str):
         database = open_database(database or os.environ.get("DATABASE_URL") or "sqlite:///agent.db",
@@ -85,107 +79,58 @@ def create_app(database: Union[str, peewee.Database, None] = None, **config: Any
     create_tables(db)
     storage = peewee_storage(db)
     app.extensions["agent_storage"] = storage
-    # The workers that execute runs; `app.extensions["agent_workers"].shutdown()` stops them.
+    # The workers that execute streamed runs; `app.extensions["agent_workers"].shutdown()` stops them.
     workers = ThreadPoolExecutor(app.config["AGENT_WORKERS"], thread_name_prefix="agent")
     app.extensions["agent_workers"] = workers
 
+    def session_auth(environ: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The auth context of the request: the user of Flask's session cookie, if any."""
+        cookie = app.session_interface.open_session(app, app.request_class(environ))
+        user = cookie.get("user") if cookie is not None else None
+        return {"subject": user} if isinstance(user, str) and user else None
+
+    def demo(run: TrackedRun, run_request: RunRequest) -> Dict[str, Any]:
+        return demo_agent(run, run_request, app.config["AGENT_WORD_SECONDS"])
+
+    agents = wsgi_app(storage, agents={"demo": demo}, auth=session_auth, executor=workers,
+                      heartbeat=app.config["SSE_HEARTBEAT_SECONDS"])
+    app.extensions["agent_routes"] = agents
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {AGENTS_PATH: agents})  # type: ignore[method-assign]
+
     @app.teardown_appcontext
     def release_connection(exc: Optional[BaseException]) -> None:
-        # Back to the pool (a plain database: closed). Flask runs this when the view returns,
-        # and for a stream_with_context response once more after the stream ends.
         if not db.is_closed() and not db.in_transaction():
-            db.close()
+            db.close()  # back to the pool (a plain database: closed)
 
-    @app.errorhandler(NotFoundError)
-    def not_found(exc: NotFoundError) -> Any:
-        return jsonify(error=str(exc)), 404
+    @app.post("/login")
+    def login() -> Any:
+        user = (request.get_json(silent=True) or {}).get("user")
+        if not isinstance(user, str) or not user.strip():
+            return jsonify(error='a JSON body {"user": "..."} with a non-empty user is needed'), 400
+        session["user"] = user.strip()
+        return jsonify(user=session["user"])
 
-    @app.errorhandler(PoolExhaustedError)
-    @app.errorhandler(ConnectionLostError)
-    def unavailable(exc: StorageError) -> Any:
-        return jsonify(error=str(exc)), 503
-
-    @app.errorhandler(StorageError)
-    @app.errorhandler(ValueError)
-    def bad_request(exc: Exception) -> Any:
-        return jsonify(error=str(exc)), 400
-
-    @app.get("/threads")
-    def list_threads() -> Any:
-        threads = storage.memory.threads.list(agent_name=request.args.get("agent"),
-                                              limit=request.args.get("limit", 50, type=int))
-        return jsonify(threads=threads)
-
-    @app.get("/threads/<thread_id>")
-    def show_thread(thread_id: str) -> Any:
-        thread = storage.memory.threads.get(thread_id)
-        if thread is None:
-            return jsonify(error=f"no thread {thread_id!r}"), 404
-        messages = storage.memory.messages.list(thread_id, limit=request.args.get("limit", type=int))
-        return jsonify(thread=thread, messages=messages)
-
-    @app.post("/threads/<thread_id>/runs")
-    def start_run(thread_id: str) -> Any:
-        text = (request.get_json(silent=True) or {}).get("message")
-        if not isinstance(text, str) or not text.strip():
-            return jsonify(error='a JSON body {"message": "..."} with a non-empty message is needed'), 400
-        run = storage.runs.track(f"run-{uuid.uuid4().hex}", "demo-agent", thread_id=thread_id,
-                                 messages=[{"role": "user", "content": text}])
-        run.start()  # the run, the user's message and the stream, written before we answer
-        workers.submit(execute_run, db, run, text, app.config["AGENT_WORD_SECONDS"])
-        return jsonify(runId=run.run_id), 202
-
-    @app.get("/runs/<run_id>")
-    def show_run(run_id: str) -> Any:
-        run = storage.runs.get(run_id)
-        if run is None:
-            return jsonify(error=f"no run {run_id!r}"), 404
-        return jsonify(run)
-
-    @app.post("/runs/<run_id>/abort")
-    def abort_run(run_id: str) -> Any:
-        # requested: the worker stops at its next check; or already_requested, or not_running.
-        answer = storage.runs.request_abort(run_id)  # NotFoundError -> 404
-        return jsonify(requested=bool(answer), abort=answer.value)
-
-    @app.get("/runs/<run_id>/events")
-    def run_events(run_id: str) -> Any:
-        # ValueError -> 400
-        after = resume_point(request.headers.get("Last-Event-ID"), request.args.get("after"))
-        # Raises NotFoundError (-> 404) now, before any byte is sent, when there is no stream.
-        body = event_stream(storage, run_id, after, heartbeat=app.config["SSE_HEARTBEAT_SECONDS"],
-                            max_seconds=app.config["SSE_MAX_SECONDS"],
-                            poll_interval=app.config["SSE_POLL_SECONDS"], retry_ms=2000, end_event=True)
-        # No stream_with_context: the body needs no app context, so the request's connection goes
-        # back to the pool as the view returns, and the open response holds none.
-        return Response(body, headers=SSE_HEADERS)
+    @app.post("/logout")
+    def logout() -> Any:
+        session.clear()
+        return jsonify(user=None)
 
     @app.get("/runs/<run_id>/watch")
     def watch_run(run_id: str) -> Any:
-        return Response(WATCH_PAGE.replace("RUN_ID_JSON", json.dumps(run_id).replace("<", "\\u003c")),
-                        mimetype="text/html")
+        page = WATCH_PAGE.replace("RUN_ID_JSON", json.dumps(run_id).replace("<", "\\u003c"))
+        return Response(page.replace("AGENTS_PATH_JSON", json.dumps(AGENTS_PATH)), mimetype="text/html")
 
     return app
 
 
-def execute_run(db: peewee.Database, run: TrackedRun, text: str, word_seconds: float) -> None:
-    """What a worker does with a run: `demo_agent` inside ``with run:``, which records the end."""
-    try:
-        with run:  # completed; failed on an exception; aborted (quietly) on RunAborted
-            demo_agent(run, text, word_seconds)
-    except Exception:
-        logger.exception("run %s failed", run.run_id)  # recorded on the run; the worker goes on
-    finally:
-        db.close()  # back to the pool: an idle worker holds none
-
-
-def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
+def demo_agent(run: TrackedRun, run_request: RunRequest, word_seconds: float) -> Dict[str, Any]:
     """Streams its reply word by word, as a model streams tokens, and stores it in the thread.
 
     It checks for an abort before it starts the message (a run aborted while it waited in the
     queue streams no message at all), and an abort mid-reply keeps what was said: the message
     is ended and stored with the words sent so far, then the abort ends the run.
     """
+    text = next((m.get("content") for m in reversed(run_request.messages) if m.get("role") == "user"), "")
     message_id = f"{run.run_id}-reply"
     reply = f"You said: {text}"
     run.check_abort()  # aborted while queued: stop before anything is said
@@ -193,7 +138,7 @@ def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
     said: List[str] = []
     try:
         for word in reply.split(" "):
-            run.check_abort()  # RunAborted once someone POSTs /runs/<id>/abort
+            run.check_abort()  # RunAborted once someone aborts the run
             time.sleep(word_seconds)  # the model thinking
             run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": word + " "})
             said.append(word)
@@ -204,6 +149,7 @@ def demo_agent(run: TrackedRun, text: str, word_seconds: float) -> None:
         raise  # the block records the run as aborted
     run.emit({"type": "TEXT_MESSAGE_END", "messageId": message_id})
     run.append_messages([{"id": message_id, "role": "assistant", "content": reply}])
+    return {"finishReason": "stop", "stepCount": 1}
 
 
 def keep_partial_reply(run: TrackedRun, message_id: str, said: List[str]) -> None:
@@ -213,31 +159,65 @@ def keep_partial_reply(run: TrackedRun, message_id: str, said: List[str]) -> Non
         run.append_messages([{"id": message_id, "role": "assistant", "content": " ".join(said)}])
 
 
-#: The watch page: an EventSource on the events endpoint, one list item per event.
+#: The watch page: follows GET <agents>/runs/<id>/stream with fetch, reads the frames as Better
+#: Agent's client does (`id:`, `data:`, `event: error`), and resumes after a dropped connection
+#: with Last-Event-ID; the body's end is the run's end.
 WATCH_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>run events</title></head>
 <body>
 <h1 id="status">following</h1>
 <ol id="events"></ol>
 <script>
-const runId = RUN_ID_JSON;
-const source = new EventSource("/runs/" + encodeURIComponent(runId) + "/events");
-source.onmessage = (message) => {
-  const event = JSON.parse(message.data);
+const runId = RUN_ID_JSON, base = AGENTS_PATH_JSON;
+let lastSeq = 0;
+function show(event) {
   const item = document.createElement("li");
   item.dataset.seq = event.seq;
-  item.textContent = event.type + (event.delta ? " " + event.delta : "");
+  item.textContent = event.type + (event.delta ? " " + event.delta.trim() : "");
   document.getElementById("events").appendChild(item);
-};
-source.addEventListener("end", (message) => {
-  source.close();  // or EventSource reconnects
-  document.getElementById("status").textContent = "ended: " + JSON.parse(message.data).reason;
-});
-source.addEventListener("error", (message) => {
-  if (!message.data) return;  // a dropped connection: EventSource reconnects by itself
-  source.close();  // the server's error frame (problem details): the run failed, e.g. STALE_RUN
-  document.getElementById("status").textContent = "failed: " + JSON.parse(message.data).code;
-});
+}
+function frame(lines) {  // one SSE frame: an event, or the server's error (problem details)
+  let kind = "", id, data = "";
+  for (const line of lines) {
+    if (line.startsWith("event:")) kind = line.slice(6).trim();
+    else if (line.startsWith("id:")) id = Number(line.slice(3).trim());
+    else if (line.startsWith("data:")) data += line.slice(5).trim();
+  }
+  if (!data) return;
+  if (kind === "error") throw new Error(JSON.parse(data).code);
+  const event = JSON.parse(data);
+  if (Number.isFinite(id)) { event.seq = id; lastSeq = id; }
+  show(event);
+}
+async function follow() {
+  for (;;) {
+    try {
+      const response = await fetch(base + "/runs/" + encodeURIComponent(runId) + "/stream",
+                                   {headers: {"last-event-id": String(lastSeq)}});
+      if (!response.ok) throw new Error((await response.json()).code);
+      const reader = response.body.getReader(), decoder = new TextDecoder();
+      let buffer = "", lines = [];
+      for (;;) {
+        const {done, value} = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, {stream: true});
+        let at;
+        while ((at = buffer.indexOf("\\n")) >= 0) {
+          const line = buffer.slice(0, at).replace(/\\r$/, "");
+          buffer = buffer.slice(at + 1);
+          if (line === "") { frame(lines); lines = []; } else lines.push(line);
+        }
+      }
+      document.getElementById("status").textContent = "ended";  // the end of the body: the run's
+      return;
+    } catch (error) {
+      if (error instanceof TypeError) { await new Promise(r => setTimeout(r, 1000)); continue; }  // dropped
+      document.getElementById("status").textContent = "failed: " + error.message;
+      return;
+    }
+  }
+}
+follow();
 </script>
 </body></html>
 """

@@ -143,21 +143,17 @@ def load_flask_example() -> ModuleType:
 
 @pytest.fixture
 def app(database_url: str) -> Iterator[Any]:
-    # A short heartbeat so the idle path runs; a cap so that a bug ends the response, not the test run.
-    app = load_flask_example().create_app(database_url, SSE_HEARTBEAT_SECONDS=0.1, SSE_MAX_SECONDS=30.0,
-                                          SSE_POLL_SECONDS=0.02)
+    app = load_flask_example().create_app(database_url, SSE_HEARTBEAT_SECONDS=0.1, AGENT_WORD_SECONDS=0.0)
     yield app
     app.extensions["agent_workers"].shutdown(wait=True)
     app.extensions["agent_storage"].database.close_all()
 
 
-def seed(storage: Any) -> None:
-    for i, agent in enumerate(("support", "support", "sales")):
-        thread_id = f"t{i}"
-        storage.memory.threads.set(thread_id, {"id": thread_id, "agentName": agent, "title": f"Thread {i}",
-                                               "createdAt": 1000 + i, "updatedAt": 2000 + i})
-    storage.memory.messages.append("t0", [{"id": f"m{i}", "role": "user", "content": f"hello {i}"}
-                                          for i in range(5)])
+def login(app: Any, user: str) -> Any:
+    """A test client logged in as `user` (the example's demo login: a session cookie)."""
+    client = app.test_client()
+    assert client.post("/login", json={"user": user}).json == {"user": user}
+    return client
 
 
 def sse_messages(body: bytes) -> List[Dict[str, str]]:
@@ -174,103 +170,41 @@ def sse_messages(body: bytes) -> List[Dict[str, str]]:
     return messages
 
 
-def test_flask_threads_and_messages(app: Any) -> None:
+def test_flask_serves_better_agents_routes_for_the_session_user(app: Any) -> None:
     storage = app.extensions["agent_storage"]
-    db = storage.database
-    assert isinstance(db, peewee.Database) and type(db).__name__.startswith("Pooled")
-    seed(storage)
-    client = app.test_client()
-
-    response = client.get("/threads")
-    assert response.status_code == 200
-    assert [t["id"] for t in response.json["threads"]] == ["t2", "t1", "t0"]  # newest updatedAt first
-    assert db.is_closed()  # the request gave its connection back
-    assert [t["id"] for t in client.get("/threads?agent=support&limit=1").json["threads"]] == ["t1"]
-
-    shown = client.get("/threads/t0").json
-    assert shown["thread"]["title"] == "Thread 0"
-    assert [m["content"] for m in shown["messages"]] == [f"hello {i}" for i in range(5)]
-    assert [m["id"] for m in client.get("/threads/t0?limit=2").json["messages"]] == ["m3", "m4"]
-
-    assert (client.get("/threads/nope").status_code == 404
-            and "nope" in client.get("/threads/nope").json["error"])
-    bad = client.get("/threads?limit=-1")
-    assert bad.status_code == 400 and "limit" in bad.json["error"]
-
-
-def test_flask_abort_and_run(app: Any) -> None:
-    storage = app.extensions["agent_storage"]
-    client = app.test_client()
-    storage.runs.start("r1", "support")
-    assert client.get("/runs/r1").json["status"] == "running"
-    assert client.post("/runs/r1/abort").json == {"requested": True, "abort": "requested"}
-    assert client.post("/runs/r1/abort").json == {"requested": False, "abort": "already_requested"}
-    storage.runs.finish("r1", "aborted", {"type": "RUN_ERROR", "message": "stopped", "code": "ABORTED"})
-    assert client.post("/runs/r1/abort").json == {"requested": False, "abort": "not_running"}
-    assert storage.runs.abort_requested("r1")
-    missing = client.post("/runs/nope/abort")
-    assert missing.status_code == 404 and "nope" in missing.json["error"]
-    assert client.get("/runs/nope").status_code == 404 and "nope" in client.get("/runs/nope").json["error"]
-
-
-def test_flask_sse_of_a_closed_stream(app: Any) -> None:
-    storage = app.extensions["agent_storage"]
-    client = app.test_client()
-    storage.streams.open("done")
-    storage.streams.append_many("done", [{"type": "RUN_STARTED"},
-                                         {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi"},
-                                         {"type": "RUN_FINISHED"}])
-    storage.streams.close("done")
-
-    response = client.get("/runs/done/events")
-    assert response.status_code == 200 and response.mimetype == "text/event-stream"
-    messages = sse_messages(response.get_data())
-    data = [m for m in messages if "data" in m and "event" not in m]
-    assert [m["id"] for m in data] == ["1", "2", "3"]
-    assert [json.loads(m["data"])["type"] for m in data] == ["RUN_STARTED", "TEXT_MESSAGE_CONTENT",
-                                                             "RUN_FINISHED"]
-    assert json.loads(data[1]["data"]) == {"type": "TEXT_MESSAGE_CONTENT", "delta": "hi", "seq": 2}
-    assert messages[-1]["event"] == "end"
-    assert json.loads(messages[-1]["data"]) == {"runId": "done", "lastSeq": 3, "reason": "closed"}
-
-    # A reconnecting EventSource sends Last-Event-ID; ?after=N does the same by hand.
-    again = sse_messages(client.get("/runs/done/events", headers={"Last-Event-ID": "2"}).get_data())
-    assert [m.get("id") for m in again if "id" in m] == ["3"]
-    after = sse_messages(client.get("/runs/done/events?after=3").get_data())
-    assert [m for m in after if "id" in m] == [] and after[-1]["event"] == "end"
-
-    missing = client.get("/runs/nope/events")
-    assert missing.status_code == 404 and "nope" in missing.json["error"]
-
-
-def test_flask_sse_follows_a_live_stream_until_it_closes(app: Any) -> None:
-    """The response stays open while the stream is idle and ends once it is closed and drained."""
-    storage = app.extensions["agent_storage"]
-    db = storage.database
-    client = app.test_client()
-    storage.streams.open("live")
-    storage.streams.append("live", {"type": "RUN_STARTED"})
-
-    response = client.get("/runs/live/events", buffered=False)
-    received: List[bytes] = []
-    idle = 0
-    for chunk in response.response:  # pulled one by one: the app runs until its next yield
-        received.append(chunk)
-        if chunk.startswith(b":"):
-            idle += 1
-            assert db.is_closed()  # an idle follower holds no connection (the pool has it)
-            if idle == 2:  # a full idle poll went by with the stream open: now the run goes on and ends
-                storage.streams.append("live", {"type": "TEXT_MESSAGE_CONTENT", "delta": "late"})
-                storage.streams.append("live", {"type": "RUN_FINISHED"})
-                storage.streams.close("live")
-                db.close()  # this test's own connection (the appends above), not the response's
-    response.close()
-    messages = sse_messages(b"".join(received))
-    ids = [m["id"] for m in messages if "id" in m]
-    assert ids == ["1", "2", "3"], messages
-    assert sum("comment" in m for m in messages) >= 2  # heartbeats while idle
-    assert messages[-1]["event"] == "end" and json.loads(messages[-1]["data"])["lastSeq"] == 3
-    assert db.is_closed()  # the response took no connection while it streamed
+    alice, bob, nobody = login(app, "alice"), login(app, "bob"), app.test_client()
+    created = alice.post("/api/agents/demo/threads", json={"title": "Trip"})
+    assert created.status_code == 201 and created.json["title"] == "Trip"
+    thread_id = created.json["id"]
+    assert storage.memory.threads.get(thread_id)["scope"] == "subject:alice"
+    assert alice.get("/api/agents/demo/threads").json == {"threads": [created.json]}
+    assert bob.get("/api/agents/demo/threads").json == {"threads": []}
+    assert bob.get(f"/api/agents/demo/threads/{thread_id}").status_code == 404
+    refused = nobody.get("/api/agents/demo/threads")
+    assert refused.status_code == 401 and refused.content_type == "application/problem+json"
+    assert refused.json["code"] == "UNAUTHORIZED"
+    # A run answered as JSON, then one streamed as Better Agent's server streams it.
+    question = {"threadId": thread_id, "messages": [{"role": "user", "content": "hello there"}]}
+    answer = alice.post("/api/agents/demo/run", json=question).json
+    assert answer["outcome"] == "success" and answer["threadId"] == thread_id
+    assert [(m["role"], m["content"]) for m in answer["messages"]] == [("assistant", "You said: hello there")]
+    streamed = alice.post("/api/agents/demo/run", json=question, headers={"Accept": "text/event-stream"})
+    assert streamed.status_code == 200 and streamed.headers["Cache-Control"] == "no-cache, no-transform"
+    frames = sse_messages(streamed.get_data())
+    assert all(set(f) == {"data"} for f in frames)  # live frames: `data:` only
+    assert [json.loads(f["data"])["type"] for f in frames][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+    run_id = streamed.headers["X-Run-Id"]
+    replay = sse_messages(alice.get(f"/api/agents/runs/{run_id}/stream", headers={"Last-Event-ID": "3"}
+                                    ).get_data())
+    assert [f["id"] for f in replay] == [str(seq) for seq in range(4, len(frames) + 1)]
+    assert bob.get(f"/api/agents/runs/{run_id}/stream").status_code == 404
+    listed = alice.get(f"/api/agents/demo/threads/{thread_id}/messages").json["messages"]
+    assert [m["content"] for m in listed] == ["hello there", "You said: hello there"] * 2
+    assert alice.post("/logout").json == {"user": None}
+    assert alice.get("/api/agents/demo/threads").status_code == 401
+    assert storage.database.is_closed()  # every request gave its connection back
+    page = alice.get(f"/runs/{run_id}/watch")
+    assert page.status_code == 200 and b'"/api/agents"' in page.data and run_id.encode() in page.data
 
 
 def test_flask_app_with_a_plain_database(database: peewee.Database) -> None:
@@ -279,9 +213,11 @@ def test_flask_app_with_a_plain_database(database: peewee.Database) -> None:
     storage = app.extensions["agent_storage"]
     assert storage.database is database
     create_tables(database)  # already there: a no-op
-    storage.memory.threads.set("t", {"id": "t", "agentName": "a", "createdAt": 1, "updatedAt": 1})
-    assert [t["id"] for t in app.test_client().get("/threads").json["threads"]] == ["t"]
+    storage.memory.threads.set("t", {"id": "t", "agentName": "demo", "scope": "subject:alice",
+                                     "createdAt": 1, "updatedAt": 1})
+    assert [t["id"] for t in login(app, "alice").get("/api/agents/demo/threads").json["threads"]] == ["t"]
     assert database.is_closed()
+    app.extensions["agent_workers"].shutdown(wait=True)
 
 
 def test_open_database_pooled_picks_the_pool_class_of_the_url() -> None:
@@ -303,40 +239,39 @@ def test_open_database_pooled_picks_the_pool_class_of_the_url() -> None:
     assert not isinstance(open_database("postgresql://app@db.internal/app"), PooledPostgresqlDatabase)
 
 
-def test_flask_chat_runs_complete_or_stop_when_aborted(database_url: str) -> None:
-    app = load_flask_example().create_app(database_url, AGENT_WORKERS=2, AGENT_WORD_SECONDS=0.0)
+def test_flask_runs_stop_when_aborted_and_keep_what_was_said(database_url: str) -> None:
+    """An abort mid-reply keeps the words said; a run aborted while it waits for a worker says nothing."""
+    app = load_flask_example().create_app(database_url, AGENT_WORKERS=1, AGENT_WORD_SECONDS=0.2)
     storage = app.extensions["agent_storage"]
-    client = app.test_client()
+    client = login(app, "alice")
+    stream = {"Accept": "text/event-stream"}
     try:
-        first = client.post("/threads/t9/runs", json={"message": "hello there"})
-        assert first.status_code == 202
-        run_id = first.json["runId"]
-        assert storage.runs.get(run_id) is not None  # written before the answer: followable at once
-        assert client.post("/threads/t9/runs", json={"message": " "}).status_code == 400
-        # A slow reply (1 s a word, 5 words), aborted while it streams: it stops at its next check.
-        app.config["AGENT_WORD_SECONDS"] = 1.0
-        slow = client.post("/threads/t9/runs", json={"message": "take your time"}).json["runId"]
-        assert client.post(f"/runs/{slow}/abort").json == {"requested": True, "abort": "requested"}
-        deadline = time.monotonic() + 120
-        while storage.runs.running("demo-agent") is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        slow = client.post("/api/agents/demo/run", headers=stream, buffered=False, json={
+            "threadId": "t9", "messages": [{"role": "user", "content": "take your time please"}]})
+        slow_body = iter(slow.response)
+        seen = b""
+        while seen.count(b"TEXT_MESSAGE_CONTENT") < 2:
+            seen += next(slow_body)
+        # The one worker is busy: this run waits in the queue, and is aborted there.
+        queued = client.post("/api/agents/demo/run", headers=stream, buffered=False, json={
+            "threadId": "t9", "messages": [{"role": "user", "content": "me next"}]})
+        queued_id = queued.headers["X-Run-Id"]
+        assert client.post(f"/api/agents/runs/{queued_id}/abort").status_code == 204
+        assert client.post(f"/api/agents/runs/{slow.headers['X-Run-Id']}/abort").status_code == 204
+        slow_events = [json.loads(f["data"]) for f in sse_messages(seen + b"".join(slow_body))]
+        queued_events = [json.loads(f["data"]) for f in sse_messages(b"".join(queued.response))]
     finally:
         app.extensions["agent_workers"].shutdown(wait=True)
-        storage.database.close_all()
-    done = client.get(f"/runs/{run_id}").json
-    assert done["status"] == "completed" and done["finalEvent"]["outcome"] == "success"
-    messages = client.get("/threads/t9").json["messages"]
-    assert [(m["role"], m["content"]) for m in messages if m["runId"] == run_id] == \
-        [("user", "hello there"), ("assistant", "You said: hello there")]
-    # What was said before the abort is kept (a prefix of the reply), nothing after it.
-    kept = [(m["role"], m["content"]) for m in messages if m["runId"] == slow]
-    assert kept[0] == ("user", "take your time") and len(kept) <= 2
-    assert all(role == "assistant" and "You said: take your time".startswith(text) and text
-               for role, text in kept[1:])
-    stopped = client.get(f"/runs/{slow}").json
-    assert stopped["status"] == "aborted" and stopped["finalEvent"]["code"] == "ABORTED"
-    assert client.post(f"/runs/{slow}/abort").json == {"requested": False, "abort": "not_running"}
+    assert [e["type"] for e in queued_events] == ["RUN_STARTED", "RUN_ERROR"]
+    assert queued_events[-1]["code"] == "ABORTED"
+    assert slow_events[-2]["type"] == "TEXT_MESSAGE_END" and slow_events[-1]["code"] == "ABORTED"
+    said = [e["delta"] for e in slow_events if e["type"] == "TEXT_MESSAGE_CONTENT"]
+    kept = [m for m in storage.memory.messages.list("t9") if m["runId"] == slow.headers["X-Run-Id"]]
+    assert [m["role"] for m in kept] == ["user", "assistant"]
+    assert kept[1]["content"] == " ".join(word.strip() for word in said)
+    assert [m["role"] for m in storage.memory.messages.list("t9") if m["runId"] == queued_id] == ["user"]
+    assert {storage.runs.get(r)["status"] for r in (queued_id, slow.headers["X-Run-Id"])} == {"aborted"}
+    storage.database.close_all()
 
 
 # -- the Django example: Better Agent's routes behind one URL include --------------------------

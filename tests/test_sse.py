@@ -20,6 +20,7 @@ from werkzeug.serving import make_server
 from better_agent_peewee import NotFoundError, create_tables, peewee_storage
 from better_agent_peewee.sse import SSE_HEADERS, event_stream, resume_point
 from tests.test_examples import load_flask_example, sse_messages
+from tests.test_flask_load import login
 
 
 @pytest.fixture
@@ -107,10 +108,11 @@ def serving(database_url: str, **config: Any) -> Iterator[Tuple[Any, int]]:
 class Client:
     """One SSE request on a raw socket (HTTP/1.0: the body ends when the server closes)."""
 
-    def __init__(self, port: int, run_id: str) -> None:
+    def __init__(self, port: int, run_id: str, cookie: str) -> None:
         self.run_id = run_id
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.sock.sendall(f"GET /runs/{run_id}/events HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        self.sock.sendall(f"GET /api/agents/runs/{run_id}/stream HTTP/1.0\r\nHost: localhost\r\n"
+                          f"Cookie: {cookie}\r\n\r\n".encode())
         self.sock.setblocking(False)
         self.data = bytearray()
         self.done = False
@@ -161,12 +163,14 @@ def test_the_flask_example_serves_a_thousand_followers_in_one_process(database_u
     with serving(database_url) as (app, port):
         storage = app.extensions["agent_storage"]
         for r in range(runs):
+            storage.runs.start(f"run-{r}", "demo")  # (no scope: any logged-in user may follow it)
             storage.streams.open(f"run-{r}")
         storage.database.close()
+        cookie = login(port, "alice")
         clients: List[Client] = []
-        for r in range(runs):  # connect 100 at a time: each gets its first frame, then the next 100
-            batch = [Client(port, f"run-{r}") for _ in range(per_run)]
-            pump(batch, lambda c: b"retry: 2000\n\n" in c.data)
+        for r in range(runs):  # connect 100 at a time: each gets its headers, then the next 100
+            batch = [Client(port, f"run-{r}", cookie) for _ in range(per_run)]
+            pump(batch, lambda c: b"\r\n\r\n" in c.data)
             clients += batch
         poller = storage.streams.poller()
         assert sum(len(w) for w in poller.followed.values()) == runs * per_run  # all following at once
@@ -178,13 +182,9 @@ def test_the_flask_example_serves_a_thousand_followers_in_one_process(database_u
         pump(clients, lambda c: c.done)
         for c in clients:
             c.sock.close()
-            messages = sse_messages(c.body())
-            data = [m for m in messages if "id" in m]
-            assert [m["id"] for m in data] == [str(i) for i in range(1, events + 1)]
-            assert [json.loads(m["data"])["delta"] for m in data] == [f"w{i}" for i in range(events)]
-            assert messages[-1].get("event") == "end", messages[-3:]
-            assert json.loads(messages[-1]["data"]) == {"runId": c.run_id, "lastSeq": events,
-                                                        "reason": "closed"}
+            messages = [m for m in sse_messages(c.body()) if "comment" not in m]
+            assert [m["id"] for m in messages] == [str(i) for i in range(1, events + 1)]  # and the end
+            assert [json.loads(m["data"])["delta"] for m in messages] == [f"w{i}" for i in range(events)]
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -219,8 +219,13 @@ def test_a_browser_shows_a_runs_events_as_they_are_appended(database_url: str, t
 
     with serving(database_url) as (app, port), chromium(tmp_path / "profile") as browser:
         storage = app.extensions["agent_storage"]
+        storage.runs.start("live run", "demo")
         storage.streams.open("live run")
         storage.streams.append("live run", {"type": "RUN_STARTED"})
+        browser.get(f"http://127.0.0.1:{port}/runs/nothing/watch")  # the site's origin, to log in
+        browser.execute_script("return fetch('/login', {method: 'POST', headers: {'content-type': "
+                               "'application/json'}, body: JSON.stringify({user: 'alice'})})"
+                               ".then(r => r.status)")
         browser.get(f"http://127.0.0.1:{port}/runs/live%20run/watch")
         wait = WebDriverWait(browser, 60)
 
@@ -237,7 +242,7 @@ def test_a_browser_shows_a_runs_events_as_they_are_appended(database_url: str, t
         storage.streams.append("live run", {"type": "RUN_FINISHED"})
         storage.streams.close("live run")
         storage.database.close()
-        wait.until(lambda _: browser.find_element(By.ID, "status").text == "ended: closed")
+        wait.until(lambda _: browser.find_element(By.ID, "status").text == "ended")
         assert shown() == [{"seq": "1", "text": "RUN_STARTED"},
                            {"seq": "2", "text": "TEXT_MESSAGE_CONTENT Hello"},
                            {"seq": "3", "text": "TEXT_MESSAGE_CONTENT there"},

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from ..errors import DomainNotConfiguredError, NotFoundError
 from ..followers import HEARTBEAT, Follower
+from ..reap import STALE_RUN_CODE
 from .auth import Access, run_not_found
 from .problems import Problem, problem_of
 from .wire import (
@@ -147,8 +148,10 @@ class Control:
                 yield event_frame(item, with_id=not live)
             ended = True
             if follower.reason == "stale":
-                yield error_frame(Problem("STALE_RUN", f"Run '{follower.run_id}' stopped sending heartbeats: "
-                                          "its worker is gone.", context={"runId": follower.run_id}))
+                yield error_frame(Problem(
+                    STALE_RUN_CODE, f"Run '{follower.run_id}' still says running but its worker sent no "
+                    "heartbeat for its stale limit; it may be reaped as failed.",
+                    context={"runId": follower.run_id, "lastSeq": follower.last_seq}))
         except Exception as exc:  # the stream cannot be read (the database is gone): say so, then end
             ended = True
             yield error_frame(problem_of(exc))

@@ -39,6 +39,7 @@ CODES: Dict[str, _Meta] = {
     "METHOD_NOT_ALLOWED": _Meta(405, "Method Not Allowed", False),
     "PAYLOAD_TOO_LARGE": _Meta(413, "Payload Too Large", False),
     "SERVICE_UNAVAILABLE": _Meta(503, "Service Unavailable", True),
+    "STALE_RUN": _Meta(503, "Run worker presumed dead", True),
 }
 
 

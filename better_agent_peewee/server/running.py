@@ -164,8 +164,10 @@ class Runner:
             result = execute(agent, run, run_request)
         except Exception as exc:
             raise problem_of(exc) from exc
-        if run.status == "aborted":
-            raise Problem("ABORTED", (run.final_event or {}).get("message") or "Run aborted.")
+        if run.status not in ("completed", "interrupted"):  # aborted, or ended by someone else
+            final = run.final_event or (self.storage.runs.get(run.run_id) or {}).get("finalEvent") or {}
+            code = final.get("code") or ("ABORTED" if run.status == "aborted" else "CONFLICT")
+            raise Problem(str(code), final.get("message") or f"Run '{run.run_id}' was ended elsewhere.")
         answer: Dict[str, Any] = {"runId": run.run_id}
         if run.thread_id is not None:
             answer["threadId"] = run.thread_id
