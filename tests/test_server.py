@@ -588,3 +588,32 @@ def test_a_storage_without_memory_or_streams_answers_as_better_agent(database: p
         assert (status, answer["code"]) == (422, "VALIDATION_FAILED")
         status, answer = app.json("POST", "/runs/r1/abort")
         assert (status, answer["code"]) == (422, "VALIDATION_FAILED") and "runs" in answer["detail"]
+
+
+def test_the_stream_of_a_run_whose_worker_died_ends_with_a_stale_error_frame(storage: Any) -> None:
+    storage.runs.start("dead", "echo")
+    storage.streams.open("dead")
+    storage.streams.append_many("dead", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
+    Run = storage.models.run
+    beat = int(time.time() * 1000) - 120_000  # two minutes without a heartbeat: over the default limit
+    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead").execute()
+    storage.database.close()
+    with serving(storage) as app:
+        status, headers, body = app.call("GET", "/runs/dead/stream")
+    assert status == 200 and [f.get("id") or f.get("event") for f in frames(body)] == ["1", "2", "error"]
+    problem = json.loads(frames(body)[-1]["data"])
+    assert (problem["code"], problem["status"], problem["retryable"]) == ("STALE_RUN", 503, True)
+    assert problem["type"] == TYPE + "stale-run" and problem["context"] == {"runId": "dead", "lastSeq": 2}
+
+
+def test_a_json_run_ended_by_someone_else_answers_how_it_ended(storage: Any) -> None:
+    def reaped(run: Any, request: RunRequest) -> None:
+        storage.runs.finish(run.run_id, "failed", {"type": "RUN_ERROR", "message": "worker presumed dead",
+                                                   "code": "STALE_RUN"})  # as reap_stale would
+        run.check_abort()  # RunEndedElsewhere: the block writes nothing more
+        raise AssertionError("not reached")
+
+    with serving(storage, agents={"reaped": reaped}) as app:
+        status, body = app.json("POST", "/reaped/run", {})
+    assert (status, body["code"], body["detail"]) == (503, "STALE_RUN", "worker presumed dead")
+    assert [r["status"] for r in storage.list("runs", {})["items"]] == ["failed"]
