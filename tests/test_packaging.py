@@ -96,6 +96,8 @@ def test_the_sdist_and_the_wheel_carry_the_package_and_py_typed(built: Dict[str,
     assert "better_agent_peewee/py.typed" in names and "better_agent_peewee/__init__.py" in names
     # The inspector's assets ship inside (it serves them from the installed package alone).
     assert set(ASSETS) <= names, sorted(n for n in names if "inspector" in n)
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "better_agent_peewee").rglob("*.py")}
+    assert modules <= names, f"modules missing from the wheel (a subpackage not found?): {modules - names}"
     assert f"\nVersion: {version}\n" in metadata and "Requires-Dist: peewee" in metadata
     with tarfile.open(built["sdist"]) as sdist:
         members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
