@@ -172,9 +172,10 @@ class Reader:
                     .where(self._eq(R.agent_name, "agent"), R.status == status)
                     .order_by(R.started_at.desc()).limit(marker("cap")) for status in _FINISHED]
 
-        rows = sorted(self._rows(("durations",), build, {"agent": agent, "cap": sample}),
-                      key=lambda r: self._ms(r[0]) or 0, reverse=True)[:sample]
-        spans = [(self._ms(s) or 0, self._ms(f)) for s, f in rows]
+        started = [(self._ms(s) or 0, f) for s, f in self._rows(("durations",), build,
+                                                                 {"agent": agent, "cap": sample})]
+        started.sort(key=lambda r: r[0], reverse=True)
+        spans = [(s, self._ms(f)) for s, f in started[:sample]]  # (only the kept ones' ends decoded)
         return [f - s for s, f in spans if f is not None]
 
     def running(self, limit: int = PAGE) -> List[RunRow]:

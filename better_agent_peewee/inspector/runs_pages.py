@@ -38,7 +38,11 @@ def runs_page(reader: Reader, ctx: Context, f: RunFilter, before: Optional[Tuple
         more = tag("a", {"href": href("runs", agent=f.agent, status=f.status, since=f.since, until=f.until,
                                       before_at=last.started_at, before_id=last.run_id),
                          "class": "more", "rel": "next"}, "Older runs →")
-    body = join([_filters(reader, f),
+    capped = None
+    if not f.agent and len(agents) >= MAX_AGENTS:
+        capped = tag("p", {"class": "notice"}, f"Runs of the first {MAX_AGENTS} agents (by name) only: "
+                     "choose an agent to see another's.")
+    body = join([_filters(reader, f), capped,
                  table(["run", "agent", "thread", "status", "started (UTC)", "duration"], cells,
                        empty="No run matches these filters.", class_="runs"), more])
     return page("Runs", body, active="runs")
