@@ -20,7 +20,9 @@ from werkzeug.serving import make_server
 
 from better_agent_peewee import PoolExhaustedError, RunAborted, create_tables, peewee_storage
 from better_agent_peewee.server import Problem, RunRequest, wsgi_app
+from better_agent_peewee.server.control import after_seq
 from better_agent_peewee.server.problems import problem_of
+from better_agent_peewee.server.routes import limit_of
 
 TYPE = "https://better-agent.com/docs/concepts/errors#"
 
@@ -617,3 +619,12 @@ def test_a_json_run_ended_by_someone_else_answers_how_it_ended(storage: Any) -> 
         status, body = app.json("POST", "/reaped/run", {})
     assert (status, body["code"], body["detail"]) == (503, "STALE_RUN", "worker presumed dead")
     assert [r["status"] for r in storage.list("runs", {})["items"]] == ["failed"]
+
+
+def test_last_event_id_and_limits_are_read_as_javascripts_number_reads_them() -> None:
+    cases = {None: 0, "": 0, " 5 ": 5, "1e2": 100, "1.": 1, ".5": 0, "2.7": 2, "0x1F": 31, "0B11": 3,
+             "-3": 0, "-0x10": 0, "+0x10": 0, "١٢": 0, "Infinity": 0, "nan": 0, "1_0": 0, "0x1_F": 0,
+             "abc": 0, "1e999": 0}
+    assert {text: after_seq(text) for text in cases} == cases
+    assert [limit_of(t) for t in (None, "", "0", "-1", "0.5", "2.9", "x", "1e99")] == \
+        [None, None, None, None, 0, 2, None, 2 ** 31 - 1]

@@ -77,10 +77,12 @@ def js_number(text: Optional[str]) -> Optional[float]:
     text = text.strip()
     if not text:
         return 0.0
+    if not text.isascii() or "_" in text:
+        return None  # (Python reads other scripts' digits and 1_000; JavaScript does not)
     try:
         if text[:2].lower() in ("0x", "0o", "0b"):
             return float(int(text, 0))
-        if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+        if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
             return None  # (Python's float() would also take "nan", "inf", "1_0")
         value = float(text)
     except (ValueError, OverflowError):
