@@ -30,6 +30,7 @@ from . import __version__
 from .database_url import POOL_WAIT_SECONDS, SQLITE_PRAGMAS, DatabaseURLError, open_database, redact
 from .domains import ALL_DOMAINS, check_domains, physical_tables
 from .errors import StorageError, first_line
+from .followers import STALE_AFTER
 from .inspector import inspector_app, make_inspector_server
 from .prune import PruneReport, prune_runs
 from .reap import reap_stale
@@ -213,9 +214,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
     _require_tables(db, ("streams", "stream_events"))
     storage = _storage(db)
     write, flush = sys.stdout.write, sys.stdout.flush
-    for event in storage.streams.resume(args.run_id, args.from_seq, poll_interval=args.poll_interval):
+    follower = storage.streams.resume(args.run_id, args.from_seq, poll_interval=args.poll_interval)
+    for event in follower:
         write(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n")
         flush()  # a follower (or `| jq`) sees each event as it arrives
+    if follower.reason == "stale":
+        raise _Failure(f"run {args.run_id!r} still says running, but its worker sent no heartbeat for "
+                       f"{STALE_AFTER:g} s: presumed dead (`{PROG} prune --reap-stale` marks it failed)")
     return 0
 
 

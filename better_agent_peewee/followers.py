@@ -262,6 +262,7 @@ class Poller:
         self._alive_at = 0.0  # when the next liveness check is due (`_check_alive`)
         self._alive_last = -1.0  # when the last one ran
         self.liveness_checks = 0  # liveness statements run (for tests and benchmarks)
+        self._liveness = True  # False once agent_runs cannot be read here (the runs domain elsewhere)
         self._stale_runs: Set[str] = set()  # runs found dead whose followers have not ended yet
         # What a timed poll of every stream sends, kept while nothing changes (`_version`).
         self._version = 0
@@ -658,7 +659,7 @@ class Poller:
             limits = {run_id: min(w.stale_after for w in ws if w.stale_after is not None)
                       for run_id, ws in self._watches.items()
                       if any(w.stale_after is not None and not w.stale for w in ws)}
-        if not limits:
+        if not limits or not self._liveness:
             return set()
         now = now_ms()
         self._alive_last = time.monotonic()
@@ -669,13 +670,23 @@ class Poller:
         Run = self._models.run
         ids = sorted(limits)
         found: Dict[str, int] = {}
-        for start in range(0, len(ids), STREAMS_PER_POLL):
-            query = Run.select(Run.run_id, Run.updated_at).where(
-                Run.run_id.in_(ids[start:start + STREAMS_PER_POLL]), Run.status == "running",
-                Run.updated_at < cutoff, Run.updated_at > Run.started_at)
-            self.liveness_checks += 1
-            for run_id, updated in self._storage.rows(query):
-                found[run_id] = updated if isinstance(updated, int) else self._dialect.decode_ts(updated)
+        try:
+            for start in range(0, len(ids), STREAMS_PER_POLL):
+                query = Run.select(Run.run_id, Run.updated_at).where(
+                    Run.run_id.in_(ids[start:start + STREAMS_PER_POLL]), Run.status == "running",
+                    Run.updated_at < cutoff, Run.updated_at > Run.started_at)
+                self.liveness_checks += 1
+                for run_id, updated in self._storage.rows(query):
+                    found[run_id] = updated if isinstance(updated, int) else self._dialect.decode_ts(updated)
+        except peewee.DatabaseError as exc:
+            if isinstance(exc, ConnectionLostError) or self._dialect.is_connection_lost(exc):
+                raise  # (the round fails and is tried again, as a poll's would)
+            # No agent_runs here (a storage of the streams domain only, its runs kept elsewhere):
+            # followers end only when their streams do, as before.
+            logger.warning("stream poller: cannot read agent_runs (%s); followers here will not end "
+                           "\"stale\"", str(exc).strip().splitlines()[0] if str(exc) else exc)
+            self._liveness = False
+            return set()
         marked: Set[str] = set()
         with self._lock:
             for run_id, updated in found.items():

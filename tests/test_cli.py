@@ -470,3 +470,17 @@ def test_examples_prune_cron(storage: Any, database_url: str) -> None:
     assert "reaped 1 stale run" in result.stderr and "pruned 2 runs, 2 streams, 4 events" in result.stderr
     assert set(snapshot(storage)["runs"]) == {"old-int", "new-1", "dead", "alive"}
     assert storage.runs.get("dead")["status"] == "failed"
+
+
+def test_tail_of_a_dead_workers_run_says_so(storage: Any, database_url: str) -> None:
+    storage.runs.start("dead", "agent")
+    storage.streams.open("dead")
+    storage.streams.append("dead", {"type": "RUN_STARTED"})
+    Run = storage.models.run
+    beat = int(time.time() * 1000) - 120_000  # its last heartbeat two minutes ago
+    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead").execute()
+    storage.database.close()
+    result = cli("tail", "dead", url=database_url)
+    line = one_error_line(result, 1, "'dead'", "presumed dead", "--reap-stale")
+    assert line.startswith(f"{PROG} tail: error: ")
+    assert [json.loads(x)["type"] for x in result.stdout.splitlines()] == ["RUN_STARTED"]

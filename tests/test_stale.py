@@ -231,3 +231,17 @@ def test_the_heartbeats_of_a_process_share_rounds(storage: Any) -> None:
     for run in runs:
         run.finish()
     assert not any(f"beat-{i}" in beats for i in range(20))
+
+
+def test_followers_of_a_streams_only_storage_still_follow(database: peewee.Database) -> None:
+    # The runs domain kept elsewhere (no agent_runs here): no liveness check, the rest as before.
+    create_tables(database, domains=["streams"])
+    storage = peewee_storage(database, domains=["streams"])
+    storage.streams.open("s1")
+    storage.streams.append("s1", {"type": "A"})
+    reader = Reader(storage, "s1", stale_after=0.2)
+    time.sleep(0.5)  # several liveness checks' worth
+    storage.streams.append("s1", {"type": "B"})
+    storage.streams.close("s1")
+    assert reader.finished().reason == "closed"
+    assert [e["type"] for e in reader.items] == ["A", "B"]
