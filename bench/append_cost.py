@@ -44,7 +44,7 @@ import peewee
 
 from better_agent_peewee import create_tables, peewee_storage
 
-#: The NOTIFY channel and payload the adapter sends (followers.notify_sql).
+#: The NOTIFY channel and payload the adapter sends (PostgresDialect.notify_sql).
 NOTIFY = ("pg_notify('better_agent_streams', "
           "CASE WHEN octet_length(run_id) <= 7000 THEN run_id ELSE '' END)")
 #: NOTIFY only when the exclusive advisory lock cannot be had: some poller holds it shared.

@@ -314,6 +314,63 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_prune(commands: Any, common: argparse.ArgumentParser) -> None:
+    """The `prune` command's arguments (the longest list: runs, stale runs, idle threads)."""
+    p = commands.add_parser("prune", parents=[common],
+                            help="delete finished runs (and their streams and events) older than a duration, "
+                                 "mark runs whose worker died failed (--reap-stale), and/or delete idle "
+                                 "threads with their messages (--threads-idle-for)")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="keep runs that finished more recently than this (30s, 15m, 12h, 7d); "
+                        "without it, only --reap-stale runs")
+    p.add_argument("--statuses", nargs="+", metavar="STATUS", choices=FINISHED_STATUSES,
+                   help="finished statuses to prune (default: completed failed aborted)")
+    p.add_argument("--include-interrupted", action="store_true",
+                   help="prune interrupted runs too (by default they wait for a human)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, metavar="N",
+                   help="runs (or threads) per transaction (default 1000)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="count what would be reaped and deleted, write nothing")
+    p.add_argument("--threads-idle-for", type=_duration, metavar="DURATION",
+                   help="delete threads (and their messages) not updated for this long (90d); never a "
+                        "thread with a running run. Alone, or with --older-than and --reap-stale")
+    p.add_argument("--agent", metavar="NAME", help="only this agent's threads (with --threads-idle-for)")
+    p.add_argument("--reap-stale", type=_duration, metavar="DURATION",
+                   help="first mark runs still running but not updated for this long as failed "
+                        "(alone, without --older-than: a reap-only job for a frequent cron line)")
+    p.set_defaults(func=cmd_prune)
+
+
+def _add_following_and_export(commands: Any, common: argparse.ArgumentParser) -> None:
+    """The commands that read one run or thread: `tail`, `export`, `inspect`."""
+    p = commands.add_parser("tail", parents=[common],
+                            help="follow a run's stream like tail -f: one JSON event per line")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--from-seq", type=_non_negative_int, default=0, metavar="N",
+                   help="start after event N (default 0: from the beginning)")
+    p.add_argument("--poll-interval", type=_seconds, default=0.25, metavar="SECONDS",
+                   help="seconds between polls while the stream is idle (default 0.25)")
+    p.set_defaults(func=cmd_tail)
+
+    p = commands.add_parser("export", parents=[common], help="print a thread and its messages as JSON")
+    p.add_argument("thread_id", metavar="THREAD_ID")
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("inspect", parents=[common],
+                            help="serve a web inspector of threads, runs and live streams (read-only unless "
+                                 "--allow-writes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                   "needs --token)")
+    p.add_argument("--port", type=_non_negative_int, default=8765,
+                   help="port (default 8765; 0: any free one)")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="offer abort, reap-stale and prune (each behind a CSRF token); "
+                        "off: every write is 403")
+    p.add_argument("--token", metavar="T", help="require this token on every request (default: "
+                   "$BAP_INSPECT_TOKEN); needed for a --host other than loopback")
+    p.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation tools and tests)."""
     parser = _Parser(prog=PROG, description="Operate a Better Agent database: create and check the "
@@ -344,61 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(advice, such as a missing performance index, exits 0)")
     p.set_defaults(func=cmd_check)
 
-    p = commands.add_parser("prune", parents=[common],
-                            help="delete finished runs (and their streams and events) older than a duration, "
-                                 "mark runs whose worker died failed (--reap-stale), and/or delete idle "
-                                 "threads with their messages (--threads-idle-for)")
-    p.add_argument("--older-than", type=_duration, metavar="DURATION",
-                   help="keep runs that finished more recently than this (30s, 15m, 12h, 7d); "
-                        "without it, only --reap-stale runs")
-    p.add_argument("--statuses", nargs="+", metavar="STATUS", choices=FINISHED_STATUSES,
-                   help="finished statuses to prune (default: completed failed aborted)")
-    p.add_argument("--include-interrupted", action="store_true",
-                   help="prune interrupted runs too (by default they wait for a human)")
-    p.add_argument("--batch-size", type=_positive_int, default=1000, metavar="N",
-                   help="runs (or threads) per transaction (default 1000)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="count what would be reaped and deleted, write nothing")
-    p.add_argument("--threads-idle-for", type=_duration, metavar="DURATION",
-                   help="delete threads (and their messages) not updated for this long (90d); never a "
-                        "thread with a running run. Alone, or with --older-than and --reap-stale")
-    p.add_argument("--agent", metavar="NAME", help="only this agent's threads (with --threads-idle-for)")
-    p.add_argument("--reap-stale", type=_duration, metavar="DURATION",
-                   help="first mark runs still running but not updated for this long as failed "
-                        "(alone, without --older-than: a reap-only job for a frequent cron line)")
-    p.set_defaults(func=cmd_prune)
+    _add_prune(commands, common)
 
     p = commands.add_parser("stats", parents=[common, domains],
                             help="rows per table, runs per status, oldest and newest run")
     p.add_argument("--json", action="store_true", help="print JSON (timestamps as epoch ms)")
     p.set_defaults(func=cmd_stats)
 
-    p = commands.add_parser("tail", parents=[common],
-                            help="follow a run's stream like tail -f: one JSON event per line")
-    p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument("--from-seq", type=_non_negative_int, default=0, metavar="N",
-                   help="start after event N (default 0: from the beginning)")
-    p.add_argument("--poll-interval", type=_seconds, default=0.25, metavar="SECONDS",
-                   help="seconds between polls while the stream is idle (default 0.25)")
-    p.set_defaults(func=cmd_tail)
-
-    p = commands.add_parser("export", parents=[common], help="print a thread and its messages as JSON")
-    p.add_argument("thread_id", metavar="THREAD_ID")
-    p.set_defaults(func=cmd_export)
-
-    p = commands.add_parser("inspect", parents=[common],
-                            help="serve a web inspector of threads, runs and live streams (read-only unless "
-                                 "--allow-writes)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
-                   "needs --token)")
-    p.add_argument("--port", type=_non_negative_int, default=8765,
-                   help="port (default 8765; 0: any free one)")
-    p.add_argument("--allow-writes", action="store_true",
-                   help="offer abort, reap-stale and prune (each behind a CSRF token); "
-                        "off: every write is 403")
-    p.add_argument("--token", metavar="T", help="require this token on every request (default: "
-                   "$BAP_INSPECT_TOKEN); needed for a --host other than loopback")
-    p.set_defaults(func=cmd_inspect)
+    _add_following_and_export(commands, common)
     return parser
 
 

@@ -16,7 +16,12 @@ __all__ = ["driver_error", "pg_code", "mysql_errno", "pg_gone_code", "socket_rea
 
 
 def driver_error(exc: BaseException) -> BaseException:
-    """The driver's exception behind a peewee one (peewee passes it as the first argument)."""
+    """The driver's exception behind a peewee one (peewee keeps it as ``orig``)."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        # (Before the context: an error raised again while another was handled -- the executor
+        # running a statement again after a reconnect -- has that other one as its context.)
+        return orig
     first = exc.args[0] if exc.args else None
     if isinstance(first, BaseException):
         return first

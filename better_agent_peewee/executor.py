@@ -181,6 +181,12 @@ def _or_lost(database: peewee.Database, dialect: Dialect, what: str, call: Calla
         raise _lost(database, exc, what) from exc
 
 
+def _read_only(database: peewee.Database, exc: BaseException) -> ReadOnlyError:
+    return ReadOnlyError(f"the {database.__class__.__name__} server takes no writes (a read-only standby or "
+                         f"replica; connect writers to the primary): {first_line(exc)}",
+                         getattr(exc, "orig", exc))
+
+
 def pool_exhausted(database: peewee.Database, exc: BaseException) -> PoolExhaustedError:
     """The PoolExhaustedError for a pool that had no free connection in time, saying what to change."""
     size = getattr(database, "_max_connections", "?")
@@ -365,10 +371,7 @@ class Executor:
         unsure = False  # the statement may have been applied: its reply was lost
         while True:
             if dialect.is_read_only(exc):
-                raise ReadOnlyError(f"the {database.__class__.__name__} server takes no writes (a read-only "
-                                    f"standby or replica; connect writers to the primary): "
-                                    f"{first_line(exc)}",
-                                    getattr(exc, "orig", exc)) from exc
+                raise _read_only(database, exc) from exc
             if isinstance(exc, ConnectionLostError) or dialect.is_connection_lost(exc):
                 if database.in_transaction():
                     raise _lost(database, exc, "the transaction was rolled back") from exc
@@ -383,15 +386,7 @@ class Executor:
                 if deadline is None:
                     deadline = now + self.reconnect_window
                 elif now >= deadline:
-                    # Still unsure: the read-back never ran, so the caller must not take this as
-                    # "not applied".
-                    what = (f"the server stayed unreachable for the reconnect window "
-                            f"({self.reconnect_window:g} s)")
-                    if unsure:
-                        what += "; the statement whose reply was lost may or may not have been applied"
-                    lost = _lost(database, exc, what)
-                    lost.maybe_applied = unsure
-                    raise lost from exc
+                    raise self._window_over(exc, unsure) from exc
                 if reconnects:
                     _reconnect_pause(reconnects, deadline)
                 reconnects += 1
@@ -441,6 +436,17 @@ class Executor:
                 except TypeError:  # a driver connection without weak references: each time
                     pass
         return self._plain_execute_sql(sql, params)
+
+    def _window_over(self, exc: BaseException, unsure: bool) -> ConnectionLostError:
+        """The error once the server stayed away for the whole reconnect window (`unsure`: a
+        statement whose reply was lost may have been applied)."""
+        # Still unsure: the read-back never ran, so the caller must not take this as "not applied".
+        what = f"the server stayed unreachable for the reconnect window ({self.reconnect_window:g} s)"
+        if unsure:
+            what += "; the statement whose reply was lost may or may not have been applied"
+        lost = _lost(self.database, exc, what)
+        lost.maybe_applied = unsure
+        return lost
 
     def rerunnable(self, exc: BaseException) -> bool:
         """True when a transaction that raised `exc` did nothing and may simply run again: a

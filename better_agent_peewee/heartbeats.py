@@ -31,7 +31,6 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from .followers import in_memory_sqlite
 from .timestamps import now_ms
 
 if TYPE_CHECKING:
@@ -72,7 +71,7 @@ class Heartbeats:
         self._cond = threading.Condition()
         self._busy = threading.Lock()  # held inside a statement on SQLite: a fork waits for it
         self._thread: Optional[threading.Thread] = None
-        self.inline = in_memory_sqlite(executor.database)
+        self.inline = executor.dialect.per_connection_database()
         #: UPDATE statements run (for tests and benchmarks).
         self.statements = 0
         _ALL.add(self)

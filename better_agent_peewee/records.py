@@ -404,12 +404,7 @@ def run_mapper(dialect: Dialect) -> Mapper:
             _same_key(T, "runId", r["runId"], key)
         thread_id = r.get("threadId")
         scope = r.get("scope")
-        final = r.get("finalEvent")
-        if final is not None:
-            if not isinstance(final, dict) or final.get("type") not in FINAL_EVENT_TYPES:
-                raise _fail(T, "finalEvent",
-                            f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final!r:.80}")
-            final = check_json(T, "finalEvent", final)
+        final = _final_event(r.get("finalEvent"), check_json)
         config = r.get("config")
         return (
             key,
@@ -449,6 +444,16 @@ def run_mapper(dialect: Dialect) -> Mapper:
     return Mapper(to_row, from_row)
 
 
+
+
+def _final_event(final: Any, check_json: Callable[[str, str, Any], Any]) -> Any:
+    """A run's finalEvent checked (a RUN_FINISHED or RUN_ERROR object) and encoded; None stays None."""
+    if final is None:
+        return None
+    if not isinstance(final, dict) or final.get("type") not in FINAL_EVENT_TYPES:
+        raise _fail("runs", "finalEvent",
+                    f"must be an object whose type is RUN_FINISHED or RUN_ERROR, got {final!r:.80}")
+    return check_json("runs", "finalEvent", final)
 
 
 def stream_mapper(dialect: Dialect) -> Mapper:

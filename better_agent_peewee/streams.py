@@ -21,7 +21,7 @@ statement: one round trip per event. Threads of one process appending to the sam
 stream take turns on a lock first, so only other processes ever make an append retry.
 
 `resume` follows a stream without a connection of its own: the storage's one poller
-thread (`followers.Poller`) reads every followed stream of the process together, and is
+thread (`poller.Poller`) reads every followed stream of the process together, and is
 woken at once by this process's appends (and, on PostgreSQL, by other processes' through
 LISTEN/NOTIFY). A poll reads, in one snapshot per statement, each stream's status, its
 last seq and the events in the next window of seqs after the last one seen (a range scan
@@ -46,7 +46,8 @@ import peewee
 from .checks import is_int
 from .errors import ConflictError, ConnectionLostError, ContentionError, NotFoundError, RecordError
 from .executor import Applied, json_refused, read_back_after
-from .followers import HEARTBEAT, POLL_BATCH, STALE_AFTER, Follower, Poller, notify_sql
+from .followers import HEARTBEAT, POLL_BATCH, STALE_AFTER, Follower
+from .poller import Poller
 from .query import MultiRowInsert, compile_statement, first_row, marker
 from .records import STREAM_STATUSES, check_key, check_text, check_ts, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -114,11 +115,11 @@ class Streams:
             # the lock an append begun before the close could commit after it, unseen by the
             # followers that ended at the close. (SQLite has one writer at a time anyway.)
             checked = checked.for_update(d.stream_row_share_lock)
-        # On PostgreSQL the same statement NOTIFYs the pollers of all processes (followers.notify_sql).
+        # On PostgreSQL the same statement NOTIFYs the pollers of all processes (Dialect.notify_sql).
         notify = d.notifies_appends
         insert = d.skip_duplicates(E.insert_from(checked, self._event_fields))
         statement = compile_statement(self._db, insert.returning(E.run_id) if notify else insert.returning())
-        self._insert_checked = statement._replace(sql=notify_sql(d, statement.sql))
+        self._insert_checked = statement._replace(sql=d.notify_sql(statement.sql))
         # The status and last seq of a stream (0 when it has no event); no row when there is no stream.
         self._last_seq = compile_statement(
             self._db, S.select(S.status, last_seq).where(S.id == marker("run")))
@@ -128,7 +129,7 @@ class Streams:
         close = S.update({S.status: marker("status"), S.updated_at: marker("now"),
                           S.closed_at: marker("now")}).where(S.id == marker("run"))
         statement = compile_statement(self._db, close.returning(S.id) if notify else close)
-        self._close_sql = statement._replace(sql=notify_sql(d, statement.sql))
+        self._close_sql = statement._replace(sql=d.notify_sql(statement.sql))
 
         # The rest of an append_many's events: a plain INSERT (a duplicate raises), since skipping
         # duplicates costs PostgreSQL a speculative insertion per row (about a third more per event).

@@ -34,7 +34,7 @@ from better_agent_peewee import (
     ConnectionLostError,
     StorageError,
     create_tables,
-    followers,
+    forkguard,
     peewee_storage,
     reap_stale,
 )
@@ -830,7 +830,7 @@ def test_a_fork_does_not_wait_for_a_poller_riding_out_an_outage(
     round. A fork() meanwhile (a pre-forking server starting a worker; subprocess with a
     preexec_fn) does not wait for it: only SQLite's pollers hold forks off, for the length of
     one statement (nothing of a network driver stays locked in the child)."""
-    monkeypatch.setattr(followers, "FORK_WAIT", 3.0)
+    monkeypatch.setattr(forkguard, "FORK_WAIT", 3.0)
     storage = make_storage(make_database, dialect, pooled=False)
     storage.streams.open("r")
     seen: List[int] = []

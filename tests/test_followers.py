@@ -495,7 +495,7 @@ def test_mysql_prepared_checks_see_other_writers_and_recover_a_lost_or_foreign_s
         storage.streams.open(run_id)
     readers = {run_id: Reader(storage, run_id) for run_id in runs}
     poller = storage.streams.poller()
-    _wait_for(lambda: len(poller._prepared.get(0, (None, 0, {}))[2]) == len(runs),
+    _wait_for(lambda: len(poller.reader.checks._prepared.get(0, (None, 0, {}))[2]) == len(runs),
               "the check of every stream to be prepared")
 
     def deliver(run_id: str, i: int) -> None:
@@ -505,20 +505,20 @@ def test_mysql_prepared_checks_see_other_writers_and_recover_a_lost_or_foreign_s
     deliver("idle0", 0)  # seen by the prepared statement
     deliver("idle0", 1)  # idle0 has moved since it was written: seen by the array beside it
     deliver("idle1", 0)
-    token = poller._prepared[0][1]
+    token = poller.reader.checks._prepared[0][1]
     raw = make_database()
     raw.execute_sql("SELECT 1")
     # Another statement under the same name, on the poller's own connection (as another poller on
     # a pooled connection would leave it): the token tells it apart.
-    prepared = poller._prepared[0]
-    poller._prepared[0] = (prepared[0], token ^ 1, prepared[2])
+    prepared = poller.reader.checks._prepared[0]
+    poller.reader.checks._prepared[0] = (prepared[0], token ^ 1, prepared[2])
     deliver("idle2", 0)
-    _wait_for(lambda: poller._prepared.get(0, prepared)[1] not in (token, token ^ 1),
+    _wait_for(lambda: poller.reader.checks._prepared.get(0, prepared)[1] not in (token, token ^ 1),
               "the check to be prepared anew")
     conn = poller._conn
     raw.execute_sql(f"KILL CONNECTION {int(conn.thread_id())}")
     deliver("idle3", 0)
-    _wait_for(lambda: poller._prepared.get(0, prepared)[0] not in (conn, None),
+    _wait_for(lambda: poller.reader.checks._prepared.get(0, prepared)[0] not in (conn, None),
               "a check prepared on the new session")
     deliver("idle0", 2)
     for run_id in runs:

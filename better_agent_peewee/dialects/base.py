@@ -22,6 +22,7 @@ import peewee
 
 from ..jsoncodec import dumps, load_text
 from ..timestamps import datetime_to_ms, postgres_encode_ts
+from .polling import PollReader, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +85,13 @@ class Dialect:
     single_writer = False
 
     # What the streams, their followers and the schema set-up do differently (streams.py,
-    # followers.py, schema.py ask these rather than the dialect's name).
+    # poller.py, schema.py ask these rather than the dialect's name).
     #: The locking clause that holds the stream row shared while an event is appended, so a
     #: racing close waits; None where one writer at a time makes it needless (SQLite).
     stream_row_share_lock: Optional[str] = None
-    #: Appends and closes NOTIFY the pollers of every process in the same statement, and the
-    #: pollers LISTEN for it (PostgreSQL).
+    #: Appends and closes NOTIFY the pollers of every process in the same statement
+    #: (`notify_sql`), and the pollers listen for it (PostgreSQL).
     notifies_appends = False
-    #: The poller PREPAREs its poll statement on its connection (PostgreSQL).
-    prepares_polls = False
-    #: The poll statement takes three arrays (run ids, after, upto) rather than one JSON array.
-    polls_with_arrays = False
-    #: A timed poll first asks which streams have news, then reads each alone with constant
-    #: bounds (MariaDB reads an index range only for constants).
-    polls_by_checks = False
-    #: PRAGMA data_version tells whether anything was committed since the last timed poll (SQLite).
-    has_data_version = False
     #: The database library runs inside this process and takes process-wide locks while it works
     #: (SQLite's mutexes): a fork() must wait until the stream poller is out of its statement.
     #: (A network driver's child gets a connection of its own; the inherited one is never used.)
@@ -234,8 +226,8 @@ class Dialect:
         return [(fk.column, fk.dest_table, fk.dest_column) for fk in self.database.get_foreign_keys(table)]
 
     def prepare(self, causal_reads: bool = True) -> None:
-        """Per-database settings the storage relies on, made through what Peewee documents for
-        them (SQLite's permanent pragmas); `causal_reads`: see `set_up_connection`."""
+        """Per-database settings the storage relies on (SQLite's permanent pragmas, a hook Peewee
+        documents); `causal_reads`: see `set_up_connection`."""
 
     # Per-connection setup: the executor asks these the first time it uses each connection; the
     # user's database object is never changed for it.
@@ -257,7 +249,7 @@ class Dialect:
 
     # Streams, followers and indexes.
     def build_poll_sql(self, models: Any) -> str:
-        """The followers' poll statement over the stream tables of `models` (see followers.py).
+        """The stream poller's statement over the stream tables of `models` (see poller.py).
 
         Every read of stream_events goes through the unique (run_id, seq) index, bounded: the last
         seq is one index entry read backwards, the events a range of it. (MariaDB and SQLite would
@@ -265,27 +257,25 @@ class Dialect:
         """
         raise NotImplementedError(f"{type(self).__name__} has no poll statement")
 
-    def build_check_sql(self, models: Any, status: bool,
-                        pairs: Optional[List[Tuple[str, int]]] = None, token: int = 0) -> str:
-        """`polls_by_checks` dialects: the timed check of streams, given as [run id, seq] pairs,
-        which returns (run id, status) of those with news. With `status`, news is also a status
-        other than open or a stream that is gone (it reads each stream's row: dearer); without,
-        only the next event. The pairs are the statement's one parameter, a JSON array; or, given
-        `pairs`, they are written into the statement (to PREPARE once and EXECUTE many times,
-        `check_statements`), whose one parameter must then be `token`: any other value adds a
-        row of NULLs, which tells a session's statement of that name is not this one."""
-        raise NotImplementedError(f"{type(self).__name__} polls without checks")
+    def poll_reader(self, runner: Runner, models: Any, connect: Callable[[], Any]) -> PollReader:
+        """The stream poller's reader and wake-up source for this database (dialects/polling.py)."""
+        return PollReader(runner, self, models, connect)
 
-    def check_statements(self, name: str) -> Tuple[str, str, str]:
-        """`polls_by_checks` dialects: PREPARE `name` (the text its parameter), EXECUTE it (its
-        parameter the token) and DEALLOCATE it."""
-        raise NotImplementedError(f"{type(self).__name__} polls without checks")
+    def notify_sql(self, returning_sql: str) -> str:
+        """`returning_sql` (an INSERT/UPDATE ... RETURNING the run id) made to wake the pollers of
+        every process for each row it writes, in the same statement; its row count stays the rows
+        written. Unchanged where pollers are not woken that way (`notifies_appends` false)."""
+        return returning_sql
 
-    @property
-    def prepares_checks(self) -> bool:
-        """`polls_by_checks` dialects: the server runs `check_statements` (PREPARE once, EXECUTE
-        with the token as a value); otherwise every timed check sends its JSON array."""
+    def per_connection_database(self) -> bool:
+        """True when each connection sees a database of its own (in-memory SQLite): followers
+        then poll on their own thread."""
         return False
+
+    def driver_fd(self, conn: Any) -> Optional[int]:
+        """The socket of the driver connection `conn`, or None (an embedded database). A forked
+        child points it at /dev/null, so it can never talk on its parent's connection."""
+        return int(conn.fileno()) if hasattr(conn, "fileno") else None
 
     def drop_index_sql(self, index: str, table: str) -> str:
         """DROP INDEX of the quoted `index` on the quoted `table`."""

@@ -2,16 +2,34 @@
 reads; the stream poller's checks (PREPAREd on MariaDB)."""
 from __future__ import annotations
 
+import logging
+import random
 import re
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import peewee
 
 from ..driver_errors import MYSQL_GONE, MYSQL_UNREACHABLE, mysql_errno, socket_readable
+from ..errors import ConnectionLostError
 from ..timestamps import datetime_to_ms, mysql_encode_ts
 from .base import Dialect
+from .polling import POLL_BATCH, Entry, PollReader, Row, Runner, json_array
 
-__all__ = ["MySQLDialect"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["MySQLDialect", "MySQLReader", "PreparedChecks", "build_check_sql", "check_statements",
+           "CHECKS_PER_POLL", "STATUS_PAUSE", "PREPARE_PAUSE"]
+
+#: Most streams one check statement asks about (it returns the run ids with news).
+CHECKS_PER_POLL = 2000
+#: Seconds between the timed checks that also read the streams' status (for closes and deletes by
+#: other processes that append no event; the others look for new events only).
+STATUS_PAUSE = 0.5
+#: Fewest seconds between two PREPAREs of a chunk's timed check.
+PREPARE_PAUSE = 1.0
+#: The prepared statements (this, then the chunk's number) of the timed checks.
+_CHECK_STATEMENT = "better_agent_check"
 
 
 class MySQLDialect(Dialect):
@@ -27,50 +45,24 @@ class MySQLDialect(Dialect):
     encode_ts = staticmethod(mysql_encode_ts)
     decode_ts = staticmethod(datetime_to_ms)
     stream_row_share_lock = "LOCK IN SHARE MODE"
-    polls_by_checks = True
 
     def build_poll_sql(self, models: Any) -> str:
-        return self.build_check_sql(models, status=True)
+        return build_check_sql(models, status=True)
 
-    def build_check_sql(self, models: Any, status: bool,
-                        pairs: Optional[List[Tuple[str, int]]] = None, token: int = 0) -> str:
-        # MariaDB reads a range of the index only when its bounds are constants, not columns of
-        # JSON_TABLE: a timed poll first asks which streams have news (the next seq is there --
-        # one point lookup each --, the status is not open, or the stream is gone), then reads
-        # those one at a time, as constants. (A hole in the numbering of an open stream is then
-        # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
-        # The LEFT JOINs (rather than OR EXISTS, a dependent subquery per row) keep both
-        # lookups point reads of a unique index. Written-in pairs are a VALUES list, run ids as
-        # hex literals (no quoting, whatever the SQL mode); EXECUTEd, it costs the server about
-        # 60% of the JSON_TABLE form, which parses the array again each time.
-        streams = models.stream._meta.table_name
-        events = models.stream_event._meta.table_name
-        if pairs is None:
-            source = ("JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 COLLATE "
-                      "utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]')) AS j ")
-            head = ""
-        else:
-            rows = ",".join(f"(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
-            head = f"WITH j(run, since) AS (VALUES {rows}) "
-            source = "j "
-        sql = f"{head}SELECT j.run, {'s.status' if status else 'NULL'} FROM {source}"
-        if status:
-            sql += (f"LEFT JOIN {streams} s ON s.id = j.run "
-                    f"LEFT JOIN {events} x ON x.run_id = j.run AND x.seq = j.since + 1 "
-                    f"WHERE s.id IS NULL OR s.status <> 'open' OR x.run_id IS NOT NULL")
-        else:
-            sql += f"JOIN {events} x ON x.run_id = j.run AND x.seq = j.since + 1"
-        if pairs is not None:
-            sql += f" UNION ALL SELECT NULL, NULL FROM DUAL WHERE NOT (? <=> {int(token)})"
-        return sql
-
-    def check_statements(self, name: str) -> Tuple[str, str, str]:
-        return f"PREPARE {name} FROM %s", f"EXECUTE {name} USING %s", f"DEALLOCATE PREPARE {name}"
+    def poll_reader(self, runner: Runner, models: Any, connect: Callable[[], Any]) -> PollReader:
+        return MySQLReader(runner, self, models, connect)
 
     @property
     def prepares_checks(self) -> bool:
-        # EXECUTE ... USING takes a value only on MariaDB (10.2.3 on); MySQL takes user variables.
+        """The server runs the poller's PREPAREd checks (`PreparedChecks`): EXECUTE ... USING takes
+        a value only on MariaDB (10.2.3 on); MySQL takes user variables."""
         return self.is_mariadb
+
+    def driver_fd(self, conn: Any) -> Optional[int]:
+        if hasattr(conn, "fileno"):  # mysqlclient
+            return int(conn.fileno())
+        sock = getattr(conn, "_sock", None)  # PyMySQL
+        return None if sock is None else int(sock.fileno())
 
     def drop_index_sql(self, index: str, table: str) -> str:
         return f"DROP INDEX {index} ON {table}"
@@ -248,3 +240,224 @@ class MySQLDialect(Dialect):
         match = re.search(r"`[^`.]+\.([^`]+)`", str(args[1]) if len(args) > 1 else "")
         return match.group(1) if match else ""
 
+
+# -- the stream poller's reads -----------------------------------------------------------
+
+def build_check_sql(models: Any, status: bool,
+                    pairs: Optional[List[Tuple[str, int]]] = None, token: int = 0) -> str:
+    """The poller's timed check of streams, given as [run id, seq] pairs, which returns (run id,
+    status) of those with news. With `status`, news is also a status other than open or a stream
+    that is gone (it reads each stream's row: dearer); without, only the next event. The pairs are
+    the statement's one parameter, a JSON array; or, given `pairs`, they are written into the
+    statement (to PREPARE once and EXECUTE many times, `check_statements`), whose one parameter must
+    then be `token`: any other value adds a row of NULLs, which tells a session's statement of that
+    name is not this one."""
+    # MariaDB reads a range of the index only when its bounds are constants, not columns of
+    # JSON_TABLE: a timed poll first asks which streams have news (the next seq is there --
+    # one point lookup each --, the status is not open, or the stream is gone), then reads
+    # those one at a time, as constants. (A hole in the numbering of an open stream is then
+    # seen by pokes and the close, not by timed polls; only foreign writers leave holes.)
+    # The LEFT JOINs (rather than OR EXISTS, a dependent subquery per row) keep both
+    # lookups point reads of a unique index. Written-in pairs are a VALUES list, run ids as
+    # hex literals (no quoting, whatever the SQL mode); EXECUTEd, it costs the server about
+    # 60% of the JSON_TABLE form, which parses the array again each time.
+    streams = models.stream._meta.table_name
+    events = models.stream_event._meta.table_name
+    if pairs is None:
+        source = ("JSON_TABLE(%s, '$[*]' COLUMNS (run VARCHAR(255) CHARACTER SET utf8mb4 COLLATE "
+                  "utf8mb4_bin PATH '$[0]', since BIGINT PATH '$[1]')) AS j ")
+        head = ""
+    else:
+        rows = ",".join(f"(_utf8mb4 X'{run.encode().hex()}',{int(since)})" for run, since in pairs)
+        head = f"WITH j(run, since) AS (VALUES {rows}) "
+        source = "j "
+    sql = f"{head}SELECT j.run, {'s.status' if status else 'NULL'} FROM {source}"
+    if status:
+        sql += (f"LEFT JOIN {streams} s ON s.id = j.run "
+                f"LEFT JOIN {events} x ON x.run_id = j.run AND x.seq = j.since + 1 "
+                f"WHERE s.id IS NULL OR s.status <> 'open' OR x.run_id IS NOT NULL")
+    else:
+        sql += f"JOIN {events} x ON x.run_id = j.run AND x.seq = j.since + 1"
+    if pairs is not None:
+        sql += f" UNION ALL SELECT NULL, NULL FROM DUAL WHERE NOT (? <=> {int(token)})"
+    return sql
+
+
+def check_statements(name: str) -> Tuple[str, str, str]:
+    """PREPARE `name` (the text its parameter), EXECUTE it (its parameter the token) and
+    DEALLOCATE it."""
+    return f"PREPARE {name} FROM %s", f"EXECUTE {name} USING %s", f"DEALLOCATE PREPARE {name}"
+
+
+def one_stream_sql(models: Any) -> str:
+    """One stream's status, last seq and events in (since, upto], bounds as constants."""
+    streams = models.stream._meta.table_name
+    events = models.stream_event._meta.table_name
+    return (f"SELECT s.id, s.status, (SELECT MAX(x.seq) FROM {events} x WHERE x.run_id = %s), e.seq, e.event "
+            f"FROM {streams} s LEFT JOIN {events} e ON e.run_id = s.id AND e.seq > %s AND e.seq <= %s "
+            f"WHERE s.id = %s")
+
+
+class MySQLReader(PollReader):
+    """MariaDB/MySQL's poll: a timed round first checks which streams have news (their next event;
+    every STATUS_PAUSE also their status), then reads each of those alone, bounds as constants.
+    The check of idle streams is PREPAREd where the server can (`PreparedChecks`)."""
+
+    streams_per_chunk = CHECKS_PER_POLL
+
+    def __init__(self, runner: Runner, dialect: MySQLDialect, models: Any,
+                 connect: Callable[[], Any]) -> None:
+        super().__init__(runner, dialect, models, connect)
+        self._one_sql = one_stream_sql(models)
+        self._check_sqls = {status: build_check_sql(models, status) for status in (False, True)}
+        self._status_at = 0.0  # when a timed check last read the status
+        self._with_status = False  # this round's timed check reads the status
+        self.checks = PreparedChecks(runner, dialect, models, self._check_sqls[False])
+
+    def window(self, streams: int) -> int:
+        return POLL_BATCH  # (each stream with news is read alone)
+
+    def connected(self, conn: Any) -> None:
+        super().connected(conn)
+        self.checks.forget()
+
+    def timed_round(self, unchecked: bool) -> bool:
+        now = time.monotonic()
+        self._with_status = unchecked or now - self._status_at >= STATUS_PAUSE
+        if self._with_status:
+            self._status_at = now
+        return True
+
+    def params(self, entries: List[Entry], full: bool, index: int) -> Any:
+        return (json_array([e[:2] for e in entries]) if full else None, entries, index)
+
+    def read(self, params: Any) -> List[Row]:
+        check, entries, index = params
+        if check is not None:
+            # Most timed checks only look for new events (an index point lookup per stream); one
+            # every STATUS_PAUSE also reads each stream's row, for closes and deletes that came
+            # without an event (this process's own closes poke the poller at once anyway).
+            if self._with_status:
+                news = list(self._runner.execute(self._check_sqls[True], (check,)).fetchall())
+            else:
+                news = self.checks.run(check, entries, index)
+            changed = {row[0] for row in news}
+            entries = [e for e in entries if e[0] in changed] if changed else []
+        rows: List[Row] = []
+        for run_id, since, upto in entries:
+            got = self._runner.execute(self._one_sql, (run_id, since, upto, run_id)).fetchall()
+            rows.extend(got if got else [(run_id, None, 0, None, None)])  # no row: the stream is gone
+        return rows
+
+    def release(self, conn: Any) -> None:
+        self.checks.release(conn)
+
+
+class PreparedChecks:
+    """The timed checks of idle streams, PREPAREd on the poller's connection with their pairs
+    written in, one statement per chunk of a round, EXECUTEd every round (MariaDB)."""
+
+    def __init__(self, runner: Runner, dialect: MySQLDialect, models: Any, plain_sql: str) -> None:
+        self._runner = runner
+        self._dialect = dialect
+        self._models = models
+        self._plain_sql = plain_sql  # the check with its pairs as a JSON array parameter
+        # Per chunk: its PREPAREd statement's connection, token, and the pairs written into it
+        # (run id -> seq); and when the last PREPARE was.
+        self._prepared: Dict[int, Tuple[Any, int, Dict[str, int]]] = {}
+        self._prepared_at = -PREPARE_PAUSE
+        self._enabled = True  # (False once the server refused a PREPARE)
+        #: Per chunk: its last entries, and those of them not as written into its statement.
+        self._hot: Dict[int, Tuple[Any, List[Entry]]] = {}
+
+    def forget(self) -> None:
+        """A new connection: the statements were on the old one."""
+        self._prepared = {}
+
+    def _plain(self, check: str) -> List[Row]:
+        return list(self._runner.execute(self._plain_sql, (check,)).fetchall())
+
+    def run(self, check: str, entries: List[Entry], index: int) -> List[Row]:
+        """The rows of the timed check (new events only) of chunk `index`: `entries`, whose pairs
+        the JSON array `check` holds.
+
+        Sending the array costs the client tens of kilobytes to escape and send, and the server
+        parsing them, every round, for streams that are mostly idle. So the pairs are written into
+        a statement PREPAREd on the poller's connection (at most every PREPARE_PAUSE), which each
+        round EXECUTEs; only the streams whose seq moved since ("hot") go as an array beside it
+        (written in at the next PREPARE: when they stay put for a round, or most have moved).
+        When the statement is gone (a new session: a reconnect anywhere on the way) or is not
+        ours (another poller's on a pooled connection; told by its token), the whole array is
+        sent as before.
+        """
+        conn = self._runner.connection()
+        prepared, hot = self._usable(conn, entries, index)
+        if prepared is None:
+            if time.monotonic() - self._prepared_at < PREPARE_PAUSE or not self._enabled or \
+                    not self._dialect.prepares_checks:
+                return self._plain(check)
+            self._prepared_at = time.monotonic()
+            prepared = self._prepare(entries, index)
+            if prepared is None:
+                return self._plain(check)
+            hot = []
+        rows: List[Row]
+        try:
+            rows = list(self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[1],
+                                             (prepared[1],)).fetchall())
+        except peewee.DatabaseError as exc:  # (gone with a new session: PREPARE again)
+            logger.debug("stream poller: EXECUTE of the prepared check failed: %s", exc)
+            rows = [(None, None)]
+        if any(row[0] is None for row in rows):  # not there, or not ours
+            self._prepared.pop(index, None)
+            return self._plain(check)
+        if hot:
+            moved = {e[0] for e in hot}
+            rows = [row for row in rows if row[0] not in moved]
+            rows.extend(self._runner.execute(self._plain_sql, (json_array([e[:2] for e in hot]),)).fetchall())
+        return rows
+
+    def _usable(self, conn: Any, entries: List[Entry], index: int
+                ) -> Tuple[Optional[Tuple[Any, int, Dict[str, int]]], List[Entry]]:
+        """Chunk `index`'s prepared statement if it may serve `entries` on `conn` (else None), and
+        the entries not as written into it."""
+        prepared = self._prepared.get(index)
+        if prepared is None or prepared[0] is not conn:
+            return None, []
+        last = self._hot.get(index)
+        if last is not None and last[0] is entries:
+            hot = last[1]  # the plan of the last round (an idle round)
+            if hot and time.monotonic() - self._prepared_at >= PREPARE_PAUSE:
+                return None, hot  # the moved streams stay where they are: write them in
+            return prepared, hot
+        written = prepared[2]
+        hot = [e for e in entries if written.get(e[0]) != e[1]]
+        self._hot[index] = (entries, hot)
+        if len(hot) * 4 > len(entries) + 64:
+            return None, hot  # most of it has moved: write the statement anew
+        return prepared, hot
+
+    def _prepare(self, entries: List[Entry], index: int) -> Optional[Tuple[Any, int, Dict[str, int]]]:
+        """PREPARE chunk `index`'s timed check with `entries` written in; None if refused."""
+        token = random.getrandbits(62)
+        pairs = [(e[0], e[1]) for e in entries]
+        sql = build_check_sql(self._models, False, pairs, token)
+        try:
+            self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[0], (sql,))
+        except peewee.DatabaseError as exc:
+            if isinstance(exc, ConnectionLostError) or self._dialect.is_connection_lost(exc):
+                raise  # (the round fails, and the next one reconnects)
+            logger.info("stream poller: PREPARE refused, sending the whole check each time: %s", exc)
+            self._prepared.pop(index, None)
+            self._enabled = False
+            return None
+        prepared = self._prepared[index] = (self._runner.connection(), token, dict(pairs))
+        self._hot[index] = (entries, [])
+        return prepared
+
+    def release(self, conn: Any) -> None:
+        """DEALLOCATE the statements PREPAREd on `conn` (a pooled connection going back)."""
+        prepared, self._prepared = self._prepared, {}
+        for index, (on, _, _) in prepared.items():
+            if on is conn:
+                self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[2])

@@ -1,7 +1,8 @@
 """PostgreSQL: jsonb and timestamptz; the stream poller's LISTEN/NOTIFY and PREPAREd poll."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Set, Tuple
+import logging
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import peewee
 
@@ -9,8 +10,18 @@ from ..driver_errors import PG_UNREACHABLE, pg_code, pg_gone_code, socket_readab
 from ..jsoncodec import dumps_for_jsonb, load_native
 from ..timestamps import datetime_to_ms, postgres_encode_ts
 from .base import Dialect
+from .polling import Entry, PollReader, Row, Runner, WakeSource
 
-__all__ = ["PostgresDialect"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["PostgresDialect", "PostgresReader", "NotifyWakeSource", "CHANNEL"]
+
+#: The NOTIFY channel of appends and closes (payload: the run id; empty: "look at all").
+CHANNEL = "better_agent_streams"
+#: Longest run id sent as a NOTIFY payload (PostgreSQL allows under 8000 bytes).
+_PAYLOAD_BYTES = 7000
+#: The poller's PREPAREd poll statement.
+_PREPARED = "better_agent_follow"
 
 
 class PostgresDialect(Dialect):
@@ -26,8 +37,6 @@ class PostgresDialect(Dialect):
     dump_json = staticmethod(dumps_for_jsonb)
     stream_row_share_lock = "FOR SHARE"
     notifies_appends = True
-    prepares_polls = True
-    polls_with_arrays = True
     can_build_index_concurrently = True
 
     def build_poll_sql(self, models: Any) -> str:
@@ -111,3 +120,123 @@ class PostgresDialect(Dialect):
             return code == "23503"
         return "foreign key" in str(exc)
 
+
+    def poll_reader(self, runner: Runner, models: Any, connect: Callable[[], Any]) -> PollReader:
+        return PostgresReader(runner, self, models, connect)
+
+    def notify_sql(self, returning_sql: str) -> str:
+        # RETURNING pg_notify(...): one NOTIFY per row written, in the statement that writes it.
+        head, column = returning_sql.rsplit(" RETURNING ", 1)
+        return (f"{head} RETURNING pg_notify('{CHANNEL}', "
+                f"CASE WHEN octet_length({column}) <= {_PAYLOAD_BYTES} THEN {column} ELSE '' END)")
+
+
+class NotifyWakeSource(WakeSource):
+    """The NOTIFYs of appends and closes on the poller's connection, which LISTENs (psycopg2 and
+    psycopg 3; another driver: polling only)."""
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+
+    def listen(self, runner: Runner, conn: Any) -> None:
+        """LISTEN on `conn`, the poller's new connection."""
+        self._conn = conn
+        self.listening = False
+        if hasattr(conn, "notifies"):
+            try:
+                runner.execute(f"LISTEN {CHANNEL}")
+                self.listening = True
+            except peewee.DatabaseError as exc:
+                logger.info("stream poller: LISTEN failed, following by polling only: %s", exc)
+
+    def unlisten(self, runner: Runner) -> None:
+        """UNLISTEN (before a pooled connection goes back)."""
+        runner.execute(f"UNLISTEN {CHANNEL}")
+
+    def fileno(self) -> Optional[int]:
+        if not self.listening:
+            return None
+        try:
+            return int(self._conn.fileno())
+        except Exception:  # closed: the next poll finds out
+            return None
+
+    def take(self) -> Optional[Tuple[Set[str], bool]]:
+        if not self.listening:
+            return None
+        try:
+            payloads = _take_notifies(self._conn)
+        except Exception:  # a dead connection: the next poll finds out and reconnects
+            self.listening = False
+            return None
+        if not payloads:
+            return None
+        runs = set(filter(None, payloads))
+        return runs, len(runs) < len(payloads)  # an empty payload: a run id too long to send
+
+
+def _take_notifies(conn: Any) -> List[str]:
+    """The payloads of the NOTIFYs the driver connection `conn` has received, without waiting:
+    psycopg2 keeps them in a list that `poll()` fills from the socket; psycopg 3 hands them out
+    through `notifies(timeout=0)`, including those that came in with a statement's reply."""
+    notifies = conn.notifies
+    if callable(notifies):  # psycopg 3
+        return [n.payload for n in notifies(timeout=0)]
+    conn.poll()
+    payloads = [n.payload for n in notifies]
+    del notifies[:len(payloads)]
+    return payloads
+
+
+class PostgresReader(PollReader):
+    """PostgreSQL's poll: three arrays (run ids, after, upto) as parameters, the statement
+    PREPAREd on the poller's connection (plain where that cannot work); woken by NOTIFY."""
+
+    def __init__(self, runner: Runner, dialect: Dialect, models: Any, connect: Callable[[], Any]) -> None:
+        super().__init__(runner, dialect, models, connect)
+        self._prepare = True  # (False once preparing turned out not to work here)
+        self._plain_sql = self._sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
+        self._conn: Any = None  # the driver connection PREPARE was done on
+        self.wake: NotifyWakeSource = NotifyWakeSource()
+
+    def params(self, entries: List[Entry], full: bool, index: int) -> Any:
+        return ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+
+    def connected(self, conn: Any) -> None:
+        self._conn = conn
+        self.wake.listen(self._runner, conn)
+        if self._prepare and type(conn).__module__.split(".")[0] == "psycopg":
+            # psycopg 3 binds parameters on the server, and EXECUTE (a utility statement) takes none:
+            # it prepares statements itself (prepare_threshold) instead.
+            self._prepare = False
+        if self._prepare:
+            try:
+                self._runner.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")
+            except peewee.DatabaseError as exc:
+                if pg_code(exc) != "42P05":  # 42P05: prepared by an earlier poller on this pooled connection
+                    logger.info("stream poller: PREPARE failed, polling with plain statements: %s", exc)
+                    self._prepare = False
+
+    def read(self, params: Any) -> List[Row]:
+        if not self._prepare:
+            return list(self._runner.execute(self._plain_sql, params).fetchall())
+        try:
+            return list(self._runner.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", params).fetchall())
+        except peewee.DatabaseError as exc:
+            if pg_code(exc) != "26000":  # 26000: no such prepared statement
+                raise
+        if self._runner.connection() is self._conn:
+            # Same connection, yet the statement is gone: a pooler (pgbouncer) hands our statements
+            # to other server sessions. Plain statements from now on.
+            logger.info("stream poller: prepared statements do not stick to this connection; not preparing")
+            self._prepare = False
+        else:
+            self._connect()  # a reconnect inside execute: prepare (and LISTEN) on the new connection
+        return self.read(params)
+
+    def release(self, conn: Any) -> None:
+        if conn is None:
+            return
+        self.wake.unlisten(self._runner)
+        if self._prepare:
+            self._runner.execute(f"DEALLOCATE {_PREPARED}")

@@ -1,7 +1,7 @@
 """SQLite: JSON and timestamps as text, foreign keys on, WAL, IMMEDIATE writes."""
 from __future__ import annotations
 
-from typing import Any, ContextManager, Optional, cast
+from typing import Any, Callable, ContextManager, Optional, cast
 
 import peewee
 from playhouse.pool import PooledDatabase
@@ -10,8 +10,9 @@ from ..driver_errors import driver_error
 from ..errors import DialectError
 from ..timestamps import sqlite_decode_ts, sqlite_encode_ts
 from .base import Dialect
+from .polling import PollReader, Runner
 
-__all__ = ["SqliteDialect"]
+__all__ = ["SqliteDialect", "SqliteReader"]
 
 
 class SqliteDialect(Dialect):
@@ -20,7 +21,6 @@ class SqliteDialect(Dialect):
     name = "sqlite"
     now_default = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
     single_writer = True
-    has_data_version = True
     fork_waits_for_statements = True
     encode_ts = staticmethod(sqlite_encode_ts)
     decode_ts = staticmethod(sqlite_decode_ts)
@@ -76,3 +76,34 @@ class SqliteDialect(Dialect):
                 f"ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
                 f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
 
+
+    def poll_reader(self, runner: Runner, models: Any, connect: Callable[[], Any]) -> PollReader:
+        return SqliteReader(runner, self, models, connect)
+
+    def per_connection_database(self) -> bool:
+        name = str(self.database.database or "")
+        return name in ("", ":memory:") or "mode=memory" in name
+
+
+class SqliteReader(PollReader):
+    """SQLite's poll: the plain statement, and a timed round skipped while `PRAGMA data_version`
+    says no connection has committed anything since the last one."""
+
+    def __init__(self, runner: Runner, dialect: Dialect, models: Any, connect: Callable[[], Any]) -> None:
+        super().__init__(runner, dialect, models, connect)
+        self._data_version: Any = None  # at the last timed round
+
+    def connected(self, conn: Any) -> None:
+        super().connected(conn)
+        self._data_version = None
+
+    def timed_round(self, unchecked: bool) -> bool:
+        if unchecked:  # (a new follower waits for its first answer: read, whatever the version)
+            return True
+        version = self._runner.execute("PRAGMA data_version").fetchone()[0]
+        changed: bool = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def failed(self) -> None:
+        self._data_version = None
