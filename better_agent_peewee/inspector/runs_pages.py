@@ -25,7 +25,8 @@ class RunFilter:
 
 def runs_page(reader: Reader, ctx: Context, f: RunFilter, before: Optional[Tuple[int, str]]) -> Markup:
     """GET /runs?agent=&status=&since=&until=&before_at=&before_id="""
-    agents = [f.agent] if f.agent else reader.agents(MAX_AGENTS)
+    known = reader.agents(MAX_AGENTS)
+    agents = [f.agent] if f.agent else known
     statuses = [f.status] if f.status else list(RUN_STATUSES)
     rows = reader.runs(agents, statuses, f.since_ms, f.until_ms, before)
     cells = [(link(r.run_id, "runs", r.run_id), link(r.agent_name, "agents", r.agent_name, "threads"),
@@ -42,15 +43,16 @@ def runs_page(reader: Reader, ctx: Context, f: RunFilter, before: Optional[Tuple
     if not f.agent and len(agents) >= MAX_AGENTS:
         capped = tag("p", {"class": "notice"}, f"Runs of the first {MAX_AGENTS} agents (by name) only: "
                      "choose an agent to see another's.")
-    body = join([_filters(reader, f), capped,
+    shown = known if not f.agent or f.agent in known else known + [f.agent]  # (an agent past the first 50)
+    body = join([_filters(shown, f), capped,
                  table(["run", "agent", "thread", "status", "started (UTC)", "duration"], cells,
                        empty="No run matches these filters.", class_="runs"), more])
     return page("Runs", body, active="runs")
 
 
-def _filters(reader: Reader, f: RunFilter) -> Markup:
+def _filters(agents: List[str], f: RunFilter) -> Markup:
     agent_options = [tag("option", {"value": ""}, "any agent")] + [
-        tag("option", {"value": a, "selected": a == f.agent}, a) for a in reader.agents(MAX_AGENTS)]
+        tag("option", {"value": a, "selected": a == f.agent}, a) for a in agents]
     status_options = [tag("option", {"value": ""}, "any status")] + [
         tag("option", {"value": s, "selected": s == f.status}, s) for s in RUN_STATUSES]
     quick = [tag("a", {"href": href("runs", agent=f.agent, status=f.status, since=span)}, label)
