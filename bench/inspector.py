@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from better_agent_peewee import open_database, peewee_storage
 from better_agent_peewee.inspector import inspector_app, make_inspector_server
 
 from .env import Target, machine, open_target
@@ -108,7 +109,10 @@ class Served:
     """The inspector over one target, on a free port, in a thread of this process."""
 
     def __init__(self, target: Target) -> None:
-        self.server = make_inspector_server(inspector_app(target.storage), "127.0.0.1", 0)
+        # Pooled, as `better-agent-peewee inspect` opens it: a request's thread gives its
+        # connection back when it ends.
+        self.database = open_database(target.url, pooled=True)
+        self.server = make_inspector_server(inspector_app(peewee_storage(self.database)), "127.0.0.1", 0)
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -116,6 +120,7 @@ class Served:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.database.close_all()
 
 
 def time_pages(sides: List[Served], groups: List[Growth], rounds: int, per_round: int, lock: BenchLock,

@@ -238,8 +238,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    db = _connect(args)
-    _require_tables(db, physical_tables())
+    checked = _connect(args)
+    _require_tables(checked, physical_tables())
+    checked.close()
+    # Pooled: each request runs on a thread of its own and gives its connection back when it
+    # ends; unpooled, every page would open a new connection (tens of ms on a server).
+    db = open_database(args.database or os.environ.get("DATABASE_URL") or "", pooled=True)
     token = args.token or os.environ.get("BAP_INSPECT_TOKEN") or None
     try:
         app = inspector_app(_storage(db), allow_writes=args.allow_writes, token=token)
