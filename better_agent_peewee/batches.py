@@ -58,7 +58,9 @@ def select_in(executor: Executor, column: peewee.Field, key: peewee.Field, ids: 
 def delete_in(executor: Executor, model: Any, key: peewee.Field, ids: Sequence[Any],
               extra: Sequence[Any] = ()) -> int:
     """DELETE the rows of `model` whose `key` is in `ids` and that match `extra`; how many."""
-    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra)).rowcount)
+    # A conditional DELETE by key: running it again deletes nothing more.
+    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra),
+                                          idempotent=True).rowcount)
                for chunk in chunks(ids))
 
 

@@ -317,11 +317,13 @@ class Executor:
     def __repr__(self) -> str:
         return f"<Executor {self.dialect.name} {self.database.database!r}>"
 
-    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True,
+    def execute(self, sql: str, params: Any = (), *, idempotent: bool,
                 resolve: Optional[Callable[[], Any]] = None) -> Any:
         """Run one SQL statement on the calling thread's connection; the driver's cursor.
 
-        Outside a transaction:
+        Every caller says whether the statement may run twice (`idempotent`, no default): the
+        one default is the public `Storage.execute`'s, False, the safe one for a statement the
+        package does not know. Outside a transaction:
 
         * when the connection turns out dead (server restarted, failover, network cut) it
           reconnects, trying again with backoff for up to `reconnect_window` seconds, and
@@ -353,7 +355,7 @@ class Executor:
             # out with a harmless probe, which reconnects, before sending what must not run twice.
             # (Also where a lost reply could be settled by reading back: a read-back compares
             # content, and an identical write by someone else meanwhile would pass for ours.)
-            self.execute("SELECT 1")
+            self.execute("SELECT 1", idempotent=True)
         try:
             return self._execute_sql(sql, params)
         except (peewee.OperationalError, peewee.InterfaceError, peewee.InternalError) as exc:
@@ -457,8 +459,8 @@ class Executor:
             return True
         return self.dialect.is_transient(exc)
 
-    def execute_query(self, query: peewee.Node, *, idempotent: bool = True) -> Any:
-        """Compile a peewee query and run it with `execute`; the driver's cursor.
+    def execute_query(self, query: peewee.Node, *, idempotent: bool) -> Any:
+        """Compile a peewee query and run it with `execute` (`idempotent` as there); the driver's cursor.
 
         For statements built per call (prune's pages, stats). Values come back as the
         driver returns them: no field converters run.
@@ -468,7 +470,7 @@ class Executor:
 
     def rows(self, query: peewee.Node) -> List[Tuple[Any, ...]]:
         """Every row of the SELECT `query`, as driver tuples."""
-        return list(self.execute_query(query).fetchall())
+        return list(self.execute_query(query, idempotent=True).fetchall())
 
     def transaction(self, retries: int = 0) -> Any:
         """A transaction for several statements (on SQLite it takes the write lock up front).

@@ -139,7 +139,7 @@ class Heartbeats:
                 query = Run.update(updated_at=now_ms()).where(Run.run_id.in_(run_ids[start:start + _CHUNK]),
                                                                Run.status == "running")
                 with self._statements():
-                    self._executor.execute_query(query)
+                    self._executor.execute_query(query, idempotent=True)
                 self.statements += 1
         except Exception as exc:
             logger.warning("heartbeat of %d tracked run(s) failed (next try in their interval): %s",

@@ -101,8 +101,9 @@ class Threads:
         """
         if not storable_key(thread_id):
             return
-        self._executor.execute(self._touch.sql, self._touch.params(
-            {"now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)), "thread": thread_id}))
+        params = self._touch.params({"now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)),
+                                     "thread": thread_id})
+        self._executor.execute(self._touch.sql, params, idempotent=True)
 
     def check_state(self, state: Any) -> Optional[str]:
         """`state` encoded for its column (None for no state); RecordError naming `state` when it
@@ -124,11 +125,11 @@ class Threads:
         values = {"state": self.check_state(state), "thread": thread_id,
                   "now": self._encode_ts(check_ts(_THREADS, "updatedAt", updated_at)), "run": while_running}
         statement = self._set_state if while_running is None else self._set_state_running
-        if self._executor.execute(statement.sql, statement.params(values)).rowcount == 1:
+        if self._executor.execute(statement.sql, statement.params(values), idempotent=True).rowcount == 1:
             return True
         # MySQL counts a row whose values did not change as not updated: look.
         if while_running is not None and first_row(self._executor.execute(
-                self._running.sql, self._running.params({"run": while_running}))) is None:
+                self._running.sql, self._running.params({"run": while_running}), idempotent=True)) is None:
             return False
         thread = self.get(thread_id)
         return thread is not None and thread["updatedAt"] == updated_at and thread.get("state") == state
@@ -144,8 +145,8 @@ class Threads:
         params = [thread_id]
         try:
             with self._executor.transaction():
-                self._executor.execute(self._delete_messages.sql, params)
-                self._executor.execute(self._delete_thread.sql, params)
+                self._executor.execute(self._delete_messages.sql, params, idempotent=True)
+                self._executor.execute(self._delete_thread.sql, params, idempotent=True)
         except peewee.IntegrityError as exc:
             raise ConflictError(f"{_THREADS}: thread {thread_id!r} cannot be deleted "
                                 f"(nothing was deleted): {exc}") from exc
@@ -206,12 +207,12 @@ class Messages:
             if not isinstance(before_run_id, str):
                 raise ValueError(f"before_run_id must be a string, got {type(before_run_id).__name__}")
             first = first_row(self._executor.execute(self._first_of_run.sql, self._first_of_run.params(
-                {"thread": thread_id, "run": before_run_id})))
+                {"thread": thread_id, "run": before_run_id}), idempotent=True))
             if first is not None:
                 cut = True
                 values.update(at=first[0], at2=first[0], id=first[1])
         statement = self._list[cut, limit is not None]
-        rows = self._executor.execute(statement.sql, statement.params(values)).fetchall()
+        rows = self._executor.execute(statement.sql, statement.params(values), idempotent=True).fetchall()
         from_row = self._from_row
         if limit is not None:
             return [from_row(row) for row in reversed(rows)]
@@ -305,7 +306,7 @@ class Messages:
             try:
                 with self._executor.transaction():
                     for count, params in chunks:
-                        self._executor.execute(self._rows.sql(count), params)
+                        self._executor.execute(self._rows.sql(count), params, idempotent=True)
                 return
             except ConnectionLostError as exc:
                 now = time.monotonic()
@@ -320,7 +321,8 @@ class Messages:
                 self._executor.connection()
 
     def _read_back(self, first_id: str, count: int) -> Optional[Applied]:
-        row = first_row(self._executor.execute(self._exists.sql, self._exists.params({"id": first_id})))
+        params = self._exists.params({"id": first_id})
+        row = first_row(self._executor.execute(self._exists.sql, params, idempotent=True))
         return None if row is None else Applied(count)
 
 

@@ -103,7 +103,7 @@ class _Reaper:
         Run, Stream, now = self._run, self._stream, self._now
         reaped = int(self._executor.execute_query(
             Run.update(status="failed", final_event=self._final, finished_at=now, updated_at=now)
-            .where(Run.run_id.in_(chunk), *self._stale)).rowcount)
+            .where(Run.run_id.in_(chunk), *self._stale), idempotent=True).rowcount)
         if self._streams is None:  # no streams domain: no stream to end
             return reaped
         # Only the streams of runs this call just failed (a finished run closes its own).
@@ -115,7 +115,8 @@ class _Reaper:
             self._append(run_id)
         if open_streams:
             self._executor.execute_query(Stream.update(status="closed", closed_at=now, updated_at=now)
-                                         .where(Stream.run_id.in_(open_streams), Stream.status == "open"))
+                                         .where(Stream.run_id.in_(open_streams), Stream.status == "open"),
+                                         idempotent=True)
         return reaped
 
     def _append(self, run_id: str) -> None:

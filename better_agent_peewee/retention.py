@@ -167,5 +167,5 @@ def _delete_or_count(executor: Any, model: Any, key: peewee.Field, ids: Sequence
     if dry_run:
         return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk)))[0][0])
                    for chunk in _chunks(ids))
-    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk))).rowcount)
+    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk)), idempotent=True).rowcount)
                for chunk in _chunks(ids))

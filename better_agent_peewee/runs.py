@@ -241,7 +241,7 @@ class Runs:
 
     def _abort_read_back(self, run_id: str, stamp: int) -> Optional[Applied]:
         params = self._abort_stamp.params({"run": run_id})
-        row = first_row(self._executor.execute(self._abort_stamp.sql, params))
+        row = first_row(self._executor.execute(self._abort_stamp.sql, params, idempotent=True))
         if row is None or row[0] is None:
             return None  # not stamped (or no such run): the UPDATE can run again
         return Applied(1 if self._decode_ts(row[0]) == stamp else 0)
@@ -255,7 +255,7 @@ class Runs:
         if not storable_key(run_id):
             return False
         row = first_row(self._executor.execute(self._abort_stamp.sql,
-                                               self._abort_stamp.params({"run": run_id})))
+                                               self._abort_stamp.params({"run": run_id}), idempotent=True))
         return row is not None and row[0] is not None
 
     def abort_state(self, run_id: str) -> Tuple[bool, Optional[str]]:
@@ -264,7 +264,7 @@ class Runs:
         if not storable_key(run_id):
             return False, None
         row = first_row(self._executor.execute(self._abort_state.sql,
-                                               self._abort_state.params({"run": run_id})))
+                                               self._abort_state.params({"run": run_id}), idempotent=True))
         if row is None:
             return False, None
         return row[0] is not None, str(row[1])
@@ -278,7 +278,7 @@ class Runs:
         if not storable_key(run_id):
             return False
         params = self._heartbeat.params({"now": self._encode_ts(now_ms()), "run": run_id})
-        if self._executor.execute(self._heartbeat.sql, params).rowcount == 1:
+        if self._executor.execute(self._heartbeat.sql, params, idempotent=True).rowcount == 1:
             return True
         # MySQL counts a row whose value did not change (two beats in one ms) as not updated.
         run = self.get(run_id)

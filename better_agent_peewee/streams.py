@@ -165,7 +165,7 @@ class Streams:
         if not storable_key(run_id):  # no stream can have this id
             return
         self._execute(self._close_sql.sql, self._close_sql.params(
-            {"status": status, "now": self._encode_ts(now_ms()), "run": run_id}))
+            {"status": status, "now": self._encode_ts(now_ms()), "run": run_id}), idempotent=True)
         poller = self._poller
         if poller is not None:
             poller.poke(run_id)  # followers in this process see it now
@@ -343,7 +343,8 @@ class Streams:
     def _read_back(self, run_id: str, seq: int, body: str) -> Optional[Applied]:
         """After a lost reply to the insert of event `seq`: Applied(1) if it is stored,
         Applied(0) if another event holds the number, None if nothing does (run it again)."""
-        row = first_row(self._execute(self._event_at.sql, self._event_at.params({"run": run_id, "seq": seq})))
+        params = self._event_at.params({"run": run_id, "seq": seq})
+        row = first_row(self._execute(self._event_at.sql, params, idempotent=True))
         if row is None:
             return None
         return Applied(1 if self._load_json(row[0]) == json.loads(body) else 0)
@@ -364,7 +365,7 @@ class Streams:
 
     def _insert_rows(self, run_id: str, count: int, params: List[Any]) -> None:
         try:
-            stored = self._execute(self._rows.sql(count), params).rowcount
+            stored = self._execute(self._rows.sql(count), params, idempotent=True).rowcount
         except peewee.IntegrityError as exc:
             raise self._taken(run_id, params, exc) from exc
         if stored != count:
@@ -387,7 +388,8 @@ class Streams:
     def _last_seq_of(self, run_id: str) -> int:
         """The last seq of the stream (0 when it has none); NotFoundError when there is no stream,
         ConflictError when it is closed."""
-        row = first_row(self._execute(self._last_seq.sql, self._last_seq.params({"run": run_id})))
+        params = self._last_seq.params({"run": run_id})
+        row = first_row(self._execute(self._last_seq.sql, params, idempotent=True))
         if row is None:
             raise NotFoundError(_STREAMS, run_id,
                                 f"streams: no stream for run {run_id!r}; "
@@ -402,7 +404,7 @@ class Streams:
             self._next.clear()
         self._next[run_id] = next_seq
 
-    def _execute(self, sql: str, params: Any, idempotent: bool = True,
+    def _execute(self, sql: str, params: Any, *, idempotent: bool,
                  resolve: Optional[Callable[[], Any]] = None) -> Any:
         try:
             return self._executor.execute(sql, params, idempotent=idempotent, resolve=resolve)

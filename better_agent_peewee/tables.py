@@ -53,7 +53,7 @@ class TableAdapter:
         if not _storable_key(key):
             return None  # no record can have this id (see records.storable_key)
         # first_row inlined (hot path): fetchall reads to the end, so SQLite releases the statement.
-        rows = self._execute(self._get_sql, (key,)).fetchall()
+        rows = self._execute(self._get_sql, (key,), idempotent=True).fetchall()
         return self.from_row(rows[0]) if rows else None
 
     def set(self, key: Any, value: Any) -> None:
@@ -61,7 +61,7 @@ class TableAdapter:
         row = self.to_row(key, value)
         logger.debug("set %s %r", self.spec.name, key)
         try:
-            self._execute(self._upsert_sql, row)
+            self._execute(self._upsert_sql, row, idempotent=True)
         except peewee.IntegrityError as exc:
             raise self._integrity_error(exc, key, value) from exc
         except peewee.OperationalError as exc:
@@ -77,7 +77,7 @@ class TableAdapter:
             return
         logger.debug("delete %s %r", self.spec.name, key)
         try:
-            self._execute(self._delete_sql, (key,))
+            self._execute(self._delete_sql, (key,), idempotent=True)
         except peewee.IntegrityError as exc:
             raise self._integrity_error(exc, key, None) from exc
 
@@ -85,7 +85,7 @@ class TableAdapter:
         """``{"items": [...]}`` matching `query` (where / orderBy / take), all done in SQL."""
         sql, params = self._list.compile(query)
         from_row = self.from_row
-        return {"items": [from_row(row) for row in self._execute(sql, params).fetchall()]}
+        return {"items": [from_row(row) for row in self._execute(sql, params, idempotent=True).fetchall()]}
 
     def _integrity_error(self, exc: peewee.IntegrityError, key: Any, value: Any) -> Exception:
         name = self.spec.name

@@ -239,13 +239,14 @@ class TrackedRun:
                                     "a run id is tracked by one block at a time")
             # A run that ended is started over under the same id: its old events go with it.
             R = self._models.run
-            deleted = execute(R.delete().where((R.run_id == self.run_id) & (R.status != "running"))).rowcount
+            deleted = execute(R.delete().where((R.run_id == self.run_id) & (R.status != "running")),
+                              idempotent=True).rowcount
             if deleted != 1:
                 raise ConflictError(f"runs: run {self.run_id!r} was started again by someone else meanwhile")
         if self._streams is not None:
             E, S = self._models.stream_event, self._models.stream
-            execute(E.delete().where(E.run_id == self.run_id))
-            execute(S.delete().where(S.id == self.run_id))
+            execute(E.delete().where(E.run_id == self.run_id), idempotent=True)
+            execute(S.delete().where(S.id == self.run_id), idempotent=True)
         record = runs.start(*args)
         return record
 

@@ -7,10 +7,12 @@ import hides inside a function; every table's facts come from its model.
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
+from better_agent_peewee.executor import Executor
 from better_agent_peewee.models import (
     PHYSICAL_TABLES,
     REFERENCE_MODELS,
@@ -19,6 +21,7 @@ from better_agent_peewee.models import (
     primary_key_columns,
 )
 from better_agent_peewee.records import TABLES
+from better_agent_peewee.storage import Storage
 
 PACKAGE = Path(__file__).resolve().parent.parent / "better_agent_peewee"
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
@@ -355,3 +358,13 @@ def test_the_length_scan_finds_long_definitions() -> None:
     source = "class A:\n" + "    x = 1\n" * CLASS_LINES + "def f():\n" + "    y = 1\n" * FUNCTION_LINES
     assert long_definitions({"m": ast.parse(source)}) == [f"m.A ({CLASS_LINES + 1} lines)",
                                                           f"m.f ({FUNCTION_LINES + 1} lines)"]
+
+
+def test_idempotent_has_one_name_and_one_default() -> None:
+    """`idempotent` defaults to False on the public `Storage.execute` (the safe meaning for a
+    statement the package does not know), and the executor's callers must say it: no second,
+    opposite default."""
+    assert inspect.signature(Storage.execute).parameters["idempotent"].default is False
+    for method in (Executor.execute, Executor.execute_query):
+        parameter = inspect.signature(method).parameters["idempotent"]
+        assert parameter.default is inspect.Parameter.empty and parameter.kind is parameter.KEYWORD_ONLY

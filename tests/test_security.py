@@ -34,12 +34,14 @@ REVIEWED = {
     ("dialects/base.py", 'peewee.SQL(f"DEFAULT {self.now_default}")'),  # a class constant per dialect
     # The stream poller's PostgreSQL session setup: module constants (channel, statement name) and
     # the poll statement, which formats only the models' table names.
-    ("dialects/postgres.py", 'runner.execute(f"LISTEN {CHANNEL}")'),
-    ("dialects/postgres.py", 'runner.execute(f"UNLISTEN {CHANNEL}")'),
-    ("dialects/postgres.py", 'self._runner.execute(f"DEALLOCATE {_PREPARED}")'),
-    ("dialects/postgres.py", 'self._runner.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", params)'),
+    ("dialects/postgres.py", 'runner.execute(f"LISTEN {CHANNEL}", idempotent=True)'),
+    ("dialects/postgres.py", 'runner.execute(f"UNLISTEN {CHANNEL}", idempotent=True)'),
+    ("dialects/postgres.py", 'self._runner.execute(f"DEALLOCATE {_PREPARED}", idempotent=True)'),
+    ("dialects/postgres.py", 'self._runner.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", params,\n'
+                             '                                             idempotent=True)'),
     ("dialects/postgres.py",
-     'self._runner.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")'),
+     'self._runner.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}",\n'
+     '                                     idempotent=True)'),
     # Index maintenance: index and table names from the models' declaration, never a value.
     ("schema.py", 'database.execute_sql(f"DROP INDEX {_quote(database, index.name)}")'),
     ("schema.py", 'real.execute_sql(d.drop_index_sql(_quote(real, str(index.name)), _quote(real, table)))'),

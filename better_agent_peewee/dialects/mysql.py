@@ -338,14 +338,16 @@ class MySQLReader(PollReader):
             # every STATUS_PAUSE also reads each stream's row, for closes and deletes that came
             # without an event (this process's own closes poke the poller at once anyway).
             if self._with_status:
-                news = list(self._runner.execute(self._check_sqls[True], (check,)).fetchall())
+                news = list(self._runner.execute(self._check_sqls[True], (check,),
+                                                 idempotent=True).fetchall())
             else:
                 news = self.checks.run(check, entries, index)
             changed = {row[0] for row in news}
             entries = [e for e in entries if e[0] in changed] if changed else []
         rows: List[Row] = []
         for run_id, since, upto in entries:
-            got = self._runner.execute(self._one_sql, (run_id, since, upto, run_id)).fetchall()
+            got = self._runner.execute(self._one_sql, (run_id, since, upto, run_id),
+                                       idempotent=True).fetchall()
             rows.extend(got if got else [(run_id, None, 0, None, None)])  # no row: the stream is gone
         return rows
 
@@ -375,7 +377,7 @@ class PreparedChecks:
         self._prepared = {}
 
     def _plain(self, check: str) -> List[Row]:
-        return list(self._runner.execute(self._plain_sql, (check,)).fetchall())
+        return list(self._runner.execute(self._plain_sql, (check,), idempotent=True).fetchall())
 
     def run(self, check: str, entries: List[Entry], index: int) -> List[Row]:
         """The rows of the timed check (new events only) of chunk `index`: `entries`, whose pairs
@@ -404,7 +406,7 @@ class PreparedChecks:
         rows: List[Row]
         try:
             rows = list(self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[1],
-                                             (prepared[1],)).fetchall())
+                                             (prepared[1],), idempotent=True).fetchall())
         except peewee.DatabaseError as exc:  # (gone with a new session: PREPARE again)
             logger.debug("stream poller: EXECUTE of the prepared check failed: %s", exc)
             rows = [(None, None)]
@@ -414,7 +416,8 @@ class PreparedChecks:
         if hot:
             moved = {e[0] for e in hot}
             rows = [row for row in rows if row[0] not in moved]
-            rows.extend(self._runner.execute(self._plain_sql, (json_array([e[:2] for e in hot]),)).fetchall())
+            hot_array = json_array([e[:2] for e in hot])
+            rows.extend(self._runner.execute(self._plain_sql, (hot_array,), idempotent=True).fetchall())
         return rows
 
     def _usable(self, conn: Any, entries: List[Entry], index: int
@@ -443,7 +446,7 @@ class PreparedChecks:
         pairs = [(e[0], e[1]) for e in entries]
         sql = build_check_sql(self._models, False, pairs, token)
         try:
-            self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[0], (sql,))
+            self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[0], (sql,), idempotent=True)
         except peewee.DatabaseError as exc:
             if isinstance(exc, ConnectionLostError) or self._dialect.is_connection_lost(exc):
                 raise  # (the round fails, and the next one reconnects)
@@ -460,4 +463,4 @@ class PreparedChecks:
         prepared, self._prepared = self._prepared, {}
         for index, (on, _, _) in prepared.items():
             if on is conn:
-                self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[2])
+                self._runner.execute(check_statements(f"{_CHECK_STATEMENT}{index}")[2], idempotent=True)

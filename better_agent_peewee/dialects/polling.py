@@ -34,9 +34,9 @@ Entry = Tuple[str, int, int]
 class Runner(Protocol):
     """What a reader runs its statements through: the storage's executor, on the poller thread."""
 
-    def execute(self, sql: str, params: Any = (), *, idempotent: bool = True,
+    def execute(self, sql: str, params: Any = (), *, idempotent: bool,
                 resolve: Optional[Callable[[], Any]] = None) -> Any:
-        """Run one statement on the calling thread's connection; the driver's cursor."""
+        """Run one statement on the calling thread's connection; the driver's cursor (`Executor.execute`)."""
 
     def connection(self) -> Any:
         """The calling thread's driver connection, opened if needed."""
@@ -111,7 +111,7 @@ class PollReader:
 
     def read(self, params: Any) -> List[Row]:
         """The rows of the streams with news among those `params` name."""
-        return list(self._runner.execute(self._sql, params).fetchall())
+        return list(self._runner.execute(self._sql, params, idempotent=True).fetchall())
 
     def release(self, conn: Any) -> None:
         """Before the pooled connection `conn` goes back to the pool: undo what this reader left

@@ -144,14 +144,14 @@ class NotifyWakeSource(WakeSource):
         self.listening = False
         if hasattr(conn, "notifies"):
             try:
-                runner.execute(f"LISTEN {CHANNEL}")
+                runner.execute(f"LISTEN {CHANNEL}", idempotent=True)
                 self.listening = True
             except peewee.DatabaseError as exc:
                 logger.info("stream poller: LISTEN failed, following by polling only: %s", exc)
 
     def unlisten(self, runner: Runner) -> None:
         """UNLISTEN (before a pooled connection goes back)."""
-        runner.execute(f"UNLISTEN {CHANNEL}")
+        runner.execute(f"UNLISTEN {CHANNEL}", idempotent=True)
 
     def fileno(self) -> Optional[int]:
         if not self.listening:
@@ -211,7 +211,8 @@ class PostgresReader(PollReader):
             self._prepare = False
         if self._prepare:
             try:
-                self._runner.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}")
+                self._runner.execute(f"PREPARE {_PREPARED}(text[], bigint[], bigint[]) AS {self._sql}",
+                                     idempotent=True)
             except peewee.DatabaseError as exc:
                 if pg_code(exc) != "42P05":  # 42P05: prepared by an earlier poller on this pooled connection
                     logger.info("stream poller: PREPARE failed, polling with plain statements: %s", exc)
@@ -219,9 +220,10 @@ class PostgresReader(PollReader):
 
     def read(self, params: Any) -> List[Row]:
         if not self._prepare:
-            return list(self._runner.execute(self._plain_sql, params).fetchall())
+            return list(self._runner.execute(self._plain_sql, params, idempotent=True).fetchall())
         try:
-            return list(self._runner.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", params).fetchall())
+            return list(self._runner.execute(f"EXECUTE {_PREPARED}(%s, %s, %s)", params,
+                                             idempotent=True).fetchall())
         except peewee.DatabaseError as exc:
             if pg_code(exc) != "26000":  # 26000: no such prepared statement
                 raise
@@ -239,4 +241,4 @@ class PostgresReader(PollReader):
             return
         self.wake.unlisten(self._runner)
         if self._prepare:
-            self._runner.execute(f"DEALLOCATE {_PREPARED}")
+            self._runner.execute(f"DEALLOCATE {_PREPARED}", idempotent=True)

@@ -100,7 +100,7 @@ class SqliteReader(PollReader):
     def timed_round(self, unchecked: bool) -> bool:
         if unchecked:  # (a new follower waits for its first answer: read, whatever the version)
             return True
-        version = self._runner.execute("PRAGMA data_version").fetchone()[0]
+        version = self._runner.execute("PRAGMA data_version", idempotent=True).fetchone()[0]
         changed: bool = version != self._data_version
         self._data_version = version
         return changed

@@ -98,7 +98,8 @@ class Reader:
             statement = self._union(built) if isinstance(built, list) else compile_statement(self.db, built)
             with self._lock:
                 self._compiled[shape] = statement
-        return list(self.executor.execute(statement.sql, statement.params(values)).fetchall())
+        return list(self.executor.execute(statement.sql, statement.params(values),
+                                          idempotent=True).fetchall())
 
     def _union(self, arms: Sequence[peewee.Query]) -> Statement:
         """``SELECT * FROM (arm) UNION ALL ...``: several bounded arms in one round trip."""
