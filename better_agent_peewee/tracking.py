@@ -193,6 +193,11 @@ class TrackedRun:
         scope = self._scope
         if scope is None and thread is not None:
             scope = thread.get("scope")  # as Better Agent: the run is in its thread's scope
+        elif thread is not None and thread.get("scope") not in (None, scope):
+            # Checked here, in the start's transaction: a server checks the thread's scope before,
+            # and a thread of another caller created since must not take this run's writes.
+            raise NotFoundError("memoryThreads", self.thread_id, f"runs: cannot start run {self.run_id!r} "
+                                f"in scope {scope!r}: thread {self.thread_id!r} not found in that scope")
         record = self._claim(scope)
         now: int = record["startedAt"]  # as Better Agent: one clock reading for the whole start
         if memory is not None and self.thread_id is not None:

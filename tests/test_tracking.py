@@ -15,6 +15,7 @@ import pytest
 from better_agent_peewee import (
     AbortRequest,
     ConflictError,
+    NotFoundError,
     RecordError,
     RunAborted,
     StorageError,
@@ -48,6 +49,27 @@ def events(storage: Any, run_id: str) -> List[Dict[str, Any]]:
 
 class ProviderError(Exception):
     code = "PROVIDER_ERROR"
+
+
+def test_a_thread_of_another_scope_takes_no_writes_of_a_run(storage: Any) -> None:
+    # The server checks the thread's scope before the start; a thread another caller created
+    # since (same id, their scope) must not receive this run's messages, state or updatedAt.
+    theirs = {"id": "t1", "agentName": "support", "scope": "subject:bob", "createdAt": 1, "updatedAt": 1}
+    storage.memory.threads.set("t1", theirs)
+    run = storage.runs.track("r1", "support", thread_id="t1", scope="subject:alice", state={"mine": 1},
+                             messages=[{"id": "m1", "role": "user", "content": "Hi"}])
+    with pytest.raises(NotFoundError, match="'t1' not found in that scope"):
+        run.start()
+    assert storage.get("memoryThreads", "t1") == theirs
+    assert storage.memory.messages.list("t1") == []
+    assert storage.get("runs", "r1") is None and storage.get("streams", "r1") is None
+    # A thread without a scope, or in the run's own, is the run's as before.
+    with storage.runs.track("r2", "support", thread_id="t1", scope="subject:bob"):
+        pass
+    storage.memory.threads.set("t2", {"id": "t2", "agentName": "support", "createdAt": 1, "updatedAt": 1})
+    with storage.runs.track("r3", "support", thread_id="t2", scope="subject:alice"):
+        pass
+    assert storage.get("runs", "r3")["status"] == "completed"
 
 
 def test_a_clean_block_writes_what_better_agent_writes(storage: Any) -> None:
