@@ -19,6 +19,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from better_agent_peewee import PoolExhaustedError, RunAborted, create_tables, peewee_storage
+from better_agent_peewee.records import now_ms
 from better_agent_peewee.server import Problem, RunRequest, wsgi_app
 from better_agent_peewee.server.control import after_seq
 from better_agent_peewee.server.problems import problem_of
@@ -174,6 +175,36 @@ def test_thread_routes_answer_as_better_agent(storage: Any) -> None:
         assert app.json("DELETE", path) == (200, {})  # Better Agent answers a missing thread so
         assert app.json("GET", path) == (404, not_found(f"Thread '{thread['id']}' not found.",
                                                         threadId=thread["id"], agentName="echo"))
+
+
+def test_a_patch_keeps_a_state_written_meanwhile_and_makes_no_deleted_thread_again(storage: Any) -> None:
+    # Another writer holds the thread's row (a run's set_state, a DELETE) while the PATCH comes:
+    # the PATCH must read the thread after that writer commits, not before (a lost update).
+    def hold(write: Any, held: threading.Event) -> None:
+        with storage.transaction():
+            write()
+            held.set()
+            time.sleep(0.8)  # the PATCH arrives meanwhile
+        storage.database.close()
+
+    with serving(storage) as app:
+        _, thread = app.json("POST", "/echo/threads", {"title": "Trip"})
+        path = f"/echo/threads/{thread['id']}"
+        threads = storage.memory.threads
+        for write in (lambda: threads.set_state(thread["id"], {"step": 2}, now_ms()),
+                      lambda: threads.delete(thread["id"])):
+            held = threading.Event()
+            writer = threading.Thread(target=hold, args=(write, held))
+            writer.start()
+            assert held.wait(10)
+            status, body = app.json("PATCH", path, {"title": "Trip 2"})
+            writer.join(30)
+            if threads.get(thread["id"]) is None:  # deleted meanwhile: stays deleted, and 404
+                assert status == 404 and app.json("GET", path)[0] == 404
+            else:
+                assert status == 200 and body["title"] == "Trip 2"
+                assert threads.get(thread["id"])["state"] == {"step": 2}
+        assert threads.get(thread["id"]) is None
 
 
 def test_another_scope_sees_nothing_and_gets_the_404_of_a_missing_thread(storage: Any) -> None:

@@ -81,9 +81,16 @@ class Threads:
     def update(self, request: Request, params: Dict[str, str]) -> Reply:
         """PATCH /:name/threads/:threadId {title?, metadata?}: the thread as updated."""
         body = request.json_body()
-        current = self._visible(request, params)
-        updated = {**current, **_edits(body), "updatedAt": now_ms()}
-        self.storage.memory.threads.set(params["threadId"], updated)
+        name, thread_id = params["name"], params["threadId"]
+        _, scope = self._scoped(request, name)
+        threads, now = self.storage.memory.threads, now_ms()
+        # The row locked first (`touch`: one UPDATE), then read and replaced in the same transaction:
+        # a state a run wrote meanwhile is kept, and a thread deleted meanwhile is not made again.
+        with self.storage.transaction():
+            threads.touch(thread_id, now)
+            current = Access.visible_thread(threads.get(thread_id), thread_id, name, scope)
+            updated = {**current, **_edits(body), "updatedAt": now}
+            threads.set(thread_id, updated)
         return json_reply(thread_view(updated))
 
     def delete(self, request: Request, params: Dict[str, str]) -> Reply:
