@@ -16,7 +16,8 @@ from .executor import Executor
 from .timestamps import MAX_TIMESTAMP_MS
 from .timestamps import now_ms as clock_ms
 
-__all__ = ["COUNT", "IN_CHUNK", "chunks", "cutoff", "delete_in", "exists", "page", "select_in"]
+__all__ = ["COUNT", "IN_CHUNK", "chunks", "cutoff", "delete_in", "delete_or_count", "exists", "page",
+           "select_in"]
 
 #: IN lists are sent in chunks of this many parameters: SQLite builds before 3.32 allow only
 #: 999 parameters per statement, and very long lists plan badly everywhere.
@@ -61,6 +62,15 @@ def delete_in(executor: Executor, model: Any, key: peewee.Field, ids: Sequence[A
     # A conditional DELETE by key: running it again deletes nothing more.
     return sum(int(executor.execute_query(model.delete().where(key.in_(chunk), *extra),
                                           idempotent=True).rowcount)
+               for chunk in chunks(ids))
+
+
+def delete_or_count(executor: Executor, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool,
+                    extra: Sequence[Any] = ()) -> int:
+    """`delete_in`, or with `dry_run` COUNT the rows it would delete (writing nothing); how many."""
+    if not dry_run:
+        return delete_in(executor, model, key, ids, extra)
+    return sum(int(executor.rows(model.select(COUNT).where(key.in_(chunk), *extra))[0][0])
                for chunk in chunks(ids))
 
 

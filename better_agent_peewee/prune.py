@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 import peewee
 
-from .batches import COUNT, IN_CHUNK, chunks, cutoff, delete_in, exists, page, select_in
+from .batches import IN_CHUNK, cutoff, delete_in, delete_or_count, exists, page, select_in
 from .checks import is_int
 from .domains import ALL_DOMAINS
 from .errors import QueryError
@@ -229,10 +229,7 @@ class _Pruner:
     def _delete_or_count(self, model: Any, key: peewee.Field, ids: Sequence[Any],
                          extra: Sequence[Any] = ()) -> int:
         """`delete_in`, or in a dry run COUNT what it would delete."""
-        if not self.report.dry_run:
-            return delete_in(self._executor, model, key, ids, extra)
-        return sum(int(self._executor.rows(model.select(COUNT).where(key.in_(chunk), *extra))[0][0])
-                   for chunk in chunks(ids))
+        return delete_or_count(self._executor, model, key, ids, self.report.dry_run, extra)
 
     # -- running the phases -------------------------------------------------------------------
 

@@ -18,21 +18,19 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import peewee
 
+from .batches import chunks, delete_or_count
+from .batches import cutoff as cutoff_of
 from .checks import is_int
 from .domains import ALL_DOMAINS
 from .records import check_key
 from .tables import StorageParts
-from .timestamps import MAX_TIMESTAMP_MS, ms_to_iso
-from .timestamps import now_ms as clock_ms
+from .timestamps import ms_to_iso
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ThreadPruneReport", "prune_threads"]
 
-_COUNT = peewee.fn.COUNT(peewee.SQL("*"))
 Rows = List[Tuple[Any, ...]]
-# IN lists are sent in chunks of this many parameters (SQLite before 3.32 allows 999).
-_IN_CHUNK = 500
 
 
 @dataclasses.dataclass
@@ -62,13 +60,9 @@ class ThreadPruneReport:
 
 def idle_cutoff(idle_for: Any, now_ms: Optional[int] = None) -> int:
     """now - `idle_for` in epoch ms; `idle_for` must be a positive `timedelta`."""
-    if not isinstance(idle_for, _dt.timedelta):
-        raise TypeError(f"idle_for must be a datetime.timedelta, got {type(idle_for).__name__}")
-    if idle_for <= _dt.timedelta(0):
+    if isinstance(idle_for, _dt.timedelta) and idle_for <= _dt.timedelta(0):
         raise ValueError(f"idle_for must be a positive duration, got {idle_for}")
-    if now_ms is None:
-        now_ms = clock_ms()
-    return min(max(now_ms - idle_for // _dt.timedelta(milliseconds=1), 0), MAX_TIMESTAMP_MS)
+    return cutoff_of(idle_for, now_ms, "idle_for")
 
 
 def prune_threads(storage: StorageParts, idle_for: _dt.timedelta, *, agent_name: Optional[str] = None,
@@ -149,23 +143,10 @@ def _prune_page(storage: StorageParts, idle: List[Any], ids: List[Any], report: 
         ids = sorted(_in(executor, Thread.select(Thread.id).where(*idle).for_update(), Thread.id, ids))
     # By key alone: the rows are locked (or SQLite's one writer holds the lock), and a re-check here
     # could keep a thread whose messages the statement before deleted (a run committed in between).
-    report.messages += _delete_or_count(executor, Message, Message.thread, ids, report.dry_run)
-    report.threads += _delete_or_count(executor, Thread, Thread.id, ids, report.dry_run)
-
-
-def _chunks(ids: Sequence[Any]) -> List[Sequence[Any]]:
-    return [ids[start:start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
+    report.messages += delete_or_count(executor, Message, Message.thread, ids, report.dry_run)
+    report.threads += delete_or_count(executor, Thread, Thread.id, ids, report.dry_run)
 
 
 def _in(executor: Any, query: peewee.Query, key: peewee.Field, ids: Sequence[Any]) -> List[Any]:
     """The first column of `query`'s rows whose `key` is in `ids`."""
-    return [row[0] for chunk in _chunks(ids) for row in executor.rows(query.where(key.in_(chunk)))]
-
-
-def _delete_or_count(executor: Any, model: Any, key: peewee.Field, ids: Sequence[Any], dry_run: bool) -> int:
-    """DELETE the rows of `model` whose `key` is in `ids`; with `dry_run`, COUNT them instead. How many."""
-    if dry_run:
-        return sum(int(executor.rows(model.select(_COUNT).where(key.in_(chunk)))[0][0])
-                   for chunk in _chunks(ids))
-    return sum(int(executor.execute_query(model.delete().where(key.in_(chunk)), idempotent=True).rowcount)
-               for chunk in _chunks(ids))
+    return [row[0] for chunk in chunks(ids) for row in executor.rows(query.where(key.in_(chunk)))]
