@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, quote
 
 from ..errors import StorageError
 from ..server import wsgi_app
-from ..server.wire import route_segments
+from ..server.wire import release_connection, route_segments
 from .conversation import NotFound
 from .layout import Context, Response, page
 from .markup import Markup, tag
@@ -168,9 +168,7 @@ class Inspector:
         return None
 
     def _release(self) -> None:
-        db = getattr(self.storage, "database", None)
-        if db is not None and not db.is_closed() and not db.in_transaction():
-            db.close()
+        release_connection(self.storage)
 
     @staticmethod
     def _send(response: Response, start_response: Callable[..., Any]) -> Iterable[bytes]:

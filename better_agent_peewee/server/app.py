@@ -13,7 +13,7 @@ from .control import Control
 from .problems import Problem, problem_of
 from .routes import Threads
 from .running import Runner
-from .wire import MAX_BODY_BYTES, Reply, Request, problem_reply, route_segments
+from .wire import MAX_BODY_BYTES, Reply, Request, problem_reply, release_connection, route_segments
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ class App:
     def _release(self) -> None:
         """Give this thread's connection back (to the pool) between requests: an open SSE
         response holds none (the storage's poller reads for every follower)."""
-        db = getattr(self.storage, "database", None)
-        if db is not None and not db.is_closed() and not db.in_transaction():
-            db.close()
+        release_connection(self.storage)
 
 
 def _match(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:

@@ -18,6 +18,7 @@ from .wire import (
     event_frame,
     js_number,
     no_content,
+    release_connection,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,4 @@ class Control:
             self._release()
 
     def _release(self) -> None:
-        db = getattr(self.storage, "database", None)
-        if db is not None and not db.is_closed() and not db.in_transaction():
-            db.close()
+        release_connection(self.storage)

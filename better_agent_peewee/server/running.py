@@ -15,7 +15,7 @@ from .control import Control
 from .problems import Problem, problem_of
 from .resume import check_resume, run_config
 from .routes import open_interrupts
-from .wire import Reply, Request, json_reply
+from .wire import Reply, Request, json_reply, release_connection
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ class Runner:
         except Exception:
             logger.exception("run %s failed", run.run_id)  # recorded on the run as RUN_ERROR
         finally:
-            db = getattr(self.storage, "database", None)
-            if db is not None and not db.is_closed() and not db.in_transaction():
-                db.close()  # a pooled connection goes back: an idle worker holds none
+            release_connection(self.storage)  # a pooled connection goes back: an idle worker holds none
 
     def _on_close(self, run_id: str) -> Any:
         def closed(ended: bool) -> None:

@@ -10,7 +10,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 from .problems import Problem
 
 __all__ = ["MAX_BODY_BYTES", "HEARTBEAT_FRAME", "SSE_HEADERS", "Reply", "Request", "dumps", "error_frame",
-           "event_frame", "js_number", "json_reply", "no_content", "problem_reply"]
+           "event_frame", "js_number", "json_reply", "no_content", "problem_reply",
+           "release_connection"]
 
 #: The largest request body read, in bytes; a larger one is answered 413.
 MAX_BODY_BYTES = 1024 * 1024
@@ -88,6 +89,14 @@ def js_number(text: Optional[str]) -> Optional[float]:
     except (ValueError, OverflowError):
         return None
     return value if math.isfinite(value) else None
+
+
+def release_connection(storage: Any) -> None:
+    """Give this thread's connection of `storage` back (to the pool, when pooled) between
+    requests, unless a transaction holds it: an idle request thread keeps none."""
+    db = getattr(storage, "database", None)
+    if db is not None and not db.is_closed() and not db.in_transaction():
+        db.close()
 
 
 def _decode(segment: str) -> str:
