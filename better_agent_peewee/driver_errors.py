@@ -12,7 +12,7 @@ import select
 from typing import Optional
 
 __all__ = ["driver_error", "pg_code", "mysql_errno", "pg_gone_code", "socket_readable", "PG_UNREACHABLE",
-           "MYSQL_GONE", "MYSQL_UNREACHABLE"]
+           "MYSQL_GONE", "MYSQL_UNREACHABLE", "first_line"]
 
 
 def driver_error(exc: BaseException) -> BaseException:
@@ -26,6 +26,15 @@ def driver_error(exc: BaseException) -> BaseException:
     if isinstance(first, BaseException):
         return first
     return exc.__cause__ or exc.__context__ or exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of `exc`'s message, or its class name: for one-line log messages
+    (a driver's message can be several lines, or only white space)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 def pg_code(exc: BaseException) -> Optional[str]:

@@ -31,6 +31,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from .driver_errors import first_line
 from .timestamps import now_ms
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class Heartbeats:
                         self._due[run_id] = (now + every / 2, now + every)
                 self._beat(due)
         finally:
+            with self._cond:
+                if self._thread is me:  # (ended by an error: the next `add` starts a new thread)
+                    self._thread = None
             with contextlib.suppress(Exception):
                 self._executor.database.close()  # this thread's connection (back to the pool)
 
@@ -143,7 +147,7 @@ class Heartbeats:
                 self.statements += 1
         except Exception as exc:
             logger.warning("heartbeat of %d tracked run(s) failed (next try in their interval): %s",
-                           len(run_ids), str(exc).strip().splitlines()[0] if str(exc) else exc)
+                           len(run_ids), first_line(exc))
 
     def _statements(self) -> contextlib.AbstractContextManager[object]:
         if self._executor.dialect.fork_waits_for_statements:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Set
 import peewee
 
 from .dialects.polling import STREAMS_PER_POLL
+from .driver_errors import first_line
 from .errors import ConnectionLostError
 from .timestamps import now_ms
 from .watches import Watches
@@ -82,10 +83,15 @@ class Liveness:
         except peewee.DatabaseError as exc:
             if isinstance(exc, ConnectionLostError) or self._executor.dialect.is_connection_lost(exc):
                 raise  # (the round fails and is tried again, as a poll's would)
+            if not self._executor.dialect.is_missing_table(exc):
+                # (a timeout, a cluster node not ready: this round fails, the next one tries again)
+                logger.warning("stream poller: liveness check failed (next try in %.0f s): %s",
+                               LIVENESS_PAUSE, first_line(exc))
+                return set()
             # No agent_runs here (a storage of the streams domain only, its runs kept elsewhere):
             # followers end only when their streams do, as before.
             logger.warning("stream poller: cannot read agent_runs (%s); followers here will not end "
-                           "\"stale\"", str(exc).strip().splitlines()[0] if str(exc) else exc)
+                           "\"stale\"", first_line(exc))
             self._enabled = False
             return set()
         marked: Set[str] = set()

@@ -24,6 +24,7 @@ from playhouse.pool import PooledDatabase
 from . import forkguard
 from .delivery import deliver
 from .dialects.polling import WakeSource
+from .driver_errors import first_line
 from .errors import ConnectionLostError, PoolExhaustedError
 from .liveness import Liveness
 from .watches import LINGER, Watch, Watches
@@ -275,7 +276,7 @@ class Poller:
             # (The executor has dropped a dead connection already: the next round connects anew,
             # and the reader sets the new one up.)
             logger.warning("stream poller: %s; retrying",
-                           str(exc).strip().splitlines()[0] if str(exc) else exc)
+                           first_line(exc))
             self._conn = None
             self.reader.wake.stop()
         else:

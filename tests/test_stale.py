@@ -245,3 +245,49 @@ def test_followers_of_a_streams_only_storage_still_follow(database: peewee.Datab
     storage.streams.close("s1")
     assert reader.finished().reason == "closed"
     assert [e["type"] for e in reader.items] == ["A", "B"]
+
+
+def test_a_heartbeat_thread_that_died_is_started_again(storage: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A round that raises past its own handler ends the thread; the next run must get a new one,
+    # or the process's tracked runs stop beating and are reaped while they live.
+    beats = storage.runs.heartbeats
+    assert not beats.inline  # (the suite's SQLite databases are files: a thread beats)
+    died = threading.Event()
+
+    def broken(run_ids: Any) -> None:
+        died.set()
+        raise RuntimeError("a round failed past its handler")
+
+    monkeypatch.setattr(beats, "_beat", broken)
+    beats.add("first", 0.5)
+    assert died.wait(5)
+    beats.remove("first")
+    deadline = time.monotonic() + 5
+    while beats._thread is not None and beats._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.undo()
+    before = beats.statements
+    with storage.runs.track("second", "agent", heartbeat_interval=0.5):
+        deadline = time.monotonic() + 5
+        while beats.statements == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert beats.statements > before
+
+
+def test_a_missing_table_is_told_from_other_failures(storage: Any, database: peewee.Database) -> None:
+    # The liveness check turns itself off only when agent_runs is not there; any other failure
+    # (a timeout, a node not ready) fails one round.
+    dialect = storage.executor.dialect
+    with pytest.raises(peewee.DatabaseError) as missing:
+        database.execute_sql("SELECT 1 FROM bap_no_such_table")
+    assert dialect.is_missing_table(missing.value)
+    with pytest.raises(peewee.DatabaseError) as other:
+        database.execute_sql("SELECT no_such_column FROM agent_runs")
+    assert not dialect.is_missing_table(other.value)
+
+
+def test_first_line_of_a_blank_message() -> None:
+    from better_agent_peewee.driver_errors import first_line
+
+    assert first_line(RuntimeError("  \n ")) == "RuntimeError"
+    assert first_line(RuntimeError("\nboom\nmore")) == "boom"

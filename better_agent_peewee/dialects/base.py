@@ -184,18 +184,20 @@ class Dialect:
         return False
 
     def is_transient(self, exc: BaseException) -> bool:
-        """True when `exc` is a deadlock or serialization failure: the server rolled the
-        transaction back and running it again may succeed."""
+        """True when `exc` is a deadlock or serialization failure (rolled back: may succeed again)."""
         return False
 
     def is_read_only(self, exc: BaseException) -> bool:
         """True when `exc` says the server (a standby, a replica) takes no writes."""
         return False
 
+    def is_missing_table(self, exc: BaseException) -> bool:
+        """True when `exc` says a table the statement names does not exist."""
+        return False
+
     def needs_new_connection(self, exc: BaseException) -> bool:
-        """True when the conflict `exc` means this connection's server cannot serve now (a
-        cluster node that is not synced), so a retry should reconnect (through a proxy: to
-        another node)."""
+        """True when the conflict `exc` means this connection's server cannot serve now (a cluster
+        node not synced), so a retry should reconnect (through a proxy: to another node)."""
         return False
 
     def requires_primary_key(self) -> bool:
@@ -207,8 +209,7 @@ class Dialect:
         return []
 
     def json_param(self, node: peewee.Node) -> peewee.Node:
-        """A JSON parameter where the server cannot infer its type (the SELECT list of an
-        INSERT ... SELECT)."""
+        """A JSON parameter where the server cannot infer its type (an INSERT ... SELECT's list)."""
         return node
 
     def skip_duplicates(self, insert: Any) -> Any:

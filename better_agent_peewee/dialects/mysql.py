@@ -115,6 +115,9 @@ class MySQLDialect(Dialect):
         # ER_READ_ONLY_MODE
         return mysql_errno(exc) in (1290, 1792, 1836)
 
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return mysql_errno(exc) == 1146  # ER_NO_SUCH_TABLE
+
     #: wsrep_sync_wait bits for causal reads: 1 reads (and BEGIN), 2 UPDATE/DELETE, 4 INSERT/REPLACE
     #: (the stream append's INSERT ... SELECT and a message's foreign-key check read through these),
     #: 8 SHOW (create_tables asks which tables exist; a DROP on another node must be seen first).

@@ -87,6 +87,9 @@ class PostgresDialect(Dialect):
         # read_only_sql_transaction: a hot standby, or default_transaction_read_only
         return pg_code(exc) == "25006"
 
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return pg_code(exc) == "42P01"  # undefined_table
+
     def hung_up(self, conn: Any) -> bool:
         try:
             return socket_readable(conn.fileno())

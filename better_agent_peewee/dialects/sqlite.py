@@ -36,6 +36,9 @@ class SqliteDialect(Dialect):
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         return "FOREIGN KEY" in str(exc)
 
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return "no such table" in str(driver_error(exc))
+
     def is_transient(self, exc: BaseException) -> bool:
         # SQLITE_BUSY once the busy timeout ran out: the writer lock is not granted in any
         # fair order, so a writer among many can miss it for the whole timeout. Nothing was
