@@ -214,6 +214,8 @@ def test_the_token_and_the_loopback_rule(storage: Any) -> None:
     first = call(app, "GET", "/runs?agent=support&token=s3cret")
     assert first.code == 303 and first.headers["location"] == "/runs?agent=support"
     assert "HttpOnly" in first.headers["set-cookie"] and "SameSite=Strict" in first.headers["set-cookie"]
+    elsewhere = call(app, "GET", "//attacker.example/runs?token=s3cret")  # no redirect to another site
+    assert elsewhere.code == 303 and elsewhere.headers["location"] == "/attacker.example/runs"
     cookie = first.headers["set-cookie"].split(";")[0]
     assert call(app, "GET", "/", headers={"Cookie": cookie, "Host": "192.0.2.1"}).code == 200
     assert call(app, "GET", "/", headers={"Authorization": "Bearer s3cret"}).code == 200

@@ -133,7 +133,11 @@ class Inspector:
             query = environ.get("QUERY_STRING", "") or ""
             if "token=" in query:  # set the cookie, then take the token out of the address bar
                 rest = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "token"]
-                path = quote(environ.get("PATH_INFO", "/") or "/")
+                # One leading slash (a path of "//host" would send the browser to another site),
+                # under the prefix the inspector is mounted at.
+                path = quote(environ.get("SCRIPT_NAME", "").rstrip("/") + "/"
+                             + (environ.get("PATH_INFO", "") or "").lstrip("/"))
+                path = "/" + path.lstrip("/")
                 target = path + ("?" + "&".join(f"{quote(k)}={quote(v)}" for k, v in rest) if rest else "")
                 return Response(303, [b""], headers=[
                     ("Location", target),
