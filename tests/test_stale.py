@@ -247,6 +247,7 @@ def test_followers_of_a_streams_only_storage_still_follow(database: peewee.Datab
     assert [e["type"] for e in reader.items] == ["A", "B"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (on purpose)
 def test_a_heartbeat_thread_that_died_is_started_again(storage: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # A round that raises past its own handler ends the thread; the next run must get a new one,
     # or the process's tracked runs stop beating and are reaped while they live.
