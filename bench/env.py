@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -147,3 +149,16 @@ def machine() -> Dict[str, Any]:
         usable = os.cpu_count()
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "memory": memory,
             "os": platform.platform(), "versions": versions}
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_results(path: Optional[str], name: str, payload: Dict[str, Any]) -> str:
+    """Write `payload` as JSON, stamped with the time, to `path` (or bench/results/<stamp>-<name>.json)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = path or os.path.join(RESULTS, f"{stamp}-{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"generated": stamp, **payload}, f, indent=1)
+    return path

@@ -17,10 +17,7 @@ p95 under 200 ms at the large size. Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import http.client
-import json
-import os
 import random
 import signal
 import statistics
@@ -32,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 from better_agent_peewee import open_database, peewee_storage
 from better_agent_peewee.inspector import inspector_app, make_inspector_server
 
-from .env import Target, machine, open_target
+from .env import Target, machine, open_target, write_results
 from .growth import AGENTS, DAY, Growth, _large_target
 from .prune_scale import bulk_insert
 from .quiet import BenchLock, load1
@@ -40,7 +37,6 @@ from .quiet import BenchLock, load1
 DIALECTS = ("sqlite", "postgres", "mysql")
 TARGET_MS = 200.0
 RECENT = 5_000
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _log(message: str) -> None:
@@ -233,12 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for dialect in DIALECTS if args.dialect == "all" else (args.dialect,):
         results[dialect] = run_dialect(dialect, args.small, args.large, rounds, per_round, lock)
         print(format_result(dialect, results[dialect]) + "\n", flush=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.json or os.path.join(RESULTS, f"{stamp}-inspector-{args.dialect}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"generated": stamp, "machine": info, "quick": args.quick, "dialects": results}, f,
-                  indent=1)
+    path = write_results(args.json, f"inspector-{args.dialect}",
+                         {"machine": info, "quick": args.quick, "dialects": results})
     _log(f"results written to {path}")
     return 0
 

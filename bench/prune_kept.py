@@ -60,11 +60,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from better_agent_peewee import create_tables, open_database, peewee_storage
 from better_agent_peewee.prune import prune_runs
 
-from .env import machine
+from .env import machine, write_results
 from .quiet import BenchLock, load1, renice
 
 DIALECTS = ("sqlite", "postgres", "mysql")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DAY = 86_400_000
 KEEP = dt.timedelta(days=7)
 OLD_DAYS = 30
@@ -566,12 +565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for plan in result["explain"]:
                 _log(plan["statement"] + "\n    " + "\n    ".join(plan["plan"]))
     print(format_result(args.dialect, result) + "\n", flush=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.json or os.path.join(RESULTS, f"{stamp}-prune-kept-{args.dialect}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"generated": stamp, "machine": info, "dialect": args.dialect, "result": result}, f,
-                  indent=1)
+    path = write_results(args.json, f"prune-kept-{args.dialect}",
+                         {"machine": info, "dialect": args.dialect, "result": result})
     _log(f"results written to {path}")
     return 0
 

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
-import json
 import os
 import random
 import shutil
@@ -39,9 +38,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from better_agent_peewee import create_tables, open_database, peewee_storage
 
-from .env import machine
+from .env import machine, write_results
 from .growth import recorded
-from .prune_kept import DIALECTS, RESULTS, Timing, fast_load
+from .prune_kept import DIALECTS, Timing, fast_load
 from .quiet import load1
 
 DAY = 86_400_000
@@ -339,12 +338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for plan in result["explain"]:
                 _log(plan["statement"] + "\n    " + "\n    ".join(plan["plan"]))
     print(format_result(result) + "\n", flush=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.json or os.path.join(RESULTS, f"{stamp}-prune-threads-{args.dialect}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"generated": stamp, "machine": info, "dialect": args.dialect, "result": result}, f,
-                  indent=1)
+    path = write_results(args.json, f"prune-threads-{args.dialect}",
+                         {"machine": info, "dialect": args.dialect, "result": result})
     _log(f"results written to {path}")
     return 0
 
