@@ -9,18 +9,15 @@ EXPLAINed. The same check fails on the shared schema alone (the last test).
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
 from bench.growth import Growth, recorded
-from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee import create_tables
 from better_agent_peewee.inspector import inspector_app
 from better_agent_peewee.schema import drop_performance_indexes
-from tests.samples import DIALECT_PARAMS, module_database
-from tests.test_explain import whole_table_reads
-
-ROWS = 10_000
+from tests.test_explain import filled, whole_table_reads  # noqa: F401 (filled: the same data, one fixture)
 
 #: page name -> path: every page of the inspector, on the data's busiest keys.
 PAGES: Dict[str, str] = {
@@ -56,17 +53,6 @@ def get(app: Any, path: str) -> Tuple[str, bytes]:
     return answer["status"], body
 
 
-@pytest.fixture(scope="module", params=DIALECT_PARAMS)
-def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A storage on bench.growth's data at ROWS, ANALYZEd."""
-    for db in module_database(request, request.param, tmp_path_factory):
-        storage = peewee_storage(db)
-        growth = Growth(storage, request.param, log=lambda message: None)
-        growth.grow(ROWS)
-        growth.analyze()
-        yield storage
-
-
 def _path(storage: Any, page: str) -> str:
     run = storage.runs.get("run-00004321")
     thread = storage.memory.threads.get("thread-0000503")
@@ -85,7 +71,7 @@ def _statements(storage: Any, call: Callable[[], Any]) -> List[Tuple[str, Any]]:
 
 
 @pytest.mark.parametrize("page", list(PAGES))
-def test_every_statement_of_a_page_reads_an_index(filled: Any, page: str) -> None:
+def test_every_statement_of_a_page_reads_an_index(filled: Any, page: str) -> None:  # noqa: F811
     storage = filled
     app = inspector_app(storage)
     path = _path(storage, page)
@@ -98,7 +84,7 @@ def test_every_statement_of_a_page_reads_an_index(filled: Any, page: str) -> Non
         assert not bad, f"{page} on {storage.dialect.name}: {bad}\n{sql}\n{plan}"
 
 
-def test_without_our_indexes_the_pages_read_whole_tables(filled: Any) -> None:
+def test_without_our_indexes_the_pages_read_whole_tables(filled: Any) -> None:  # noqa: F811
     """The check above can fail: on the shared schema alone the same pages scan or sort."""
     storage = filled
     db, dialect = storage.database, storage.dialect.name
