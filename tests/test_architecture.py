@@ -318,9 +318,6 @@ LONG_ALLOWED: Dict[str, str] = {
     # Grown in this round by the work on issue 20 (storage.agent, thread state), landed while
     # this test was being written: to be split by its owner.
     "runs.Runs": "pending (issue 20)",
-    # The inspector (better_agent_peewee.inspector), landed while this test was being written:
-    # one class of its statements; to be split by its owner.
-    "inspector.queries.Reader": "pending (the inspector's work)",
 }
 
 
