@@ -2,26 +2,26 @@
 
 A run is written `running` when it starts and rewritten when it ends. Aborting is a
 request: it stamps `abortRequestedAt` on a running run, and the worker executing the
-run notices (`abort_requested`) between steps and stops. Starting, finishing and the
-abort stamp are each one conditional statement, so of callers racing on the same run
-exactly one is told it won: a second `start` of an id is refused, a run that already
+run notices (`abort_requested`) between steps and stops (aborts.py). Starting, finishing
+and the abort stamp are each one conditional statement, so of callers racing on the same
+run exactly one is told it won: a second `start` of an id is refused, a run that already
 ended is not finished again, and an abort is requested once. `track` lives a whole run
 in one block (see tracking.py).
 """
 from __future__ import annotations
 
 import datetime
-import enum
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import peewee
 
+from .aborts import AbortRequest, Aborts, owned_by
 from .errors import ConflictError, NotFoundError, RecordError
 from .executor import Applied
 from .heartbeats import Heartbeats
 from .prune import PruneReport, prune_runs
-from .query import Statement, compile_statement, first_row, marker
+from .query import compile_statement, marker
 from .reap import reap_stale
 from .records import FINAL_EVENT_OF, FINAL_EVENT_TYPES, check_key, make_json_check, now_ms, storable_key
 from .tables import TableAdapter, Tables
@@ -33,33 +33,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Runs", "AbortRequest"]
+# AbortRequest and owned_by live in aborts.py; imported from here, as before, they still are.
+__all__ = ["Runs", "AbortRequest", "owned_by"]
 
 _RUNS = "runs"
 #: The final statuses, and the type of final event that goes with each ("Runs" in docs/contract.md).
 FINISHED = FINAL_EVENT_OF
-
-
-class AbortRequest(str, enum.Enum):
-    """What `request_abort` did. Only REQUESTED is true, so ``if runs.request_abort(id):``
-    reads "this call asked the worker to stop"; the value is a string (JSON-friendly)."""
-
-    #: This call stamped the abort: the worker stops at its next check.
-    REQUESTED = "requested"
-    #: The run is running and was already asked to stop (by an earlier call).
-    ALREADY_REQUESTED = "already_requested"
-    #: The run has ended (completed, failed, interrupted or aborted): nothing to stop.
-    NOT_RUNNING = "not_running"
-
-    def __bool__(self) -> bool:
-        return self is AbortRequest.REQUESTED
-
-
-def owned_by(run: Mapping[str, Any], agent_name: str, scope: Optional[str]) -> bool:
-    """True if `run` is a run of `agent_name` that a caller in `scope` may act on: any scope when
-    `scope` is None, else that scope or none (Better Agent's handler lets any caller act on a run
-    without a scope)."""
-    return run.get("agentName") == agent_name and (scope is None or run.get("scope") in (None, scope))
 
 
 class Runs:
@@ -79,18 +58,8 @@ class Runs:
         self._encode_ts = tables.executor.dialect.encode_ts
         self._decode_ts = tables.executor.dialect.decode_ts
         self._check_json = make_json_check(tables.executor.dialect)
+        self._aborts = Aborts(tables)
         R = tables.models.run
-        # Only a running run that was not asked yet: the WHERE clause decides who wins a race.
-        stamp = R.update({R.abort_requested_at: marker("now"), R.updated_at: marker("now")})
-        can_abort = (R.run_id == marker("run")) & (R.status == "running") & R.abort_requested_at.is_null()
-        self._abort = compile_statement(self._db, stamp.where(can_abort))
-        # The same for `storage.agent(...)`: only a run of that agent (and, with a scope, in that
-        # scope or in none, as Better Agent's run access check), decided by the same statement.
-        of_agent = can_abort & (R.agent_name == marker("agent"))
-        self._abort_of: Dict[bool, Statement] = {
-            False: compile_statement(self._db, stamp.where(of_agent)),
-            True: compile_statement(self._db, stamp.where(
-                of_agent & ((R.scope == marker("scope")) | R.scope.is_null())))}
         self._finish = compile_statement(self._db, R.update(
             {R.status: marker("status"), R.final_event: marker("final"), R.updated_at: marker("now"),
              R.finished_at: marker("now")}).where((R.run_id == marker("run")) & (R.status == "running")))
@@ -101,10 +70,6 @@ class Runs:
             table.model.insert({fields[c]: marker(c) for c in table.spec.columns})))
         if self._insert.names != table.spec.columns:
             raise AssertionError(f"run insert parameters out of column order: {self._insert.plan}")
-        self._abort_stamp = compile_statement(
-            self._db, R.select(R.abort_requested_at).where(R.run_id == marker("run")))
-        self._abort_state = compile_statement(
-            self._db, R.select(R.abort_requested_at, R.status).where(R.run_id == marker("run")))
         self._heartbeat = compile_statement(self._db, R.update({R.updated_at: marker("now")}).where(
             (R.run_id == marker("run")) & (R.status == "running")))
         #: The thread that keeps tracked runs' ``updatedAt`` fresh while their blocks run.
@@ -202,31 +167,13 @@ class Runs:
 
         :raises NotFoundError: there is no run `run_id`.
         """
-        return self.abort_of(run_id, None)
+        return self._aborts.request(run_id, None)
 
     def abort_of(self, run_id: str, owner: Optional[Tuple[str, Optional[str]]]) -> AbortRequest:
         """`request_abort`, restricted to the runs of `owner` (agent name, scope or None) when
         given: a run of another agent or scope is reported exactly as a missing one
         (`storage.agent(...).abort` calls this)."""
-        run_id = check_key(_RUNS, "runId", run_id)
-        stamp = now_ms()
-        values = {"now": self._encode_ts(stamp), "run": run_id}
-        statement = self._abort
-        if owner is not None:
-            values["agent"], values["scope"] = owner
-            statement = self._abort_of[owner[1] is not None]
-        # Not idempotent: a second run after a lost reply would answer False to the winner. So
-        # after a lost reply the stamp is read back: ours means this call made the request.
-        if self._executor.execute(statement.sql, statement.params(values), idempotent=False,
-                                  resolve=lambda: self._abort_read_back(run_id, stamp)).rowcount == 1:
-            logger.debug("abort requested for run %r", run_id)
-            return AbortRequest.REQUESTED
-        run = self.get(run_id)
-        if run is None or (owner is not None and not owned_by(run, *owner)):
-            raise NotFoundError(_RUNS, run_id, f"runs: cannot abort run {run_id!r}: it does not exist")
-        if run["status"] == "running":
-            return AbortRequest.ALREADY_REQUESTED
-        return AbortRequest.NOT_RUNNING
+        return self._aborts.request(run_id, owner)
 
     def _read_back(self, run_id: str, ours: Callable[[Dict[str, Any]], bool],
                    pending: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Optional[Applied]:
@@ -239,35 +186,18 @@ class Runs:
             return Applied(1)
         return None if pending is not None and pending(run) else Applied(0)
 
-    def _abort_read_back(self, run_id: str, stamp: int) -> Optional[Applied]:
-        params = self._abort_stamp.params({"run": run_id})
-        row = first_row(self._executor.execute(self._abort_stamp.sql, params, idempotent=True))
-        if row is None or row[0] is None:
-            return None  # not stamped (or no such run): the UPDATE can run again
-        return Applied(1 if self._decode_ts(row[0]) == stamp else 0)
-
     def abort_requested(self, run_id: str) -> bool:
         """True once an abort of `run_id` was requested: the check a worker makes between steps.
 
         One indexed read of one column. A run that does not exist reads as False, as in
         Better Agent's own abort check.
         """
-        if not storable_key(run_id):
-            return False
-        row = first_row(self._executor.execute(self._abort_stamp.sql,
-                                               self._abort_stamp.params({"run": run_id}), idempotent=True))
-        return row is not None and row[0] is not None
+        return self._aborts.requested(run_id)
 
     def abort_state(self, run_id: str) -> Tuple[bool, Optional[str]]:
         """(abort requested, status) of `run_id` in one indexed read: what a tracked run's
         `check_abort` asks; (False, None) when there is no such run."""
-        if not storable_key(run_id):
-            return False, None
-        row = first_row(self._executor.execute(self._abort_state.sql,
-                                               self._abort_state.params({"run": run_id}), idempotent=True))
-        if row is None:
-            return False, None
-        return row[0] is not None, str(row[1])
+        return self._aborts.state(run_id)
 
     def heartbeat(self, run_id: str) -> bool:
         """Set the `updatedAt` of a running run to now: its worker is alive; False if it is not running.

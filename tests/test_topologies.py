@@ -222,11 +222,12 @@ def test_request_abort_read_back(database: peewee.Database) -> None:
     storage = peewee_storage(database)
     storage.runs.start("r", "agent")
     runs: Any = storage.runs
-    assert runs._abort_read_back("r", 5) is None  # not stamped: the UPDATE may run again
+    aborts = runs._aborts  # the abort stamp's read-back (aborts.py)
+    assert aborts.read_back("r", 5) is None  # not stamped: the UPDATE may run again
     assert storage.runs.request_abort("r")  # REQUESTED
     stamp = storage.runs.get("r")["abortRequestedAt"]
-    assert runs._abort_read_back("r", stamp).rowcount == 1
-    assert runs._abort_read_back("r", stamp + 1).rowcount == 0
+    assert aborts.read_back("r", stamp).rowcount == 1
+    assert aborts.read_back("r", stamp + 1).rowcount == 0
 
 
 def test_message_read_back(database: peewee.Database) -> None:
