@@ -22,6 +22,7 @@ import peewee
 
 from ..jsoncodec import dumps, load_text
 from ..timestamps import datetime_to_ms, postgres_encode_ts
+from .aggregates import Aggregates
 from .polling import PollReader, Runner
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class JSONField(DialectField):
 
 # -- the dialects -------------------------------------------------------------------------
 
-class Dialect:
+class Dialect(Aggregates):
     """Column shims, value codecs and transaction style of one database engine."""
 
     name = "base"

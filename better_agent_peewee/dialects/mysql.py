@@ -13,6 +13,7 @@ import peewee
 from ..driver_errors import MYSQL_GONE, MYSQL_UNREACHABLE, mysql_errno, socket_readable
 from ..errors import ConnectionLostError
 from ..timestamps import datetime_to_ms, mysql_encode_ts
+from .aggregates import template
 from .base import Dialect
 from .polling import POLL_BATCH, Entry, PollReader, Row, Runner, json_array
 
@@ -80,6 +81,14 @@ class MySQLDialect(Dialect):
             version = self.database.execute_sql("SELECT VERSION()").fetchone()[0]
             self._mariadb = "mariadb" in str(version).lower()
         return self._mariadb
+
+    def hour_number(self, column: peewee.Node) -> peewee.Node:
+        # DATETIME holds UTC without a zone: plain date arithmetic (UNIX_TIMESTAMP would read it
+        # in the session's time_zone).
+        return template("TIMESTAMPDIFF(HOUR, '1970-01-01 00:00:00', {})", column)
+
+    def milliseconds_between(self, start: peewee.Node, end: peewee.Node) -> peewee.Node:
+        return template("FLOOR(TIMESTAMPDIFF(MICROSECOND, {}, {}) / 1000)", start, end)
 
     def text_equals(self, column: peewee.Node, value: peewee.Node) -> peewee.Node:
         # utf8mb4_bin is a PAD SPACE collation: `agent_name = 'agent'` also matches 'agent '.

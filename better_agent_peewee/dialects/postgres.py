@@ -9,6 +9,7 @@ import peewee
 from ..driver_errors import PG_UNREACHABLE, pg_code, pg_gone_code, socket_readable
 from ..jsoncodec import dumps_for_jsonb, load_native
 from ..timestamps import datetime_to_ms, postgres_encode_ts
+from .aggregates import template
 from .base import Dialect
 from .polling import Entry, PollReader, Row, Runner, WakeSource
 
@@ -49,6 +50,15 @@ class PostgresDialect(Dialect):
                 f"LEFT JOIN {streams} s ON s.id = w.run "
                 f"LEFT JOIN {events} e ON e.run_id = w.run AND e.seq > w.since AND e.seq <= w.upto "
                 f"WHERE s.id IS NULL OR s.status <> 'open' OR w.last > w.since")
+
+    def hour_number(self, column: peewee.Node) -> peewee.Node:
+        # The epoch of a timestamptz does not depend on the session's TimeZone (date_trunc would).
+        return template("CAST(FLOOR(EXTRACT(EPOCH FROM {}) / 3600) AS BIGINT)", column)
+
+    def milliseconds_between(self, start: peewee.Node, end: peewee.Node) -> peewee.Node:
+        # Each end floored to its millisecond first, as decode_ts reads a stored microsecond.
+        return template("CAST(FLOOR(EXTRACT(EPOCH FROM {}) * 1000) - FLOOR(EXTRACT(EPOCH FROM {}) * 1000) "
+                        "AS BIGINT)", end, start)
 
     def select_json(self, column: peewee.Field) -> peewee.Node:
         # As text, so SQL NULL (absent) and JSON null (None) stay apart: the driver's

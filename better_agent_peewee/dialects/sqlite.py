@@ -9,6 +9,7 @@ from playhouse.pool import PooledDatabase
 from ..driver_errors import driver_error
 from ..errors import DialectError
 from ..timestamps import sqlite_decode_ts, sqlite_encode_ts
+from .aggregates import template
 from .base import Dialect
 from .polling import PollReader, Runner
 
@@ -24,6 +25,17 @@ class SqliteDialect(Dialect):
     fork_waits_for_statements = True
     encode_ts = staticmethod(sqlite_encode_ts)
     decode_ts = staticmethod(sqlite_decode_ts)
+    limits_union_arms = False
+
+    def hour_number(self, column: peewee.Node) -> peewee.Node:
+        # julianday reads the ISO text (its 'Z' or offset included) into whole milliseconds, which
+        # the rounding gets back exactly; then integer arithmetic (2440587.5 days: the Unix epoch).
+        return template("((CAST(ROUND(julianday({}) * 86400000) AS INTEGER) - 210866760000000) / 3600000)",
+                        column)
+
+    def milliseconds_between(self, start: peewee.Node, end: peewee.Node) -> peewee.Node:
+        # julianday keeps whole milliseconds; as a double its error is far under half of one.
+        return template("CAST(ROUND((julianday({}) - julianday({})) * 86400000) AS INTEGER)", end, start)
 
     def transaction(self) -> ContextManager[Any]:
         # Take the write lock up front: a deferred transaction that reads and then writes

@@ -16,15 +16,16 @@ STATUS_ORDER = ("completed", "running", "interrupted", "aborted", "failed")
 HOUR = 3_600_000
 
 
-def bucket(starts: Dict[str, List[int]], now_ms: int, hours: int) -> List[Dict[str, int]]:
-    """Counts per status for each of the last `hours` hours (oldest first)."""
-    first = (now_ms // HOUR - hours + 1) * HOUR
+def bucket(hours_by_status: Dict[str, Dict[int, int]], now_ms: int, hours: int) -> List[Dict[str, int]]:
+    """Counts per status for each of the last `hours` hours (oldest first), from runs counted
+    per status and hour number (an hour's start // `HOUR`; others are left out)."""
+    first = now_ms // HOUR - hours + 1
     bins: List[Dict[str, int]] = [{} for _ in range(hours)]
-    for status, times in starts.items():
-        for at in times:
-            index = (at - first) // HOUR
-            if 0 <= index < hours:
-                bins[index][status] = bins[index].get(status, 0) + 1
+    for status, counted in hours_by_status.items():
+        for number, n in counted.items():
+            if 0 <= number - first < hours and n:
+                counts = bins[number - first]
+                counts[status] = counts.get(status, 0) + n
     return bins
 
 
@@ -40,6 +41,7 @@ def hourly(bins: List[Dict[str, int]], now_ms: int, label: str, partial_before: 
         y = float(plot_h)
         start = first + i * HOUR
         sampled = " sampled" if partial_before is not None and start < partial_before else ""
+        when = iso(start) if counts else ""
         for status in STATUS_ORDER:
             n = counts.get(status, 0)
             if not n:
@@ -49,7 +51,7 @@ def hourly(bins: List[Dict[str, int]], now_ms: int, label: str, partial_before: 
             # Numbers and our own status names only (no stored string): written directly, for speed.
             x, w = i * bar_w + 0.5, max(bar_w - 1, 1)
             shapes.append(Markup(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
-                                 f'class="s-{status}{sampled}"><title>{iso(start)} UTC: {n} {status}</title>'
+                                 f'class="s-{status}{sampled}"><title>{when} UTC: {n} {status}</title>'
                                  '</rect>'))
     ticks = []
     step = 6 if hours <= 48 else 24

@@ -18,20 +18,18 @@ def overview(reader: Reader, ctx: Context) -> Markup:
     agents = reader.agents()
     now = ctx.now_ms
     since_7d = (now // charts.HOUR - 7 * 24 + 1) * charts.HOUR
-    rows, starts, partial, spans = [], [], None, []
-    for agent in agents:
-        counts = reader.agent_counts(agent)
-        recent = reader.recent_starts(agent, since_7d)
-        for times in recent.values():
-            if len(times) >= CHART_CAP:  # this agent's status was sampled: older hours are partial
-                partial = max(partial or 0, min(times))
-        starts.append(recent)
-        spans.append(reader.recent_durations(agent))
-        rows.append(_agent_row(agent, counts, spans[-1]))
-    merged: Dict[str, List[int]] = {}
-    for recent in starts:
-        for status, times in recent.items():
-            merged.setdefault(status, []).extend(times)
+    spans = reader.durations(agents)
+    rows = [_agent_row(agent, counts, durations)
+            for agent, counts, durations in zip(agents, reader.agent_counts(agents), spans)]
+    merged: Dict[str, Dict[int, int]] = {}
+    partial: Optional[int] = None
+    for hours in reader.hours(agents, since_7d):
+        for status, counted in hours.counts.items():
+            into = merged.setdefault(status, {})
+            for number, n in counted.items():
+                into[number] = into.get(number, 0) + n
+        if hours.partial_before is not None:  # a status of this agent was sampled: older hours are partial
+            partial = max(partial or hours.partial_before, hours.partial_before)
     body = [
         tag("section", None, tag("h2", None, "Agents"),
             table(["agent", "threads", *charts.STATUS_ORDER, "p50", "p95"], rows, empty="No agents yet: "

@@ -31,7 +31,7 @@ class Reader(OverviewReads, ThreadReads, RunReads):
     """The inspector's statements over one storage: every read of every page, one cache.
 
     The reads are split by what they read: the overview's (overview_reads: `agents`,
-    `agent_counts`, `recent_starts`, `recent_durations`, `running`), the thread pages'
+    `agent_counts`, `hours`, `durations`, `running`), the thread pages'
     (thread_reads: `threads`, `search_threads`, `messages`, `thread_runs`) and the run pages'
     (run_reads: `runs`, `events`), over the shared machinery in statements.
     """

@@ -24,8 +24,8 @@ class RunReads(Statements):
         def bases() -> List[peewee.Query]:
             out = []
             for i in range(len(pairs)):
-                query = (R.select(R.started_at, R.run_id, R.agent_name, R.thread_id, R.status, R.updated_at,
-                                  R.finished_at)
+                # The keys only: the page's rows are read by id after (`_by_id`), 50 rows, not 50 per range.
+                query = (R.select(R.started_at, R.run_id)
                          .where(self._eq(R.agent_name, f"agent{i}"), R.status == marker(f"status{i}")))
                 if since_ms is not None:
                     query = query.where(R.started_at >= marker("since"))
@@ -39,8 +39,20 @@ class RunReads(Statements):
         for i, (agent, status) in enumerate(pairs):
             values[f"agent{i}"], values[f"status{i}"] = agent, status
         shape = ("runs", len(pairs), since_ms is None, until_ms is None)
-        return [RunRow(r[1], r[2], r[3], r[4], r[0], self._ms(r[5]), self._ms(r[6]))
-                for r in self._keyset(shape, bases, values, R.started_at, R.run_id, before, limit)]
+        keys = self._keyset(shape, bases, values, R.started_at, R.run_id, before, limit)
+        found = self._by_id([run_id for _, run_id in keys])
+        return [found[run_id] for _, run_id in keys if run_id in found]
+
+    def _by_id(self, run_ids: List[str]) -> Dict[str, RunRow]:
+        """The runs of `run_ids` (a unique index probe each), by id."""
+        if not run_ids:
+            return {}
+        R = self.m.run
+        rows = self._rows(("runs by id", len(run_ids)),
+                          lambda: R.select(*self._run_columns()).where(
+                              R.run_id.in_([marker(f"id{i}") for i in range(len(run_ids))])),
+                          {f"id{i}": run_id for i, run_id in enumerate(run_ids)})
+        return {r.run_id: r for r in self._run_rows(rows) if r.run_id in run_ids}
 
     def events(self, run_id: str, after_seq: int = 0, limit: int = EVENTS_PAGE) -> List[Dict[str, Any]]:
         """Events of the run's stream after `after_seq`, in seq order, at most `limit`."""

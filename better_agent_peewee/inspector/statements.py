@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import peewee
 
@@ -130,37 +130,78 @@ class Statements:
         Each base is read in `at` order only (its index: a leading equality, then `at`), so no
         planner is tempted to walk another index to save a sort; rows sharing a timestamp are
         put in key order here, reading the whole group (a one-millisecond range of the same index)
-        where a page boundary falls inside one. (Ranges, not equality: a timestamp stored with
-        microseconds reads as its millisecond.)
+        where a page boundary falls inside one and a range may have stopped in it. (Ranges, not
+        equality: a timestamp stored with microseconds reads as its millisecond.) Only the page's
+        times are decoded: the rest are compared as the driver returns them, in the index's order.
         """
         def arms(mode: str, bound: Dict[str, Any]) -> List[Tuple[Any, ...]]:
             def build() -> List[peewee.Query]:
+                numbered = [cast(peewee.Select, b).select_extend(peewee.SQL(str(i)).alias("arm"))
+                            for i, b in enumerate(bases())]
                 if mode == "first":
-                    return [b.order_by(at.desc()).limit(marker("limit")) for b in bases()]
+                    return [b.order_by(at.desc()).limit(marker("limit")) for b in numbered]
                 if mode == "before":
                     return [b.where(at < marker("cut")).order_by(at.desc()).limit(marker("limit"))
-                            for b in bases()]
+                            for b in numbered]
                 if mode == "ties":
                     return [b.where(at >= marker("cut"), at < marker("cut_end"), key < marker("last"))
-                            for b in bases()]
+                            for b in numbered]
                 # "group": every row of one millisecond
-                return [b.where(at >= marker("cut"), at < marker("cut_end")) for b in bases()]
+                return [b.where(at >= marker("cut"), at < marker("cut_end")) for b in numbered]
 
-            rows = self._rows((*shape, mode), build, {**values, **bound, "limit": limit})
-            return [(self._ms(r[0]) or 0, *r[1:]) for r in rows]
+            return self._rows((*shape, mode), build, {**values, **bound, "limit": limit})
 
         if before is None:
-            rows = arms("first", {})
+            limited = rows = arms("first", {})
         else:
             cut, last = before
             bound = {"cut": self._ts(cut), "cut_end": self._ts(cut + 1), "last": last}
-            rows = arms("before", bound) + arms("ties", bound)
-        rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
-        if len(rows) >= limit:
-            edge = rows[limit - 1][0]  # the group at the page's edge may be cut short: read it whole
-            group = arms("group", {"cut": self._ts(edge), "cut_end": self._ts(edge + 1)})
+            limited = arms("before", bound)
+            rows = limited + arms("ties", bound)
+        page, edge, tied = self._page(rows, limit)
+        if edge is not None and self._stopped_at(limited, limit, edge):
+            # A range stopped inside the page's last millisecond: read that millisecond whole.
+            tied = [(self._ms(r[0]) or 0, *r[1:]) for r in arms("group", {"cut": self._ts(edge),
+                                                                         "cut_end": self._ts(edge + 1)})]
             if before is not None and edge == before[0]:
-                group = [r for r in group if r[1] < before[1]]
-            rows = [r for r in rows if r[0] != edge] + group
+                tied = [r for r in tied if r[1] < before[1]]
+        rows = page + sorted(tied, key=lambda r: r[1], reverse=True)
+        return [r[:-1] for r in rows[:limit]]  # (the arm's number dropped)
+
+    def _page(self, rows: List[Tuple[Any, ...]], limit: int) -> Tuple[List[Tuple[Any, ...]], Optional[int],
+                                                                        List[Tuple[Any, ...]]]:
+        """(the first rows by (at, key) descending whose millisecond is wholly inside the first
+        `limit`, that last millisecond or None if every row is in, the rows read of it)."""
+        try:  # a later stored time is a later millisecond or the same one: no decoding needed to sort
             rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
-        return rows[:limit]
+        except TypeError:  # times of several types in one SQLite column: decode them all first
+            rows = sorted(((self._ms(r[0]) or 0, *r[1:]) for r in rows), key=lambda r: (r[0], r[1]),
+                          reverse=True)
+        decoded = [(self._ms(r[0]) or 0, *r[1:]) for r in rows[:limit]]
+        if len(rows) < limit:
+            return sorted(decoded, key=lambda r: (r[0], r[1]), reverse=True), None, []
+        edge = min(r[0] for r in decoded)
+        tied = [r for r in decoded if r[0] == edge]
+        for r in rows[limit:]:  # the edge's millisecond continues past the limit: those rows too
+            ms = self._ms(r[0]) or 0
+            if ms != edge:
+                break
+            tied.append((ms, *r[1:]))
+        page = sorted((r for r in decoded if r[0] != edge), key=lambda r: (r[0], r[1]), reverse=True)
+        return page, edge, tied
+
+    def _stopped_at(self, limited: List[Tuple[Any, ...]], limit: int, edge: int) -> bool:
+        """Whether a range read with LIMIT `limit` (its number last in each row) came back full
+        with its oldest row in millisecond `edge` (it may have more rows there)."""
+        per_arm: Dict[Any, List[Any]] = {}
+        for r in limited:
+            per_arm.setdefault(r[-1], []).append(r[0])
+        for times in per_arm.values():
+            if len(times) >= limit:
+                try:
+                    oldest = self._ms(min(times))
+                except TypeError:  # (several types in one SQLite column)
+                    oldest = min(self._ms(t) or 0 for t in times)
+                if oldest == edge:
+                    return True
+        return False
