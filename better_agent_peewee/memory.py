@@ -66,6 +66,19 @@ class Threads:
         self._set_state_running = compile_statement(self._db, write.where(
             (T.id == marker("thread")) & peewee.fn.EXISTS(running)))
         self._running = compile_statement(self._db, running)
+        # A new thread, stored only if no thread has the id (the primary key decides a race), and
+        # the thread read under a share lock: the latest committed version, even inside a
+        # REPEATABLE READ transaction whose snapshot predates it (MySQL's default).
+        spec, dialect = self._table.spec, tables.executor.dialect
+        fields = {f.column_name: f for f in T._meta.sorted_fields}
+        self._create = compile_statement(self._db, dialect.skip_duplicates(
+            T.insert({fields[c]: marker(c) for c in spec.columns})))
+        if self._create.names != spec.columns:
+            raise AssertionError(f"thread insert parameters out of column order: {self._create.plan}")
+        latest = T.select(*select_columns(T, spec, dialect)).where(T.id == marker("thread"))
+        if dialect.stream_row_share_lock is not None:
+            latest = latest.for_update(dialect.stream_row_share_lock)
+        self._latest = compile_statement(self._db, latest)
 
     def get(self, thread_id: str) -> Optional[Record]:
         """The thread record `thread_id`, or None."""
@@ -92,6 +105,43 @@ class Threads:
     def set(self, thread_id: str, thread: Mapping[str, Any]) -> None:
         """Create or replace the thread `thread_id`; a record whose `id` differs is refused."""
         self._table.set(thread_id, thread)
+
+    def create(self, thread_id: str, thread: Mapping[str, Any]) -> Optional[Record]:
+        """Store the new thread `thread_id` unless a thread has that id: None when this call
+        stored it, else the thread that exists (which is left as it is).
+
+        One INSERT that never overwrites: of callers racing to create one id, exactly one stores
+        its record, and the others get the winner's (once it is committed: read under a share
+        lock, so also inside a transaction that began before it).
+
+        :raises RecordError: a field cannot be stored (nothing is written).
+        """
+        row = self._table.to_row(thread_id, thread)  # validates: bad input raises before any write
+        try:
+            # After a lost reply the thread is read back: ours (createdAt, agentName, scope) means stored.
+            stored = self._executor.execute(self._create.sql, row, idempotent=False,
+                                            resolve=lambda: self._created(thread_id, thread)).rowcount == 1
+        except peewee.IntegrityError as exc:  # MySQL: the duplicate raises instead of being skipped
+            if self._executor.dialect.is_foreign_key_violation(exc):
+                raise
+            stored = False
+        if stored:
+            return None
+        params = self._latest.params({"thread": thread_id})
+        rows = self._executor.execute(self._latest.sql, params, idempotent=True).fetchall()
+        if not rows:  # created and deleted again meanwhile: stored by neither
+            raise ConflictError(f"{_THREADS}: thread {thread_id!r} was created and deleted by someone else "
+                                "meanwhile; nothing was written")
+        existing: Record = self._table.from_row(rows[0])
+        return existing
+
+    def _created(self, thread_id: str, thread: Mapping[str, Any]) -> Optional[Applied]:
+        """After a lost reply: Applied(1) when the stored thread is ours, None when there is none
+        (the INSERT runs again), else Applied(0)."""
+        stored = self.get(thread_id)
+        if stored is None:
+            return None
+        return Applied(int(all(stored.get(k) == thread.get(k) for k in ("createdAt", "agentName", "scope"))))
 
     def touch(self, thread_id: str, updated_at: int) -> None:
         """Set the thread's `updatedAt` (and nothing else), as a run that starts or ends does.
@@ -168,6 +218,13 @@ class Messages:
         self._rows = MultiRowInsert(self._db, M, M._meta.sorted_fields)  # the mapper's row order
         self._id_index = list(self._table.spec.columns).index("id")
         self._exists = compile_statement(self._db, M.select(M.id).where(M.id == marker("id")))
+        # A run's status read under a share lock (SQLite's write lock is the whole database's):
+        # messages appended "while the run is running" commit before anyone can end the run.
+        R = tables.models.run
+        status = R.select(R.status).where(R.run_id == marker("run"))
+        if self._dialect.stream_row_share_lock is not None:
+            status = status.for_update(self._dialect.stream_row_share_lock)
+        self._run_status = compile_statement(self._db, status)
 
         # The first message of a run in the listing order (createdAt, then id).
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
@@ -219,15 +276,19 @@ class Messages:
         return [from_row(row) for row in rows]
 
     def append(self, thread_id: str, messages: Sequence[Mapping[str, Any]],
-               run_id: Optional[str] = None) -> List[Record]:
+               run_id: Optional[str] = None, *, while_running: Optional[str] = None) -> List[Record]:
         """Append `messages` to the thread `thread_id`, all or nothing; return the records.
 
         Message i gets ``createdAt = now + i`` and the record id
         ``f"{threadId}:{createdAt}:{message['id']}"``, as Better Agent writes them (`now` is
         moved on past the last message this process appended to the thread, so that quick
         successive appends keep their order); a message without an `id` gets a new one.
-        `run_id` is recorded as each message's `runId`.
+        `run_id` is recorded as each message's `runId`. With `while_running` (a run id), only
+        while that run is `running`, checked in the append's transaction with the run's row
+        locked, so a run ended meanwhile (failed by `reap_stale`, finished elsewhere) gets none.
 
+        :raises ConflictError: the run `while_running` is not running, or a message id is
+            already stored (nothing is written).
         :raises NotFoundError: the thread does not exist (nothing is written).
         :raises RecordError: a message cannot be stored (nothing is written).
         """
@@ -267,10 +328,10 @@ class Messages:
                 field = f"messages[{i}]" + (f".{exc.field}" if exc.field else "")
                 raise RecordError(_MESSAGES, field, exc.reason) from None
             records.append(record)
-        self._insert(thread_id, rows)
+        self._insert(thread_id, rows, while_running)
         return records
 
-    def _insert(self, thread_id: str, rows: List[Tuple[Any, ...]]) -> None:
+    def _insert(self, thread_id: str, rows: List[Tuple[Any, ...]], while_running: Optional[str]) -> None:
         """Store validated rows all or nothing: one multi-row INSERT, or several in one transaction.
 
         The foreign key to the thread is the existence check: a missing thread fails the
@@ -279,12 +340,12 @@ class Messages:
         chunks = list(MultiRowInsert.chunks(rows, sized_by=3))  # 3: the message JSON
         first_id = rows[0][self._id_index]
         try:
-            if len(chunks) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round trips
+            if len(chunks) == 1 and while_running is None:  # one statement is atomic: no BEGIN/COMMIT
                 # After a lost reply the first message's id (a key) tells whether it was applied.
                 self._executor.execute(self._rows.sql(chunks[0][0]), chunks[0][1], idempotent=False,
                                        resolve=lambda: self._read_back(first_id, len(rows)))
             else:
-                self._insert_chunks(chunks, first_id, len(rows))
+                self._insert_chunks(chunks, first_id, len(rows), while_running)
         except peewee.IntegrityError as exc:
             if self._dialect.is_foreign_key_violation(exc):
                 raise NotFoundError(_THREADS, thread_id,
@@ -297,14 +358,18 @@ class Messages:
                 raise
             raise json_refused(_MESSAGES, "message", exc) from exc
 
-    def _insert_chunks(self, chunks: List[Tuple[int, List[Any]]], first_id: str, total: int) -> None:
-        """Several INSERTs in one transaction; a connection lost on the way is settled by reading
-        back the first message (outside a caller's transaction) and the batch stored again if absent."""
+    def _insert_chunks(self, chunks: List[Tuple[int, List[Any]]], first_id: str, total: int,
+                       while_running: Optional[str] = None) -> None:
+        """INSERTs in one transaction (after checking that the run `while_running` runs, when
+        given); a connection lost on the way is settled by reading back the first message (outside
+        a caller's transaction) and the batch stored again if absent."""
         lost_since: Optional[float] = None
         while True:
             outermost = not self._db.in_transaction()
             try:
                 with self._executor.transaction():
+                    if while_running is not None:
+                        self._require_running(while_running)
                     for count, params in chunks:
                         self._executor.execute(self._rows.sql(count), params, idempotent=True)
                 return
@@ -319,6 +384,14 @@ class Messages:
                 # Wait (with the reconnect backoff) for the server before trying again: BEGIN on a
                 # server that is down fails at once, and trying again at once would spin.
                 self._executor.connection()
+
+    def _require_running(self, run_id: str) -> None:
+        """ConflictError unless the run `run_id` is running; its row stays locked until COMMIT."""
+        row = first_row(self._executor.execute(self._run_status.sql, self._run_status.params({"run": run_id}),
+                                               idempotent=True))
+        if row is None or row[0] != "running":
+            raise ConflictError(f"{_MESSAGES}: run {run_id!r} is not running "
+                                f"({'deleted' if row is None else row[0]}); nothing was appended")
 
     def _read_back(self, first_id: str, count: int) -> Optional[Applied]:
         params = self._exists.params({"id": first_id})

@@ -80,6 +80,31 @@ def test_threads_set_refuses_a_record_of_another_id(storage: Any) -> None:
     assert storage.memory.threads.get("a") is None and storage.memory.threads.get("b") is None
 
 
+def test_threads_create_never_overwrites(storage: Any) -> None:
+    first = {"id": "a", "agentName": "agent", "scope": "s1", "createdAt": T0, "updatedAt": T0}
+    assert storage.memory.threads.create("a", first) is None  # stored by this call
+    second = {**first, "agentName": "other", "scope": "s2", "createdAt": T0 + 5, "updatedAt": T0 + 5}
+    assert storage.memory.threads.create("a", second) == first  # the one that exists, kept
+    assert storage.memory.threads.get("a") == first
+    with pytest.raises(RecordError, match="id"):
+        storage.memory.threads.create("b", first)
+    assert storage.memory.threads.get("b") is None
+
+
+def test_append_while_running_needs_the_run_running(storage: Any) -> None:
+    put_thread(storage, "t1")
+    message = {"id": "m1", "role": "user", "content": "hi"}
+    for run in ("no-such-run", "r1"):
+        if run == "r1":
+            storage.runs.start("r1", "agent")
+            storage.runs.finish("r1", "failed", {"type": "RUN_ERROR", "message": "gone"})
+        with pytest.raises(ConflictError, match=f"run '{run}' is not running"):
+            storage.memory.messages.append("t1", [message], run_id=run, while_running=run)
+    storage.runs.start("r2", "agent")
+    assert [m["id"] for m in storage.memory.messages.append("t1", [message], while_running="r2")] == ["m1"]
+    assert [m["id"] for m in storage.memory.messages.list("t1")] == ["m1"]
+
+
 def test_threads_delete_removes_the_thread_and_its_messages(storage: Any) -> None:
     put_thread(storage, "a")
     put_thread(storage, "b")

@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List
@@ -18,6 +19,7 @@ from better_agent_peewee import (
     NotFoundError,
     RecordError,
     RunAborted,
+    RunEndedElsewhere,
     StorageError,
     create_tables,
     peewee_storage,
@@ -388,6 +390,135 @@ def test_a_run_reaped_during_its_block(storage: Any, caplog: pytest.LogCaptureFi
                 1 / 0  # noqa: B018
     assert storage.runs.get("r2")["finalEvent"]["code"] == "STALE_RUN"
     assert "already been ended elsewhere" in caplog.text
+
+
+@pytest.mark.parametrize("ended_by", ["reap_stale", "another writer"])
+def test_a_run_ended_elsewhere_appends_no_messages(storage: Any, ended_by: str) -> None:
+    with storage.runs.track("r1", "support", thread_id="t1",
+                            messages=[{"id": "q1", "role": "user", "content": "Hi"}]) as run:
+        run.append_messages([{"id": "a1", "role": "assistant", "content": "Hello"}])
+        if ended_by == "reap_stale":  # its worker looked dead
+            assert reap_stale(storage, timedelta(0), now_ms=now_ms() + 1000) == 1
+        else:  # aborted and finished by another process
+            assert storage.runs.finish("r1", "aborted", {"type": "RUN_ERROR", "code": "ABORTED",
+                                                         "message": "stopped by an operator"})
+        with pytest.raises(RunEndedElsewhere, match="'r1' was ended elsewhere") as ended:
+            run.append_messages([{"id": "a2", "role": "assistant", "content": "written by a dead worker"}])
+        assert ended.value.status == ("failed" if ended_by == "reap_stale" else "aborted")
+        run.append_messages([{"id": "a3", "role": "assistant", "content": "still here"}])  # raises again
+        raise AssertionError("not reached")
+    assert [m["id"] for m in storage.memory.messages.list("t1")] == ["q1", "a1"]
+    assert [m["id"] for m in run.messages] == ["a1"]
+    assert storage.runs.get("r1")["status"] == ended.value.status  # the first outcome stays
+
+
+def test_append_messages_waits_for_an_end_being_committed(storage: Any) -> None:
+    # The end commits while the append waits for the run's row (on SQLite: for the write lock), so
+    # the append sees the run ended: reading the status without the lock, it would see `running`.
+    ending, errors = threading.Event(), []
+
+    def end_elsewhere() -> None:
+        try:
+            with storage.transaction():
+                final = {"type": "RUN_ERROR", "message": "ended elsewhere"}
+                assert storage.runs.finish("r1", "failed", final)
+                ending.set()
+                time.sleep(0.3)  # the worker's append is waiting meanwhile
+        except BaseException as exc:
+            errors.append(exc)
+            ending.set()
+        finally:
+            storage.database.close()
+
+    with storage.runs.track("r1", "support", thread_id="t1") as run:
+        ender = threading.Thread(target=end_elsewhere)
+        ender.start()
+        assert ending.wait(timeout=60) and errors == []
+        with pytest.raises(RunEndedElsewhere):
+            run.append_messages([{"id": "a1", "role": "assistant", "content": "too late"}])
+        ender.join(timeout=60)
+    assert errors == [] and storage.memory.messages.list("t1") == []
+    assert storage.runs.get("r1")["finalEvent"]["message"] == "ended elsewhere"
+
+
+def _starting_together(storage: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Barrier:
+    """A barrier the starts of two runs (in two threads) wait at once each has read its thread,
+    so both read "no such thread" before either creates it. SQLite has one writer at a time (the
+    start's transaction holds it), so there the starts cannot interleave and nobody waits."""
+    barrier = threading.Barrier(1 if storage.dialect.single_writer else 2)
+    waited: set = set()
+    read = storage.memory.threads.get
+
+    def read_then_wait(thread_id: str) -> Any:
+        found = read(thread_id)
+        if threading.get_ident() not in waited and threading.current_thread() is not threading.main_thread():
+            waited.add(threading.get_ident())
+            barrier.wait(timeout=60)
+        return found
+
+    monkeypatch.setattr(storage.memory.threads, "get", read_then_wait)
+    return barrier
+
+
+@pytest.mark.parametrize("second_scope", ["subject:bob", None])
+def test_two_runs_creating_one_new_thread(storage: Any, monkeypatch: pytest.MonkeyPatch,
+                                          second_scope: Any) -> None:
+    barrier = _starting_together(storage, monkeypatch)
+    racers = {"alpha": "subject:alice", "beta": second_scope}
+    outcome: Dict[str, Any] = {}
+
+    def start(agent: str) -> None:
+        try:
+            with storage.runs.track(f"run-{agent}", agent, thread_id="t1", scope=racers[agent],
+                                    state={"by": agent}, messages=[{"id": f"q-{agent}", "role": "user"}]):
+                pass
+            outcome[agent] = "completed"
+        except BaseException as exc:
+            outcome[agent] = exc
+            barrier.abort()
+        finally:
+            storage.database.close()
+
+    threads = [threading.Thread(target=start, args=(agent,)) for agent in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    thread = storage.memory.threads.get("t1")
+    winner = thread["agentName"]
+    loser = "beta" if winner == "alpha" else "alpha"
+    # The thread is the winner's, as it created it: never overwritten by the other start.
+    assert outcome[winner] == "completed"
+    assert thread.get("scope") == racers[winner]
+    assert thread["createdAt"] == storage.runs.get(f"run-{winner}")["startedAt"]
+    messages = [m["id"] for m in storage.memory.messages.list("t1")]
+    if second_scope is not None:  # the loser is checked like any run on an existing thread: refused
+        assert isinstance(outcome[loser], NotFoundError), outcome
+        assert f"in scope {racers[loser]!r}: thread 't1' not found in that scope" in str(outcome[loser])
+        assert storage.runs.get(f"run-{loser}") is None and messages == [f"q-{winner}"]
+        assert storage.get("streams", f"run-{loser}") is None
+        assert thread["state"] == {"by": winner}
+    else:  # the loser runs on the winner's thread (without a scope of its own, in the thread's)
+        assert outcome[loser] == "completed", outcome
+        assert storage.runs.get(f"run-{loser}").get("scope") == (racers[loser] or thread.get("scope"))
+        assert thread["state"] == {"by": loser}  # its input state, written over the thread's
+        assert sorted(messages) == sorted(["q-alpha", "q-beta"])
+
+
+def test_check_abort_names_where_the_run_stopped(storage: Any) -> None:
+    # As Better Agent's checkAbort(message): the RUN_ERROR says where the run stopped.
+    with storage.runs.track("r1", "support") as run:
+        storage.runs.request_abort("r1")
+        with pytest.raises(RunAborted, match="^Run aborted after model generation.$"):
+            run.check_abort("Run aborted after model generation.")
+        run.check_abort("Run aborted after tool execution.")
+    final = storage.runs.get("r1")["finalEvent"]
+    assert final["message"] == "Run aborted after tool execution." and final["code"] == "ABORTED"
+    assert events(storage, "r1")[-1]["event"]["message"] == "Run aborted after tool execution."
+    with storage.runs.track("r2", "support") as run:  # without a message: the default one
+        storage.runs.request_abort("r2")
+        run.check_abort()
+    assert storage.runs.get("r2")["finalEvent"]["message"] == "run 'r2' was aborted on request"
 
 
 def _silent_since(storage: Any, run_id: str, hours: int) -> int:

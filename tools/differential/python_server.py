@@ -33,7 +33,8 @@ def auth(environ: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
 
 def scripted_agent(reply: Mapping[str, Any]) -> Callable[[Any, Any], Dict[str, Any]]:
     """One step of the reference's scripted model: START, a CONTENT per chunk, END; on abort the
-    chunks stop and `check_abort` raises (the server ends the run with RUN_ERROR ABORTED)."""
+    chunks stop and `check_abort` raises with the runtime's message for that point (the server
+    ends the run with RUN_ERROR ABORTED, "Run aborted after model generation.")."""
     chunks: List[str] = list(reply["chunks"])
     delay = float(reply.get("delayMs", 0)) / 1000
     usage = {"inputTokens": 3, "outputTokens": len(chunks), "totalTokens": 3 + len(chunks)}
@@ -47,7 +48,7 @@ def scripted_agent(reply: Mapping[str, Any]) -> Callable[[Any, Any], Dict[str, A
         for chunk in chunks:
             if delay:
                 time.sleep(delay)
-            run.check_abort()
+            run.check_abort("Run aborted after model generation.")  # the runtime's words for this point
             run.emit({"type": "TEXT_MESSAGE_CONTENT", "timestamp": now(), "messageId": message_id,
                       "delta": chunk})
         run.emit({"type": "TEXT_MESSAGE_END", "timestamp": now(), "messageId": message_id})
