@@ -175,6 +175,22 @@ class Worker(threading.Thread):
                     self.deletes[dtid] = ok
 
 
+#: Calls in one round of `Worker._loop` (without the every-third-round delete).
+ROUND_CALLS = 10
+#: Seconds every worker gets to come back after the last restart (well under one when quiet).
+RECOVERY_DEADLINE = 60.0
+
+
+def calls_since(worker: Worker, since: float) -> int:
+    """How many of `worker`'s finished calls started after `since` (monotonic seconds)."""
+    n = 0
+    for op in reversed(worker.ops):  # (one worker's calls are recorded in the order they start)
+        if op.start <= since:
+            break
+        n += 1
+    return n
+
+
 def run_with_faults(storage: Any, server: Any, faults: List[bool], workers: int = 4,
                     pause: float = 0.35) -> Tuple[List[Worker], List[Tuple[float, float]]]:
     """Run the workload while restarting the server once per entry of `faults` (True: crash)."""
@@ -192,6 +208,14 @@ def run_with_faults(storage: Any, server: Any, faults: List[bool], workers: int 
             server.restart(crash=crash)
             windows.append((down, time.monotonic()))
         time.sleep(pause)
+        # The pause alone is not enough: under load a worker may still sleep in the reconnect
+        # backoff (up to 0.8 s a pause) well after the server is back. Wait until every worker
+        # has made a round's worth of calls since the last restart (failed ones count: the
+        # checks below report them).
+        up, deadline = windows[-1][1], time.monotonic() + RECOVERY_DEADLINE
+        while time.monotonic() < deadline and \
+                any(w.is_alive() and calls_since(w, up) < ROUND_CALLS for w in crew):
+            time.sleep(0.02)
     finally:
         stop.set()
         for w in crew:
