@@ -76,6 +76,11 @@ def pages(rows: int, rng: random.Random, base_ms: int) -> Dict[str, Callable[[],
         "overview": lambda: "/",
         "threads of an agent": lambda: f"/agents/{agent()}/threads",
         "threads, title search (no match)": lambda: f"/agents/{agent()}/threads?q=zzz",
+        # agent-0 owns every thread (bench.growth): a prefix of a tenth of its ids fills a page;
+        # another agent's search reads an empty range of its own (agent, id).
+        "threads, id prefix search": lambda: f"/agents/agent-0/threads?q=thread-00{rng.randrange(10)}",
+        "threads, id prefix of another agent's ids": lambda: f"/agents/agent-{1 + rng.randrange(AGENTS - 1)}"
+                                                             "/threads?q=thread-",
         "thread (the long one)": lambda: "/threads/thread-long",
         "thread of 5 messages": lambda: f"/threads/{thread()}",
         "runs": lambda: "/runs",

@@ -154,6 +154,7 @@ def build_models(database: peewee.Database, dialect: Dialect, run_primary_key: b
     # A database without them works, slower: check_schema reports them as advice.
     Thread.add_index(Thread.agent_name, Thread.updated_at, name="bap_threads_agent_updated_idx")
     Thread.add_index(Thread.updated_at, Thread.id, name="bap_threads_updated_idx")
+    Thread.add_index(Thread.agent_name, Thread.id, name="bap_threads_agent_id_idx")
     Message.add_index(Message.thread, Message.created_at, Message.id, name="bap_messages_thread_created_idx")
     Message.add_index(Message.run_id, Message.created_at, Message.id, name="bap_messages_run_idx")
     Run.add_index(Run.thread_id, Run.started_at, name="bap_agent_runs_thread_started_idx")
@@ -169,6 +170,8 @@ PERFORMANCE_PREFIX = "bap_"
 PERFORMANCE_INDEXES: Dict[str, str] = {
     "bap_threads_agent_updated_idx": "memory.threads.list(agent_name=...): newest updatedAt first",
     "bap_threads_updated_idx": "memory.prune_threads: threads idle since a cutoff, oldest first",
+    "bap_threads_agent_id_idx": "the inspector's thread search: an agent's threads whose id starts "
+                                "with a prefix",
     "bap_messages_thread_created_idx": "memory.messages.list(thread, limit, before_run_id): createdAt, id",
     "bap_messages_run_idx": "memory.messages.list(before_run_id=...): the first message of that run "
                             "(createdAt, then id)",

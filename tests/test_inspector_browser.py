@@ -101,6 +101,15 @@ def test_a_person_sees_every_page_and_the_live_run(
         assert len(driver.find_elements(By.CSS_SELECTOR, "svg.chart rect")) > 20  # bars were drawn
         driver.find_element(By.LINK_TEXT, "support").click()
         assert "Trip to Lisbon" in driver.find_element(By.TAG_NAME, "main").text
+        # Search by id prefix as a person would: type it, press Search, read the list.
+        driver.find_element(By.NAME, "q").send_keys("support-03")
+        driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
+        wait.until(lambda d: "q=support-03" in d.current_url)
+        listed = driver.find_element(By.CSS_SELECTOR, "table.threads").text
+        assert all(f"support-03{i}" in listed for i in range(10)), listed
+        assert "support-029" not in listed and "Trip to Lisbon" not in listed
+        assert not console_problems(driver)
+        driver.save_screenshot(str(shots / f"{dialect}-thread-search.png"))
         text = visit("/threads/trip-to-lisbon", "thread")
         assert "TOOL CALL search_hotels" in text and "result of tool call call-1" in text
         assert "Alfama Rooms: 480 EUR" in text and "failed" in text

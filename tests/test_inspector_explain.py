@@ -26,6 +26,9 @@ PAGES: Dict[str, str] = {
     "threads, second page": "/agents/agent-3/threads?before_at={thread_at}&before_id=thread-0000503",
     "threads, title search": "/agents/agent-3/threads?q=nothing+starts+so",
     "threads, id search": "/agents/agent-3/threads?q=thread-0000503",
+    "threads, id prefix search": "/agents/agent-0/threads?q=thread-00005",
+    "threads, id prefix search, next page": "/agents/agent-0/threads?q=thread-00005&after_id=thread-0000549",
+    "threads, id prefix of another agent's ids": "/agents/agent-3/threads?q=thread-",
     "thread (long)": "/threads/thread-long",
     "thread (long), older messages": "/threads/thread-long?before_at={message_at}&before_id=x",
     "thread of 5": "/threads/thread-0000321",
@@ -105,3 +108,4 @@ def test_without_our_indexes_the_pages_read_whole_tables(filled: Any) -> None:  
     finally:
         create_tables(db)
         Growth(storage, dialect).analyze()
+

@@ -27,7 +27,7 @@ from .polling import PollReader, Runner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dialect", "DialectField", "TimestampField", "JSONField"]
+__all__ = ["Dialect", "DialectField", "TimestampField", "JSONField", "prefix_range", "prefix_successor"]
 
 
 # -- column types -------------------------------------------------------------------------
@@ -97,9 +97,9 @@ class Dialect(Aggregates):
     #: (SQLite's mutexes): a fork() must wait until the stream poller is out of its statement.
     #: (A network driver's child gets a connection of its own; the inherited one is never used.)
     fork_waits_for_statements = False
-    #: CREATE INDEX CONCURRENTLY exists (outside a transaction; an interrupted build leaves an
-    #: invalid index behind).
+    #: CREATE INDEX CONCURRENTLY exists (outside a transaction; an interrupted build leaves one invalid).
     can_build_index_concurrently = False
+    pads_spaces = False  # text compares as if the shorter were padded with spaces (`prefix_range`)
 
     encode_ts: Callable[[int], Any] = staticmethod(postgres_encode_ts)
     decode_ts: Callable[[Any], int] = staticmethod(datetime_to_ms)
@@ -321,3 +321,31 @@ class Dialect(Aggregates):
         """True when opening a connection failed because the server cannot be reached."""
         return False
 
+
+
+def prefix_range(prefix: str, longest: int, pads_spaces: bool) -> Tuple[str, Optional[str]]:
+    """``(low, high)``: the key column values that start with `prefix` lie in ``>= low`` and
+    ``< high`` (None: no upper end) of a code point order (`pads_spaces`: MySQL/MariaDB's
+    ``utf8mb4_bin``, PAD SPACE), for keys of at most `longest` characters without NUL (what
+    `records` accepts); an index range finds them. With `pads_spaces` the range may also hold
+    the prefix without its trailing spaces: callers keep only the values that start with it.
+    """
+    if pads_spaces:
+        # A value compares as if padded with spaces, so 'ab\x01' sorts before 'ab' (a range from
+        # 'ab' would miss it): the low end is the least key of `longest` characters with the
+        # prefix, the prefix and then U+0001s (no key holds NUL).
+        return prefix + "\x01" * max(0, longest - len(prefix)), prefix_successor(prefix)
+    return prefix, prefix_successor(prefix)
+
+
+def prefix_successor(prefix: str) -> Optional[str]:
+    """The least string greater (by code point) than every string that starts with `prefix`:
+    its last character raised by one (past the surrogates, which no key holds), or None when
+    every character is U+10FFFF (nothing is greater)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            chars.append(chr(0xE000 if last == 0xD7FF else last + 1))
+            return "".join(chars)
+    return None

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .layout import Context, badge, link, page, pretty, table
 from .markup import Markup, duration, href, iso, join, tag
-from .queries import MESSAGES_PAGE, PAGE, TITLE_SCAN, Reader, RunRow
+from .queries import MESSAGES_PAGE, PAGE, TITLE_SCAN, Reader, RunRow, SearchCursor
 
 __all__ = ["threads_page", "thread_page", "NotFound"]
 
@@ -15,26 +15,36 @@ class NotFound(Exception):
     """A page for something that does not exist (answered 404)."""
 
 
-def threads_page(reader: Reader, ctx: Context, agent: str, q: str,
-                 before: Optional[Tuple[int, str]]) -> Markup:
-    """GET /agents/<agent>/threads?q=&before_at=&before_id="""
+def threads_page(reader: Reader, ctx: Context, agent: str, q: str, before: Optional[Tuple[int, str]],
+                 after_id: str = "", titles: bool = False) -> Markup:
+    """GET /agents/<agent>/threads?q=&before_at=&before_id= (a search goes on with after_id=, or
+    titles=1 and before_at=&before_id=)"""
     search = tag("form", {"method": "get", "class": "filters"},
                  tag("label", None, "id or title prefix ",
                      tag("input", {"name": "q", "value": q, "type": "search", "autofocus": True})),
                  tag("button", {"type": "submit"}, "Search"))
-    nxt: Optional[Tuple[int, str]]
+    more_query: Dict[str, Any] = {}
     if q:
-        found, nxt = reader.search_threads(agent, q, before)
+        cursor = (SearchCursor(after_id=after_id) if after_id else
+                  SearchCursor(titles=True, before=before) if titles or before is not None else None)
+        found, nxt = reader.search_threads(agent, q, cursor)
+        if nxt is not None:
+            more_query = ({"after_id": nxt.after_id} if nxt.after_id is not None else
+                          {"titles": 1, "before_at": nxt.before and nxt.before[0],
+                           "before_id": nxt.before and nxt.before[1]})
         note = tag("p", {"class": "muted"},
-                   f"Matches among up to {TITLE_SCAN:,} threads per page, newest first.")
+                   "Threads whose id starts with it (in id order), then those whose title does "
+                   f"(any case; among up to {TITLE_SCAN:,} threads per page, newest first).")
     else:
         found = reader.threads(agent, before)
-        nxt = (found[-1]["updatedAt"], found[-1]["id"]) if len(found) == PAGE else None
+        if len(found) == PAGE:
+            more_query = {"before_at": found[-1]["updatedAt"], "before_id": found[-1]["id"]}
         note = None
     rows = [(link(t.get("title") or "(untitled)", "threads", t["id"]), tag("code", None, t["id"]),
              iso(t.get("updatedAt")), iso(t.get("createdAt")), t.get("scope") or "") for t in found]
-    more = tag("a", {"href": href("agents", agent, "threads", q=q, before_at=nxt[0], before_id=nxt[1]),
-                     "class": "more", "rel": "next"}, "Older threads →") if nxt else None
+    more = tag("a", {"href": href("agents", agent, "threads", q=q, **more_query),
+                     "class": "more", "rel": "next"}, "More threads →" if q else "Older threads →") \
+        if more_query else None
     body = join([tag("p", None, link("Runs of this agent", "runs", agent=agent)), search, note,
                  table(["title", "id", "updated (UTC)", "created (UTC)", "scope"], rows,
                        empty="No thread matches." if q else "No threads.", class_="threads"), more])

@@ -21,10 +21,10 @@ from .statements import (
     TITLE_SCAN,
     RunRow,
 )
-from .thread_reads import ThreadReads
+from .thread_reads import SearchCursor, ThreadReads
 
-__all__ = ["Reader", "RunRow", "COUNT_CAP", "PAGE", "EVENTS_PAGE", "MESSAGES_PAGE", "MAX_AGENTS",
-           "CHART_CAP", "DURATION_SAMPLE", "TITLE_SCAN"]
+__all__ = ["Reader", "RunRow", "SearchCursor", "COUNT_CAP", "PAGE", "EVENTS_PAGE", "MESSAGES_PAGE",
+           "MAX_AGENTS", "CHART_CAP", "DURATION_SAMPLE", "TITLE_SCAN"]
 
 
 class Reader(OverviewReads, ThreadReads, RunReads):

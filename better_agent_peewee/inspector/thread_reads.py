@@ -1,14 +1,25 @@
 """What the thread pages read: an agent's threads (paged, searched), a thread's messages and runs."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import peewee
 
+from ..dialects.base import prefix_range
 from ..query import marker
+from ..records import MAX_KEY_LENGTH
 from .statements import MESSAGES_PAGE, PAGE, TITLE_SCAN, RunRow, Statements
 
-__all__ = ["ThreadReads"]
+__all__ = ["ThreadReads", "SearchCursor"]
+
+
+class SearchCursor(NamedTuple):
+    """Where a thread search goes on: among the id matches after `after_id`, or (`titles`) among
+    the title matches older than the key `before` (None: from the newest)."""
+
+    after_id: Optional[str] = None
+    titles: bool = False
+    before: Optional[Tuple[int, str]] = None
 
 
 class ThreadReads(Statements):
@@ -27,24 +38,64 @@ class ThreadReads(Statements):
         return [{"id": i, "title": title, "scope": scope, "createdAt": self._ms(c), "updatedAt": u}
                 for u, i, title, scope, c in rows]
 
-    def search_threads(self, agent: str, prefix: str, before: Optional[Tuple[int, str]] = None,
-                       limit: int = PAGE, scan: int = TITLE_SCAN) -> Tuple[List[Dict[str, Any]], Optional[
-                           Tuple[int, str]]]:
-        """Threads of `agent` whose id is `prefix`, or whose title starts with it (case-folded),
-        examining at most `scan` threads after `before`; returns (matches, where to go on or None)."""
+    def search_threads(self, agent: str, prefix: str, cursor: Optional[SearchCursor] = None,
+                       limit: int = PAGE, scan: int = TITLE_SCAN
+                       ) -> Tuple[List[Dict[str, Any]], Optional[SearchCursor]]:
+        """Threads of `agent` whose id starts with `prefix` (in id order), then those whose title
+        starts with it, case-folded (newest first, examining at most `scan` threads a page); from
+        `cursor` on (None: the first page). Returns (matches, where to go on or None)."""
+        cursor = cursor or SearchCursor()
         found: List[Dict[str, Any]] = []
-        if before is None:
-            exact = self.storage.memory.threads.get(prefix)
-            if exact is not None and exact.get("agentName") == agent:
-                found.append(exact)
+        if not cursor.titles:
+            found, after = self.threads_by_id_prefix(agent, prefix, cursor.after_id, limit)
+            if after is not None:
+                return found, SearchCursor(after_id=after)
+            if len(found) >= limit:  # (the id matches end here: the next page starts on the titles)
+                return found, SearchCursor(titles=True)
+        titles, before = self._title_matches(agent, prefix, cursor.before, limit - len(found), scan)
+        return found + titles, None if before is None else SearchCursor(titles=True, before=before)
+
+    def threads_by_id_prefix(self, agent: str, prefix: str, after: Optional[str] = None,
+                             limit: int = PAGE) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+        """`agent`'s threads whose id starts with `prefix` (exactly: case, ``%``, ``_`` and ``\\``
+        are plain characters), in the id column's order after the id `after`, at most `limit`:
+        a range of ``bap_threads_agent_id_idx``. Returns (matches, the id to go on after or None)."""
+        T = self.m.thread
+        if len(prefix) > MAX_KEY_LENGTH:
+            return [], None  # (no id is that long)
+        low, high = prefix_range(prefix, MAX_KEY_LENGTH, self.dialect.pads_spaces)
+
+        def build() -> peewee.Query:
+            query: peewee.Query = (T.select(T.id, T.title, T.scope, T.created_at, T.updated_at)
+                                   .where(self._eq(T.agent_name, "agent"), T.id >= marker("low")))
+            if high is not None:
+                query = query.where(T.id < marker("high"))
+            if after is not None:
+                query = query.where(T.id > marker("after"))
+            return query.order_by(T.id).limit(marker("limit"))
+
+        values = {"agent": agent, "low": low, "high": high, "after": after, "limit": limit + 1}
+        rows = self._rows(("id prefix", high is None, after is None), build, values)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        # The range's order is the column's: on MySQL it may hold the prefix without its trailing
+        # spaces too (PAD SPACE), so each id is checked here (Python compares by code point).
+        found = [{"id": i, "title": title, "scope": scope, "createdAt": self._ms(c), "updatedAt": self._ms(u)}
+                 for i, title, scope, c, u in rows if i.startswith(prefix)]
+        return found, rows[-1][0] if more else None
+
+    def _title_matches(self, agent: str, prefix: str, before: Optional[Tuple[int, str]], limit: int,
+                       scan: int) -> Tuple[List[Dict[str, Any]], Optional[Tuple[int, str]]]:
+        """Up to `limit` threads of `agent` whose title starts with `prefix` (case-folded) and whose
+        id does not (those are the id matches), examining at most `scan` threads after `before`."""
+        found: List[Dict[str, Any]] = []
         folded = prefix.casefold()
         examined, cursor = 0, before
         while examined < scan and len(found) < limit:
             page = self.threads(agent, cursor, limit=min(500, scan - examined))
             examined += len(page)
-            for thread in page:
-                if (thread.get("title") or "").casefold().startswith(folded) and thread["id"] != prefix:
-                    found.append(thread)
+            found += [thread for thread in page if (thread.get("title") or "").casefold().startswith(folded)
+                      and not thread["id"].startswith(prefix)]
             if not page:
                 return found[:limit], None
             cursor = (page[-1]["updatedAt"], page[-1]["id"])

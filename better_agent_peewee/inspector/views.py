@@ -41,7 +41,8 @@ class Views:
                 return app.html(200, overview(reader, ctx))
             if len(segments) == 3 and segments[0] == "agents" and segments[2] == "threads" and segments[1]:
                 return app.html(200, threads_page(reader, ctx, segments[1], query.get("q", "").strip(),
-                                                  _before(query)))
+                                                  _before(query), query.get("after_id", ""),
+                                                  query.get("titles") == "1"))
             if len(segments) == 2 and segments[0] == "threads" and segments[1]:
                 return app.html(200, thread_page(reader, ctx, segments[1], _before(query)))
             if segments == ["runs"]:
