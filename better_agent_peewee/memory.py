@@ -218,13 +218,22 @@ class Messages:
         self._rows = MultiRowInsert(self._db, M, M._meta.sorted_fields)  # the mapper's row order
         self._id_index = list(self._table.spec.columns).index("id")
         self._exists = compile_statement(self._db, M.select(M.id).where(M.id == marker("id")))
-        # A run's status read under a share lock (SQLite's write lock is the whole database's):
-        # messages appended "while the run is running" commit before anyone can end the run.
-        R = tables.models.run
+        # Appends "while the run is running": the run's row read under a share lock (SQLite's
+        # write lock is the whole database's), so they commit before anyone can end the run. One
+        # message is one INSERT ... SELECT from the run's row (nothing when it is not running);
+        # a batch reads the status, then inserts, in one transaction.
+        R, lock = tables.models.run, self._dialect.stream_row_share_lock
+        running = (R.run_id == marker("run")) & (R.status == "running")
+        columns = [f.column_name for f in M._meta.sorted_fields]
+        json_columns = self._table.spec.json_columns
+        one = R.select(*[self._dialect.json_param(marker(c)) if c in json_columns else marker(c)
+                         for c in columns]).where(running)
         status = R.select(R.status).where(R.run_id == marker("run"))
-        if self._dialect.stream_row_share_lock is not None:
-            status = status.for_update(self._dialect.stream_row_share_lock)
+        if lock is not None:
+            one, status = one.for_update(lock), status.for_update(lock)
+        self._one_while_running = compile_statement(self._db, M.insert_from(one, M._meta.sorted_fields))
         self._run_status = compile_statement(self._db, status)
+        self._columns = columns
 
         # The first message of a run in the listing order (createdAt, then id).
         self._first_of_run = compile_statement(self._db, M.select(M.created_at, M.id).where(
@@ -284,8 +293,9 @@ class Messages:
         moved on past the last message this process appended to the thread, so that quick
         successive appends keep their order); a message without an `id` gets a new one.
         `run_id` is recorded as each message's `runId`. With `while_running` (a run id), only
-        while that run is `running`, checked in the append's transaction with the run's row
-        locked, so a run ended meanwhile (failed by `reap_stale`, finished elsewhere) gets none.
+        while that run is `running`, checked by the INSERT itself (one message) or in the
+        append's transaction (a batch), the run's row locked: a run ended meanwhile (failed by
+        `reap_stale`, finished elsewhere) gets none.
 
         :raises ConflictError: the run `while_running` is not running, or a message id is
             already stored (nothing is written).
@@ -344,6 +354,8 @@ class Messages:
                 # After a lost reply the first message's id (a key) tells whether it was applied.
                 self._executor.execute(self._rows.sql(chunks[0][0]), chunks[0][1], idempotent=False,
                                        resolve=lambda: self._read_back(first_id, len(rows)))
+            elif len(rows) == 1 and while_running is not None:
+                self._insert_one_while_running(rows[0], while_running)
             else:
                 self._insert_chunks(chunks, first_id, len(rows), while_running)
         except peewee.IntegrityError as exc:
@@ -385,8 +397,20 @@ class Messages:
                 # server that is down fails at once, and trying again at once would spin.
                 self._executor.connection()
 
+    def _insert_one_while_running(self, row: Tuple[Any, ...], run_id: str) -> None:
+        """One message, stored by one INSERT ... SELECT from the run's row only while it runs."""
+        statement = self._one_while_running
+        params = statement.params({**dict(zip(self._columns, row)), "run": run_id})
+        # After a lost reply the message's id (a key) tells whether it was applied.
+        if self._executor.execute(statement.sql, params, idempotent=False, resolve=lambda: self._read_back(
+                row[self._id_index], 1)).rowcount != 1:
+            self._require_running(run_id)  # raises: the run does not run (or it did not a moment ago)
+            raise ConflictError(f"{_MESSAGES}: run {run_id!r} was not running a moment ago; "
+                                "nothing was appended")
+
     def _require_running(self, run_id: str) -> None:
-        """ConflictError unless the run `run_id` is running; its row stays locked until COMMIT."""
+        """ConflictError unless the run `run_id` is running; in a transaction its row stays locked
+        until COMMIT."""
         row = first_row(self._executor.execute(self._run_status.sql, self._run_status.params({"run": run_id}),
                                                idempotent=True))
         if row is None or row[0] != "running":

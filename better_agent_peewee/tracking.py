@@ -262,8 +262,8 @@ class TrackedRun(RunChecks):
 
         A run without a thread stores none, as Better Agent's runtime (which keeps a run's
         messages only when it has a thread): they are kept in `messages` only, each with an ``id``.
-        The append and the check that the run is still running are one transaction (the run's
-        row locked), so a run that was ended elsewhere gets none of them.
+        The append and the check that the run is still running are one statement (a batch: one
+        transaction), the run's row locked, so a run that was ended elsewhere gets none of them.
 
         :raises RunEndedElsewhere: the run was ended by someone else (failed by `reap_stale`,
             finished or aborted by another writer, deleted); nothing is written, and the block

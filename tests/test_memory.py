@@ -92,17 +92,20 @@ def test_threads_create_never_overwrites(storage: Any) -> None:
 
 
 def test_append_while_running_needs_the_run_running(storage: Any) -> None:
+    # One message is one guarded INSERT, a batch a transaction: both checked.
     put_thread(storage, "t1")
-    message = {"id": "m1", "role": "user", "content": "hi"}
+    storage.runs.start("r1", "agent")
+    storage.runs.finish("r1", "failed", {"type": "RUN_ERROR", "message": "gone"})
     for run in ("no-such-run", "r1"):
-        if run == "r1":
-            storage.runs.start("r1", "agent")
-            storage.runs.finish("r1", "failed", {"type": "RUN_ERROR", "message": "gone"})
-        with pytest.raises(ConflictError, match=f"run '{run}' is not running"):
-            storage.memory.messages.append("t1", [message], run_id=run, while_running=run)
+        for batch in ([msg(1)], [msg(1), msg(2)]):
+            with pytest.raises(ConflictError, match=f"run '{run}' is not running"):
+                storage.memory.messages.append("t1", batch, run_id=run, while_running=run)
+    assert storage.memory.messages.list("t1") == []
     storage.runs.start("r2", "agent")
-    assert [m["id"] for m in storage.memory.messages.append("t1", [message], while_running="r2")] == ["m1"]
-    assert [m["id"] for m in storage.memory.messages.list("t1")] == ["m1"]
+    for batch in ([msg(1)], [msg(2), msg(3)]):
+        storage.memory.messages.append("t1", batch, run_id="r2", while_running="r2")
+    assert [(m["id"], m["runId"]) for m in storage.memory.messages.list("t1")] == \
+        [("m1", "r2"), ("m2", "r2"), ("m3", "r2")]
 
 
 def test_threads_delete_removes_the_thread_and_its_messages(storage: Any) -> None:
