@@ -77,7 +77,8 @@ class OverviewReads(Statements):
 
         values: Dict[str, Any] = {f"agent{i}": agent for i, agent in enumerate(agents)}
         found: List[Dict[str, int]] = [{} for _ in agents]
-        for row in self._rows(("counts", len(agents)), lambda: [counts(i) for i in range(len(agents))],
+        every = range(len(agents))
+        for row in self._rows(("counts", len(agents)), lambda: _union_all([counts(i) for i in every]),
                               {**values, "cap": cap + 1}):
             found[int(row[0])] = dict(zip(("threads",) + RUN_STATUSES, (int(n) for n in row[1:])))
         return found
@@ -100,8 +101,8 @@ class OverviewReads(Statements):
                                                                _COUNT.alias("n")]).group_by(newest.c.hour)
 
         values: Dict[str, Any] = {f"agent{i}": agent for i, agent in enumerate(agents)}
-        rows = self._rows(("hours", len(agents)), lambda: [arm(i, s) for i in range(len(agents))
-                                                           for s in RUN_STATUSES],
+        rows = self._rows(("hours", len(agents)), lambda: _union_all([arm(i, s) for i in range(len(agents))
+                                                                      for s in RUN_STATUSES]),
                           {**values, "since": self._ts(since_ms), "cap": cap})
         ranges: List[Dict[int, int]] = [{} for _ in range(len(agents) * len(RUN_STATUSES))]
         for number, hour, n in rows:
@@ -137,7 +138,7 @@ class OverviewReads(Statements):
         values: Dict[str, Any] = {f"agent{i}": agent for i, agent in enumerate(agents)}
         found: List[List[int]] = [[] for _ in agents]
         arms = range(len(agents))
-        for agent, ms in self._rows(("durations", len(agents)), lambda: [newest(i) for i in arms],
+        for agent, ms in self._rows(("durations", len(agents)), lambda: _union_all([newest(i) for i in arms]),
                                     {**values, "cap": sample}):
             if ms is not None:
                 found[int(agent)].append(int(ms))
@@ -149,3 +150,12 @@ class OverviewReads(Statements):
         rows = self._rows(("running",), lambda: R.select(*self._run_columns()).where(R.status == "running")
                           .limit(marker("limit")), {"limit": limit})
         return sorted(self._run_rows(rows), key=lambda r: r.updated_at or 0)
+
+
+def _union_all(arms: List[Any]) -> Any:
+    """``arm UNION ALL arm ...`` as it is: arms with no ORDER BY or LIMIT of their own need no
+    derived table around each (`Statements._union`'s), which MariaDB would fill once an arm."""
+    merged = arms[0]
+    for arm in arms[1:]:
+        merged = merged.union_all(arm)
+    return merged

@@ -39,8 +39,11 @@ class RunReads(Statements):
         for i, (agent, status) in enumerate(pairs):
             values[f"agent{i}"], values[f"status{i}"] = agent, status
         shape = ("runs", len(pairs), since_ms is None, until_ms is None)
-        keys = self._keyset(shape, bases, values, R.started_at, R.run_id, before, limit)
-        found = self._by_id([run_id for _, run_id in keys])
+        for _ in range(2):  # a run deleted between the two reads (a prune): pick the page again, once
+            keys = self._keyset(shape, bases, values, R.started_at, R.run_id, before, limit)
+            found = self._by_id([run_id for _, run_id in keys])
+            if len(found) == len(keys):
+                break
         return [found[run_id] for _, run_id in keys if run_id in found]
 
     def _by_id(self, run_ids: List[str]) -> Dict[str, RunRow]:
