@@ -211,10 +211,11 @@ def test_append_read_back_tells_stored_taken_and_absent(database: peewee.Databas
     event = {"type": "T", "nested": {"b": 1, "a": [1.5, None, "x"]}}
     assert storage.streams.append("r", event) == 1
     streams: Any = storage.streams
+    rows = streams._appends._events  # the event rows' read-back (events.py)
     body = json.dumps(event)
-    assert streams._read_back("r", 1, body).rowcount == 1
-    assert streams._read_back("r", 1, json.dumps({"type": "other"})).rowcount == 0
-    assert streams._read_back("r", 2, body) is None
+    assert rows.read_back("r", 1, body).rowcount == 1
+    assert rows.read_back("r", 1, json.dumps({"type": "other"})).rowcount == 0
+    assert rows.read_back("r", 2, body) is None
 
 
 def test_request_abort_read_back(database: peewee.Database) -> None:
