@@ -43,13 +43,17 @@ def auth(environ: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return {"subject": header[len("Bearer "):]} if header.startswith("Bearer ") and len(header) > 7 else None
 
 
-def chunked_agent(chunks: List[str], delay: float = 0.0) -> Callable[[Any, Any], Dict[str, Any]]:
-    """What Better Agent's runtime emits for one model step that writes `chunks`."""
+def chunked_agent(chunks: List[str], delay: float = 0.0,
+                  hold: Optional[threading.Event] = None) -> Callable[[Any, Any], Dict[str, Any]]:
+    """What Better Agent's runtime emits for one model step that writes `chunks`; with `hold`,
+    the step waits after its second chunk until `hold` is set (at most a minute)."""
     def agent(run: Any, request: Any) -> Dict[str, Any]:
         message_id = f"msg-{run.run_id}"
         run.emit({"type": "STEP_STARTED", "stepName": "model:1"})
         run.emit({"type": "TEXT_MESSAGE_START", "messageId": message_id, "role": "assistant"})
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if hold is not None and i == 2:
+                hold.wait(60)
             time.sleep(delay)
             run.check_abort()
             run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": chunk})
@@ -71,8 +75,12 @@ def waiting_agent(run: Any, request: Any) -> Dict[str, Any]:
     return {"finishReason": "length", "stepCount": 1}
 
 
+#: Set by the test that reads `held` once it has seen that run still running (cleared before).
+HELD = threading.Event()
 AGENTS = {"echo": chunked_agent(["Hello", ", ", "world"]),
-          "slow": chunked_agent([f"w{i} " for i in range(12)], delay=0.25), "waiting": waiting_agent}
+          "slow": chunked_agent([f"w{i} " for i in range(12)], delay=0.25),
+          "held": chunked_agent([f"w{i} " for i in range(12)], delay=0.25, hold=HELD),
+          "waiting": waiting_agent}
 #: The types of a whole run of `echo` / `slow`, in order.
 ECHO_TYPES = ["RUN_STARTED", "STEP_STARTED", "TEXT_MESSAGE_START"] + ["TEXT_MESSAGE_CONTENT"] * 3 + \
     ["TEXT_MESSAGE_END", "STEP_FINISHED", "RUN_FINISHED"]
@@ -151,13 +159,20 @@ def test_a_streamed_run_reads_as_the_client_reads_it(base: str) -> None:
 
 
 def test_a_dropped_stream_resumes_with_no_gap_and_no_duplicate(base: str) -> None:
-    first = read(f"{base}/slow/run", method="POST", headers=SSE, body=run_body(threadId="t2"), dropAfter=4)
-    assert first[-1] == {"end": "dropped"} and len(events(first)) == 4
-    run_id = first[0]["headers"]["x-run-id"]
-    runtime = read(f"{base}/slow/threads/t2/runtime", headers=ALICE)
-    assert json.loads(runtime[1]["body"]) == {"resumable": {"runId": run_id, "afterSequence": 0}}
+    # The run holds after its fifth event until the runtime route has been read: the run must still
+    # be running then, however slowly node starts on a loaded machine.
+    HELD.clear()
+    try:
+        first = read(f"{base}/held/run", method="POST", headers=SSE, body=run_body(threadId="t2"),
+                     dropAfter=4)
+        assert first[-1] == {"end": "dropped"} and len(events(first)) == 4
+        run_id = first[0]["headers"]["x-run-id"]
+        runtime = read(f"{base}/held/threads/t2/runtime", headers=ALICE)
+        assert json.loads(runtime[1]["body"]) == {"resumable": {"runId": run_id, "afterSequence": 0}}
+    finally:
+        HELD.set()
     # Agent-scoped, dropped again after three more; then by run id to the end.
-    second = read(f"{base}/slow/stream?runId={run_id}", headers={**ALICE, "last-event-id": "4"}, dropAfter=3)
+    second = read(f"{base}/held/stream?runId={run_id}", headers={**ALICE, "last-event-id": "4"}, dropAfter=3)
     assert [e["seq"] for e in events(second)] == [5, 6, 7] and second[-1] == {"end": "dropped"}
     third = read(f"{base}/runs/{run_id}/stream", headers={**ALICE, "last-event-id": "7"})
     assert third[-1] == {"end": "closed"}
