@@ -345,7 +345,7 @@ def test_replay_with_last_event_id_and_heartbeats(storage: Any) -> None:
         storage.streams.open("quiet")
         storage.runs.start("quiet", "echo")
         reader = RawSse(app.port, "/runs/quiet/stream")
-        time.sleep(0.4)
+        reader.read_until(b":\n\n", 3)  # (however long the first ones take on a loaded machine)
         storage.streams.append("quiet", {"type": "STEP_STARTED", "stepName": "late"})
         storage.streams.close("quiet")
         body = reader.read_all()
@@ -365,8 +365,8 @@ class RawSse:
         self.sock.sendall(head.encode() + (body or b""))
         self.data = b""
 
-    def read_until(self, needle: bytes) -> bytes:
-        while needle not in self.data:
+    def read_until(self, needle: bytes, count: int = 1) -> bytes:
+        while self.data.count(needle) < count:
             chunk = self.sock.recv(65536)
             assert chunk, self.data
             self.data += chunk
