@@ -124,23 +124,29 @@ def kill_to_end(url: str, storage: Any, kills: int, beat: float, stale_after: fl
     """
     rng = random.Random()
     results: List[Dict[str, Any]] = []
+    errors: List[BaseException] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        for attempt in range(EARLY_RETRIES + 1):
-            result = kill_one(url, storage, f"doomed-{i}-{attempt}-{os.getpid()}", beat, stale_after, rng)
-            if result["seconds"] > 0 or attempt == EARLY_RETRIES:
-                break
-            _log(f"worker {result['run']}: its follower ended {result['reason']} {-result['seconds']:.1f} s "
-                 f"before the kill (a late beat); measured again")
-        with lock:
-            results.append({**result, "early": attempt})
+        try:
+            for attempt in range(EARLY_RETRIES + 1):
+                result = kill_one(url, storage, f"doomed-{i}-{attempt}-{os.getpid()}", beat, stale_after, rng)
+                if result["seconds"] > 0 or attempt == EARLY_RETRIES:
+                    break
+                _log(f"worker {result['run']}: its follower ended {result['reason']} "
+                     f"{-result['seconds']:.1f} s before the kill (a late beat); measured again")
+            with lock:
+                results.append({**result, "early": attempt})
+        except BaseException as exc:  # (re-raised below: a kill that failed is no missing row)
+            errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(kills)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return results
 
 

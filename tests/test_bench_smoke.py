@@ -200,8 +200,8 @@ def test_stale_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Pa
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["dialects"][dialect]
-    assert [k["reason"] for k in result["kills"]] == ["stale", "stale"]
-    assert all(k["events"] == 4 and k["seconds"] > 0 for k in result["kills"])
+    assert [k["reason"] for k in result["kills"]] == ["stale", "stale"], proc.stderr[-4000:]
+    assert all(k["events"] == 4 and k["seconds"] > 0 for k in result["kills"]), result["kills"]
     cost = result["cost"]
     assert cost["statements_per_s"] > 0 and cost["liveness_statements_per_s"] > 0
     assert cost["round_batched_ms"] > 0 and cost["round_one_by_one_ms"] > 0
