@@ -75,9 +75,11 @@ def beaten(storage: Any, run_id: str) -> None:
 def test_the_follower_of_a_killed_worker_ends_stale(storage: Any, database_url: str) -> None:
     worker = start_worker(database_url, "doomed")
     try:
-        reader = Reader(storage, "doomed", stale_after=1.0)
+        # stale_after: four times the real beat interval (heartbeats.MIN_PAUSE, 0.5 s), as the
+        # defaults' 40 s are of 10 s: a loaded machine's late beats do not make a live worker stale.
+        reader = Reader(storage, "doomed", stale_after=2.0)
         beaten(storage, "doomed")
-        time.sleep(1.5)  # alive: the heartbeat thread keeps it so, though it emits nothing
+        time.sleep(3.0)  # alive past stale_after + a check: the heartbeat thread keeps it so
         assert reader.is_alive() and reader.reason is None
     finally:
         worker.kill()
@@ -100,8 +102,8 @@ def test_the_follower_of_a_killed_worker_ends_stale(storage: Any, database_url: 
 
 def test_a_silent_live_run_is_not_stale(storage: Any) -> None:
     with storage.runs.track("slow", "agent", heartbeat_interval=0.2) as run:
-        reader = Reader(storage, "slow", stale_after=1.0)
-        time.sleep(2.5)  # one long step: no emit, no check_abort; the heartbeat thread beats
+        reader = Reader(storage, "slow", stale_after=2.0)  # (four beat intervals: see above)
+        time.sleep(3.5)  # one long step, past a first beat + stale_after + a check: the thread beats
         assert reader.is_alive() and reader.reason is None
         run.emit({"type": "CUSTOM", "name": "done", "value": 1})
     assert reader.finished().reason == "closed"
