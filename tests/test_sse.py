@@ -182,7 +182,13 @@ def test_the_flask_example_serves_a_thousand_followers_in_one_process(database_u
             batch = [Client(port, f"run-{r}", cookie) for _ in range(per_run)]
             pump(batch, lambda c: b"\r\n\r\n" in c.data)
             clients += batch
+        # A client has its headers once the first frame (`retry:`) is out, a moment before its
+        # follower is registered with the poller: wait for the registrations, then check that all
+        # of them follow at once, before any event is appended.
         poller = storage.streams.poller()
+        deadline = time.monotonic() + 60
+        while sum(len(w) for w in poller.followed.values()) < runs * per_run and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert sum(len(w) for w in poller.followed.values()) == runs * per_run  # all following at once
         for r in range(runs):
             storage.streams.append_many(f"run-{r}", [{"type": "TEXT_MESSAGE_CONTENT", "delta": f"w{i}"}
