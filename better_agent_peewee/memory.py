@@ -115,6 +115,7 @@ class Threads:
         lock, so also inside a transaction that began before it).
 
         :raises RecordError: a field cannot be stored (nothing is written).
+        :raises ConflictError: the thread that stopped the insert was deleted before it could be read.
         """
         row = self._table.to_row(thread_id, thread)  # validates: bad input raises before any write
         try:

@@ -1,7 +1,7 @@
 """The two transactions of a tracked run, its start and its end, and the final events it writes.
 
-`tracking.TrackedRun` lives the run; this module writes its records ("the start" and "the end"
-in tracking.py's docstring): the start claims the run id, creates or bumps the thread, appends
+`tracking.TrackedRun` lives the run; this module writes its records ("on entry" and "at the
+end" in tracking.py's docstring): the start claims the run id, creates or bumps the thread, appends
 the input messages and opens the stream; the end stores the final event and status, bumps the
 thread and closes the stream. Each is one transaction, run again when the server rolls it back.
 """

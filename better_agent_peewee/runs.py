@@ -11,7 +11,6 @@ in one block (see tracking.py).
 from __future__ import annotations
 
 import datetime
-import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import peewee
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from .memory import Memory
     from .streams import Streams
 
-logger = logging.getLogger(__name__)
 
 # AbortRequest and owned_by live in aborts.py; imported from here, as before, they still are.
 __all__ = ["Runs", "AbortRequest", "owned_by"]
@@ -56,7 +54,6 @@ class Runs:
         self._db: peewee.Database = tables.executor.database
         self._table: TableAdapter = tables.table(_RUNS)
         self._encode_ts = tables.executor.dialect.encode_ts
-        self._decode_ts = tables.executor.dialect.decode_ts
         self._check_json = make_json_check(tables.executor.dialect)
         self._aborts = Aborts(tables)
         R = tables.models.run

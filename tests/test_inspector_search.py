@@ -5,6 +5,8 @@ matches and then the title matches, never another agent's threads.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from typing import Any, Dict, List, Optional
 
@@ -13,7 +15,7 @@ import pytest
 
 from bench.growth import Growth, recorded
 from bench.prune_scale import bulk_insert
-from better_agent_peewee import create_tables, peewee_storage
+from better_agent_peewee import create_tables, open_database, peewee_storage
 from better_agent_peewee.dialects.base import prefix_successor
 from better_agent_peewee.inspector import inspector_app
 from better_agent_peewee.inspector.queries import Reader, SearchCursor
@@ -152,3 +154,33 @@ def test_an_id_prefix_is_a_range_of_the_agent_id_index(database: peewee.Database
         assert "bap_threads_agent_id_idx" in plan or dialect == "postgres", plan
     found, after = reader.threads_by_id_prefix("rare", "t-")
     assert [t["id"] for t in found] == [f"t-{i:05d}" for i in range(7, 3000, 60)] and after == "t-02947"
+
+
+@pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_whole_id_is_found_under_a_language_aware_collation(server: Any) -> None:
+    # ICU's en-US sorts ':' before '9', so the range ['thread-19', 'thread-1:') is empty there:
+    # the whole id is probed by its primary key first.
+    name = f"bap_icu_{os.getpid()}"
+    server.admin_execute(f'CREATE DATABASE "{name}" OWNER "{server.user}" TEMPLATE template0 '
+                         "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'")
+    try:
+        db = open_database(dataclasses.replace(server, database=name, _launch=None, _proc=None).url)
+        try:
+            create_tables(db)
+            storage = peewee_storage(db)
+            for thread_id in ("thread-19", "thread-190", "thread-2"):
+                _thread(storage, thread_id, "a", None, 1)
+            found, _ = Reader(storage).search_threads("a", "thread-19")
+            assert [t["id"] for t in found][:1] == ["thread-19"]
+        finally:
+            db.close()
+    finally:
+        server.drop_database(name)
+
+
+def test_a_prefix_no_id_can_hold_finds_no_id_and_fails_nothing(storage: Any) -> None:
+    # A NUL cannot even be bound on PostgreSQL (it was a 500 there): no id matches, titles as ever.
+    for prefix in ("\x00", "case-\x00", "\ud800"):
+        assert Reader(storage).threads_by_id_prefix("a", prefix) == ([], None)
+        assert Reader(storage).search_threads("a", prefix)[0] == []
+    assert Reader(storage).threads_by_id_prefix("a", "case-", after="\x00") == ([], None)

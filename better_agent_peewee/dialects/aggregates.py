@@ -3,7 +3,9 @@
 The inspector's charts count runs per hour and measure durations in the database, over the
 same bounded index ranges it would otherwise send back whole (and decode row by row here).
 Each expression works on the stored form of a timestamp (see "Encodings" in docs/contract.md)
-and agrees with what `Dialect.decode_ts` makes of it.
+and agrees with what `Dialect.decode_ts` makes of it for timestamps in the stored form this
+package and the TypeScript adapters write (whole milliseconds). A hand-written SQLite text with
+finer digits may land on the next millisecond (``julianday`` rounds where `decode_ts` cuts).
 """
 from __future__ import annotations
 

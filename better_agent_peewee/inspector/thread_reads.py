@@ -7,7 +7,7 @@ import peewee
 
 from ..dialects.base import prefix_range
 from ..query import marker
-from ..records import MAX_KEY_LENGTH
+from ..records import MAX_KEY_LENGTH, string_problem
 from .statements import MESSAGES_PAGE, PAGE, TITLE_SCAN, RunRow, Statements
 
 __all__ = ["ThreadReads", "SearchCursor"]
@@ -48,6 +48,8 @@ class ThreadReads(Statements):
         found: List[Dict[str, Any]] = []
         if not cursor.titles:
             found, after = self.threads_by_id_prefix(agent, prefix, cursor.after_id, limit)
+            if cursor.after_id is None:
+                found = self._whole_id_first(agent, prefix, found)
             if after is not None:
                 return found, SearchCursor(after_id=after)
             if len(found) >= limit:  # (the id matches end here: the next page starts on the titles)
@@ -55,14 +57,25 @@ class ThreadReads(Statements):
         titles, before = self._title_matches(agent, prefix, cursor.before, limit - len(found), scan)
         return found + titles, None if before is None else SearchCursor(titles=True, before=before)
 
+    def _whole_id_first(self, agent: str, prefix: str, found: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """`found` with the thread whose id is `prefix` itself first: a primary key probe, so a
+        whole id is found even where the range is not code point ordered (a PostgreSQL database
+        of a language-aware collation sorts ``thread-1:`` before ``thread-19``)."""
+        if string_problem(prefix) or len(prefix) > MAX_KEY_LENGTH:
+            return found
+        exact = self.storage.memory.threads.get(prefix)
+        if exact is None or exact.get("agentName") != agent:
+            return found
+        return [exact] + [t for t in found if t["id"] != prefix]
+
     def threads_by_id_prefix(self, agent: str, prefix: str, after: Optional[str] = None,
                              limit: int = PAGE) -> Tuple[List[Dict[str, Any]], Optional[str]]:
         """`agent`'s threads whose id starts with `prefix` (exactly: case, ``%``, ``_`` and ``\\``
         are plain characters), in the id column's order after the id `after`, at most `limit`:
         a range of ``bap_threads_agent_id_idx``. Returns (matches, the id to go on after or None)."""
         T = self.m.thread
-        if len(prefix) > MAX_KEY_LENGTH:
-            return [], None  # (no id is that long)
+        if len(prefix) > MAX_KEY_LENGTH or string_problem(prefix) or string_problem(after or ""):
+            return [], None  # (no id is that long, or holds a NUL or a lone surrogate: none can be bound)
         low, high = prefix_range(prefix, MAX_KEY_LENGTH, self.dialect.pads_spaces)
 
         def build() -> peewee.Query:
