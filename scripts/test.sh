@@ -4,7 +4,7 @@
 # Installs what is missing (PostgreSQL and MariaDB server packages, chromium and
 # chromium-driver via apt when run as root, the package with its test extras via pip),
 # then runs pytest;
-# arguments are passed to pytest (default: -q -ra tests).  The database servers
+# arguments are passed to pytest (default: -q -ra -n 2 tests).  The database servers
 # are throwaway instances started and stopped by the tests themselves
 # (tests/servers.py); see tests/conftest.py for BAP_TEST_DIALECTS and
 # BAP_TEST_POSTGRES_URL / BAP_TEST_MYSQL_URL.
@@ -33,6 +33,9 @@ fi
 install_and_setup scripts/test.sh "${missing[@]}"
 
 if (($# == 0)); then
-    set -- -q -ra tests
+    # Two pytest-xdist workers, each with its own throwaway servers: the suite waits on its
+    # servers and its timers as much as it computes, so two share the 2-core CI machine well
+    # (9 min 25 s in one process, 5 min 3 s in two, quiet). BAP_TEST_WORKERS=0: one process.
+    set -- -q -ra -n "${BAP_TEST_WORKERS:-2}" tests
 fi
 exec python -m pytest "$@"
