@@ -59,14 +59,28 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def worker_main(url: str, run_id: str, beat: str) -> None:
-    """A worker process: track `run_id`, emit three events, say so, wait to be killed."""
+def worker_main(url: str, run_id: str, beat: str, linger: str = "3600") -> None:
+    """A worker process: track `run_id`, emit three events, say so, wait `linger` seconds to be killed."""
     storage = peewee_storage(open_database(url))
     with storage.runs.track(run_id, "agent", heartbeat_interval=float(beat)) as run:
         for i in range(3):
             run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": f"d{i}"})
         print("emitted", flush=True)
-        time.sleep(3600)
+        time.sleep(float(linger))
+
+
+def start_worker(url: str, run_id: str, beat: float, linger: float = 3600) -> subprocess.Popen[str]:
+    """A `worker_main` process that has emitted its events (killed, and RuntimeError, if it did not)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench.stale import worker_main; "
+                             "worker_main(*sys.argv[1:])", url, run_id, str(beat), str(linger)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != "emitted\n":
+        proc.kill()
+        proc.wait(30)
+        raise RuntimeError(f"worker {run_id} did not start: {line!r}")
+    return proc
 
 
 def first_beat(storage: Any, run_id: str, wait: float) -> bool:
@@ -84,13 +98,8 @@ def first_beat(storage: Any, run_id: str, wait: float) -> bool:
 def kill_one(url: str, storage: Any, run_id: str, beat: float, stale_after: float,
              rng: random.Random) -> Dict[str, Any]:
     """Start a worker for `run_id`, follow it, SIGKILL it at a random moment: how its follower ended."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench.stale import worker_main; "
-                             "worker_main(*sys.argv[1:])", url, run_id, str(beat)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = start_worker(url, run_id, beat)
     try:
-        assert proc.stdout is not None
-        if proc.stdout.readline() != "emitted\n":
-            raise RuntimeError(f"worker {run_id} did not start")
         follower = storage.streams.resume(run_id, stale_after=stale_after, timeout=stale_after * 4 + 60)
         killed: List[float] = []
 

@@ -6,11 +6,13 @@ busy CI machine mean nothing; what must not rot is the runner itself and every w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -20,16 +22,37 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = [f"W{i}" for i in range(1, 11)] + ["W12", "W13"]
 
 
+def run_bench(module: str, argv: List[str], dialect: Optional[str] = None,
+              database_url: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> <argv>`` from the checkout (5 minutes at most), its output kept; with
+    `dialect` and `database_url`, a server dialect's benchmark uses that (the test's own, empty)
+    database instead of starting another throwaway server."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if dialect not in (None, "sqlite") and database_url is not None:
+        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def small_database(server: Optional[Server], dialect: str, name: str) -> Iterator[List[str]]:
+    """On a server, a second database for the small side: the arguments naming both sides (the
+    test's own database is the big one); on SQLite, none (the benchmark makes its own files)."""
+    if server is None:
+        yield []
+        return
+    other = server.create_database(f"{name}_{os.getpid()}")
+    try:
+        yield ["--small-url", other.url + ("?charset=utf8mb4" if dialect == "mysql" else "")]
+    finally:
+        server.drop_database(other.database)
+
+
 def test_quick_benchmark_prints_table_and_writes_json(dialect: str, database_url: str,
                                                       tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    if dialect != "sqlite":  # the test's own (empty) database instead of another throwaway server
-        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
-    proc = subprocess.run([sys.executable, "-m", "bench", "--dialect", dialect,
-                           "--quick", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench", ["--dialect", dialect, "--quick", "--json", str(out)], dialect, database_url)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     lines = [[cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -71,14 +94,9 @@ def test_bad_arguments_are_usage_errors(argv: list) -> None:
 def test_growth_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Path) -> None:
     """W11 (``python -m bench.growth``) on tiny tables: every lookup measured at both sizes."""
     out = tmp_path / "w11.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    if dialect != "sqlite":
-        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
-    proc = subprocess.run([sys.executable, "-m", "bench.growth", "--dialect", dialect, "--small", "1000",
-                           "--large", "3000", "--quick", "--lock", str(tmp_path / "bench.lock"),
-                           "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench.growth", ["--dialect", dialect, "--small", "1000", "--large", "3000", "--quick",
+                                      "--lock", str(tmp_path / "bench.lock"), "--json", str(out)],
+                     dialect, database_url)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["dialects"][dialect]
     lookups = set(result["growth"])
@@ -99,22 +117,12 @@ def test_prune_at_scale_benchmark_smoke_run(dialect: str, database_url: str, ser
     """``python -m bench.prune_kept`` on tiny databases: every case timed on both sides, the old
     runs pruned whole and every kept run left (the benchmark checks both and fails otherwise)."""
     out = tmp_path / "prune-kept.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     argv = ["--dialect", dialect, "--kept", "400", "--small", "100", "--events", "3", "--prune", "30",
             "--quick", "--lock", str(tmp_path / "bench.lock"),
             "--timed-priority", str(os.getpriority(os.PRIO_PROCESS, 0)), "--json", str(out)]
-    other = None
-    if server is not None:  # the test's own (empty) database is the big side, a second one the small
-        other = server.create_database(f"bap_prune_small_{os.getpid()}")
-        argv += ["--big-url", database_url,
-                 "--small-url", other.url + ("?charset=utf8mb4" if dialect == "mysql" else "")]
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.prune_kept", *argv],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        if server is not None and other is not None:
-            server.drop_database(other.database)
+    with small_database(server, dialect, "bap_prune_small") as small:
+        big = ["--big-url", database_url] if small else []
+        proc = run_bench("bench.prune_kept", argv + big + small)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["result"]
     assert result["kept"] == 400 and result["small"] == 100
@@ -136,21 +144,11 @@ def test_prune_threads_benchmark_smoke_run(dialect: str, database_url: str, serv
     """``python -m bench.prune_threads`` on tiny databases: both cases timed on both sides, every
     idle thread pruned with its messages and every kept one left (the benchmark checks both)."""
     out = tmp_path / "prune-threads.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     argv = ["--dialect", dialect, "--kept", "2000", "--small", "500", "--idle", "30", "--messages", "5",
             "--quick", "--explain", "10", "--lock", str(tmp_path / "bench.lock"), "--json", str(out)]
-    other = None
-    if server is not None:  # the test's own (empty) database is the big side, a second one the small
-        other = server.create_database(f"bap_prune_threads_small_{os.getpid()}")
-        argv += ["--big-url", database_url,
-                 "--small-url", other.url + ("?charset=utf8mb4" if dialect == "mysql" else "")]
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.prune_threads", *argv],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        if server is not None and other is not None:
-            server.drop_database(other.database)
+    with small_database(server, dialect, "bap_prune_threads_small") as small:
+        big = ["--big-url", database_url] if small else []
+        proc = run_bench("bench.prune_threads", argv + big + small)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["result"]
     assert set(result["summary"]) == {"nothing idle", "prune of 30 idle threads (150 messages)"}
@@ -167,11 +165,7 @@ def test_prune_threads_benchmark_smoke_run(dialect: str, database_url: str, serv
 def test_server_load_benchmark_smoke_run(database_url: str, tmp_path: Path) -> None:
     """W14 (``python -m bench.server_load``) with a few clients: every client gets every event."""
     out = tmp_path / "w14.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "bench.server_load", "--quick", "--database-url",
-                           database_url, "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench.server_load", ["--quick", "--database-url", database_url, "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| W14 metric | wsgi_app | in-memory baseline | ratio |"), proc.stdout
@@ -191,13 +185,8 @@ def test_stale_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Pa
     """W16 (``python -m bench.stale --quick``): killed workers' followers end "stale", and the
     heartbeat and liveness statements are counted."""
     out = tmp_path / "w16.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    if dialect != "sqlite":
-        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
-    proc = subprocess.run([sys.executable, "-m", "bench.stale", "--dialect", dialect, "--quick",
-                           "--lock", str(tmp_path / "bench.lock"), "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench.stale", ["--dialect", dialect, "--quick", "--lock", str(tmp_path / "bench.lock"),
+                                     "--json", str(out)], dialect, database_url)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["dialects"][dialect]
     assert [k["reason"] for k in result["kills"]] == ["stale", "stale"], proc.stderr[-4000:]
@@ -212,14 +201,9 @@ def test_stale_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Pa
 def test_inspector_benchmark_smoke_run(dialect: str, database_url: str, tmp_path: Path) -> None:
     """``python -m bench.inspector`` on tiny tables: every page fetched over HTTP at both sizes."""
     out = tmp_path / "inspector.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    if dialect != "sqlite":
-        env[f"BAP_BENCH_{dialect.upper()}_URL"] = database_url
-    proc = subprocess.run([sys.executable, "-m", "bench.inspector", "--dialect", dialect, "--small", "300",
-                           "--large", "1000", "--quick", "--lock", str(tmp_path / "bench.lock"),
-                           "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("bench.inspector", ["--dialect", dialect, "--small", "300", "--large", "1000", "--quick",
+                                         "--lock", str(tmp_path / "bench.lock"), "--json", str(out)],
+                     dialect, database_url)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())["dialects"][dialect]
     pages = {row["page"] for row in result["rows"]}

@@ -26,6 +26,7 @@ from better_agent_peewee.cli import parse_duration
 from better_agent_peewee.schema import drop_performance_indexes
 from better_agent_peewee.stats import stats
 from tests.test_prune import DAY, HOUR, add_runs, snapshot
+from tests.test_stale import dead_run
 
 PROG = "better-agent-peewee"
 TIMEOUT = 60
@@ -473,12 +474,7 @@ def test_examples_prune_cron(storage: Any, database_url: str) -> None:
 
 
 def test_tail_of_a_dead_workers_run_says_so(storage: Any, database_url: str) -> None:
-    storage.runs.start("dead", "agent")
-    storage.streams.open("dead")
-    storage.streams.append("dead", {"type": "RUN_STARTED"})
-    Run = storage.models.run
-    beat = int(time.time() * 1000) - 120_000  # its last heartbeat two minutes ago
-    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead").execute()
+    dead_run(storage, "dead", "agent", [{"type": "RUN_STARTED"}])
     storage.database.close()
     result = cli("tail", "dead", url=database_url)
     line = one_error_line(result, 1, "'dead'", "presumed dead", "--reap-stale")

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, ContextManager, Iterator, List
 
 import peewee
 
 from better_agent_peewee import create_tables, peewee_storage
 from better_agent_peewee.inspector import inspector_app, make_inspector_server
 from tests.inspector_seed import HOSTILE, seed
-from tests.test_sse import CHROMIUM_FLAGS
+from tests.test_sse import chromium
 
 
 @contextlib.contextmanager
@@ -36,27 +35,9 @@ def serving(storage: Any, **options: Any) -> Iterator[str]:
         thread.join(30)
 
 
-@contextlib.contextmanager
-def browser(profile: Path) -> Iterator[Any]:
-    """Headless chromium keeping the console log (selenium through Debian's chromedriver)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver_path, (
-        "chromium and chromium-driver are not installed (scripts/test.sh installs them)"
-    )
-    options = Options()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}", "--window-size=1280,1500"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser(profile: Path) -> ContextManager[Any]:
+    """Headless chromium keeping the console log, with room for a whole page."""
+    return chromium(profile, "--window-size=1280,1500", console_log=True)
 
 
 def console_problems(driver: Any) -> List[str]:

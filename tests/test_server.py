@@ -24,6 +24,7 @@ from better_agent_peewee.server import Problem, RunRequest, wsgi_app
 from better_agent_peewee.server.control import after_seq
 from better_agent_peewee.server.problems import problem_of
 from better_agent_peewee.server.routes import limit_of
+from tests.test_stale import dead_run
 
 TYPE = "https://better-agent.com/docs/concepts/errors#"
 
@@ -625,12 +626,7 @@ def test_a_storage_without_memory_or_streams_answers_as_better_agent(database: p
 
 
 def test_the_stream_of_a_run_whose_worker_died_ends_with_a_stale_error_frame(storage: Any) -> None:
-    storage.runs.start("dead", "echo")
-    storage.streams.open("dead")
-    storage.streams.append_many("dead", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
-    Run = storage.models.run
-    beat = int(time.time() * 1000) - 120_000  # two minutes without a heartbeat: over the default limit
-    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead").execute()
+    dead_run(storage, "dead", "echo", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
     storage.database.close()
     with serving(storage) as app:
         status, headers, body = app.call("GET", "/runs/dead/stream")

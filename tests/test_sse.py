@@ -209,8 +209,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @contextlib.contextmanager
-def chromium(profile: Path) -> Iterator[Any]:
-    """Headless Debian chromium driven by selenium through Debian's chromedriver (no download)."""
+def chromium(profile: Path, *flags: str, console_log: bool = False) -> Iterator[Any]:
+    """Headless Debian chromium driven by selenium through Debian's chromedriver (no download);
+    `flags` are added to CHROMIUM_FLAGS, `console_log` keeps the console for ``get_log("browser")``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -220,8 +221,10 @@ def chromium(profile: Path) -> Iterator[Any]:
         "chromium and chromium-driver are not installed (scripts/test.sh installs them)"
     options = Options()
     options.binary_location = binary
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}", *flags]:
         options.add_argument(flag)
+    if console_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     try:
         yield driver

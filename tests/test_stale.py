@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List
 
 import peewee
 import pytest
 
+from bench.stale import first_beat
+from bench.stale import start_worker as bench_worker
 from better_agent_peewee import (
     RunAborted,
     RunEndedElsewhere,
     create_tables,
-    open_database,
     peewee_storage,
     reap_stale,
 )
@@ -30,8 +29,6 @@ from better_agent_peewee.sse import event_stream
 from tests.test_followers import Reader
 from tests.test_prune import snapshot
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def storage(database: peewee.Database) -> Any:
@@ -39,37 +36,26 @@ def storage(database: peewee.Database) -> Any:
     return peewee_storage(database)
 
 
-def worker_main(url: str, run_id: str, beat: str) -> None:
-    """A worker that tracks `run_id`, emits three events, says so, then waits to be killed."""
-    storage = peewee_storage(open_database(url))
-    with storage.runs.track(run_id, "agent", heartbeat_interval=float(beat)) as run:
-        for i in range(3):
-            run.emit({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": f"d{i}"})
-        print("emitted", flush=True)
-        time.sleep(300)
-
-
 def start_worker(url: str, run_id: str, beat: float = 0.2) -> subprocess.Popen:  # type: ignore[type-arg]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tests.test_stale import worker_main; "
-                             "worker_main(*sys.argv[1:])", url, run_id, str(beat)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line != "emitted\n":
-        proc.kill()
-        raise AssertionError(f"the worker did not start: {line!r}")
-    return proc
+    """bench.stale's worker process (the one W16 kills), gone by itself after 5 minutes."""
+    return bench_worker(url, run_id, beat, linger=300)
+
+
+def dead_run(storage: Any, run_id: str, agent: str, events: List[Dict[str, Any]]) -> None:
+    """A running run with an open stream of `events` whose worker beat last two minutes ago (over
+    the default stale limit): what a follower finds after its worker was killed."""
+    storage.runs.start(run_id, agent)
+    storage.streams.open(run_id)
+    storage.streams.append_many(run_id, events)
+    Run = storage.models.run
+    beat = int(time.time() * 1000) - 120_000
+    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == run_id).execute()
 
 
 def beaten(storage: Any, run_id: str) -> None:
     """Wait until `run_id` has heartbeat once (a run killed before its first beat is never judged)."""
-    deadline = time.monotonic() + 60  # (FIRST_BEAT_LATEST when quiet; a loaded machine takes longer)
-    while time.monotonic() < deadline:
-        run = storage.runs.get(run_id)
-        if run["updatedAt"] > run["startedAt"]:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{run_id} never sent its first heartbeat")
+    # (FIRST_BEAT_LATEST when quiet; a loaded machine takes longer)
+    assert first_beat(storage, run_id, 60), f"{run_id} never sent its first heartbeat"
 
 
 def test_the_follower_of_a_killed_worker_ends_stale(storage: Any, database_url: str) -> None:
@@ -213,12 +199,7 @@ def test_an_emit_after_another_writer_ended_the_run_says_so(storage: Any) -> Non
 
 
 def test_the_sse_body_of_a_dead_run_ends_with_an_error_frame(storage: Any) -> None:
-    storage.runs.start("dead-sse", "agent")
-    storage.streams.open("dead-sse")
-    storage.streams.append_many("dead-sse", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
-    Run = storage.models.run
-    beat = int(time.time() * 1000) - 120_000  # two minutes without a heartbeat: over the default limit
-    Run.update(started_at=beat - 1, updated_at=beat).where(Run.run_id == "dead-sse").execute()
+    dead_run(storage, "dead-sse", "agent", [{"type": "RUN_STARTED"}, {"type": "TEXT_MESSAGE_START"}])
     body = "".join(event_stream(storage, "dead-sse", 0, max_seconds=60))
     body += "".join(event_stream(storage, "dead-sse", 2, max_seconds=60, end_event=True))
     frames = body.split("\n\n")[:-1]
