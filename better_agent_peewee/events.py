@@ -53,12 +53,12 @@ class EventRows:
                            d.json_param(marker("event"))).where(
             (S.id == marker("run")) & (last_seq == marker("prev")))
         checked = checked.where(S.status == peewee.SQL("'open'"))  # a closed stream takes no more events
-        if d.stream_row_share_lock is not None:
+        if d.row_share_lock is not None:
             # Lock the stream row shared: a close racing this append waits for it to commit, or it
             # sees the close (READ COMMITTED re-reads the locked row) and stores nothing. Without
             # the lock an append begun before the close could commit after it, unseen by the
             # followers that ended at the close. (SQLite has one writer at a time anyway.)
-            checked = checked.for_update(d.stream_row_share_lock)
+            checked = checked.for_update(d.row_share_lock)
         # On PostgreSQL the same statement NOTIFYs the pollers of all processes (Dialect.notify_sql).
         insert = d.skip_duplicates(E.insert_from(checked, fields))
         insert = insert.returning(E.run_id) if d.notifies_appends else insert.returning()

@@ -76,8 +76,8 @@ class Threads:
         if self._create.names != spec.columns:
             raise AssertionError(f"thread insert parameters out of column order: {self._create.plan}")
         latest = T.select(*select_columns(T, spec, dialect)).where(T.id == marker("thread"))
-        if dialect.stream_row_share_lock is not None:
-            latest = latest.for_update(dialect.stream_row_share_lock)
+        if dialect.row_share_lock is not None:
+            latest = latest.for_update(dialect.row_share_lock)
         self._latest = compile_statement(self._db, latest)
 
     def get(self, thread_id: str) -> Optional[Record]:
@@ -223,7 +223,7 @@ class Messages:
         # write lock is the whole database's), so they commit before anyone can end the run. One
         # message is one INSERT ... SELECT from the run's row (nothing when it is not running);
         # a batch reads the status, then inserts, in one transaction.
-        R, lock = tables.models.run, self._dialect.stream_row_share_lock
+        R, lock = tables.models.run, self._dialect.row_share_lock
         running = (R.run_id == marker("run")) & (R.status == "running")
         columns = [f.column_name for f in M._meta.sorted_fields]
         json_columns = self._table.spec.json_columns

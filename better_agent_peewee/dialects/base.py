@@ -87,9 +87,9 @@ class Dialect(Aggregates):
 
     # What the streams, their followers and the schema set-up do differently (streams.py,
     # poller.py, schema.py ask these rather than the dialect's name).
-    #: The locking clause that holds the stream row shared while an event is appended, so a
-    #: racing close waits; None where one writer at a time makes it needless (SQLite).
-    stream_row_share_lock: Optional[str] = None
+    #: The clause holding a row shared while a write depends on it (a stream's, a run's, a thread's):
+    #: a racing close or end waits. None where one writer at a time makes it needless (SQLite).
+    row_share_lock: Optional[str] = None
     #: Appends and closes NOTIFY the pollers of every process in the same statement
     #: (`notify_sql`), and the pollers listen for it (PostgreSQL).
     notifies_appends = False

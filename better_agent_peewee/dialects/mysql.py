@@ -45,7 +45,7 @@ class MySQLDialect(Dialect):
     now_default = "CURRENT_TIMESTAMP(3)"
     encode_ts = staticmethod(mysql_encode_ts)
     decode_ts = staticmethod(datetime_to_ms)
-    stream_row_share_lock = "LOCK IN SHARE MODE"
+    row_share_lock = "LOCK IN SHARE MODE"
     pads_spaces = True  # (utf8mb4_bin is PAD SPACE: see text_equals, text_order)
 
     def build_poll_sql(self, models: Any) -> str:

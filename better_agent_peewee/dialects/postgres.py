@@ -36,7 +36,7 @@ class PostgresDialect(Dialect):
     decode_ts = staticmethod(datetime_to_ms)
     field_load_json = staticmethod(load_native)
     dump_json = staticmethod(dumps_for_jsonb)
-    stream_row_share_lock = "FOR SHARE"
+    row_share_lock = "FOR SHARE"
     notifies_appends = True
     can_build_index_concurrently = True
 
